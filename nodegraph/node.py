@@ -1,0 +1,297 @@
+"""Declaring nodes: a typed function plus the ``@node`` decorator.
+
+    @node("MaskBlur", version=1, category="mask", outputs={"mask": MASK})
+    def mask_blur(mask: Mask, radius: Annotated[float, Field(ge=0)] = 4.0) -> torch.Tensor:
+        \"\"\"Gaussian-blur a mask.\"\"\"
+
+Parameters annotated with a socket type (``Image``, ``Mask``, ``socket("X")``) are
+linked-only inputs; every other parameter is a param: its annotation, default and
+``Field`` bounds become a pydantic validator, and it may be literal or linked. A
+parameter annotated ``RunContext`` receives the run context. The node returns a
+dict keyed by output name, a tuple in the declared order, or the bare value when
+it has exactly one output.
+"""
+from __future__ import annotations
+
+import enum
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Iterable, Literal, Union
+
+from pydantic import TypeAdapter
+from pydantic.fields import FieldInfo
+
+from .context import RunContext
+from .errors import NodeDefinitionError
+from .sockets import ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Socket
+
+# Every NodeDef the decorator has made, by defining module; registries pick them
+# up by module name, so a module imported once can fill any number of registries.
+DEFINED: dict[str, list["NodeDef"]] = {}
+
+CheckFn = Callable[[dict], Iterable[tuple[str, str]]]
+
+
+@dataclass
+class InputSpec:
+    """One declared input of a node: a socket (link only) or a param."""
+
+    name: str
+    type_name: str
+    is_socket: bool
+    required: bool
+    default: Any = None
+    annotation: Any = None
+    description: str | None = None
+    adapter: TypeAdapter | None = None  # params only
+    path: InputPath | None = None  # params that name a file or folder
+
+    @property
+    def kind(self) -> str:
+        return "input" if self.is_socket else "param"
+
+    def validate(self, value: Any) -> Any:
+        """Validate a param value as JSON, strictly: "3" is not the int 3, "left" is an enum value."""
+        return self.adapter.validate_json(json.dumps(value), strict=True)
+
+    def json_schema(self) -> dict:
+        schema = self.adapter.json_schema() if self.adapter is not None else {}
+        if not self.required:
+            schema = {**schema, "default": _jsonable(self.default)}
+        return schema
+
+
+@dataclass
+class NodeDef:
+    """Everything the engine knows about a node type."""
+
+    type_name: str
+    version: int
+    category: str
+    description: str
+    doc: str
+    fn: Callable[..., Any]
+    inputs: dict[str, InputSpec]
+    outputs: dict[str, str]
+    cacheable: bool = True
+    output: bool = False
+    check: CheckFn | None = None
+    ctx_arg: str | None = None
+    origin: str = "builtin"
+    reference: str | None = None
+
+    def call(self, kwargs: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+        """Run the node function and name its results."""
+        if self.ctx_arg:
+            kwargs = {**kwargs, self.ctx_arg: ctx}
+        result = self.fn(**kwargs)
+        return self.name_outputs(result)
+
+    def name_outputs(self, result: Any) -> dict[str, Any]:
+        names = list(self.outputs)
+        if isinstance(result, dict) and set(result) == set(names) and (len(names) != 1 or _is_output_dict(result, names)):
+            return dict(result)
+        if len(names) == 1:
+            return {names[0]: result}
+        if not names:
+            return {}
+        if isinstance(result, (tuple, list)) and len(result) == len(names):
+            return dict(zip(names, result))
+        raise NodeDefinitionError(
+            f"node type {self.type_name} returned {type(result).__name__}; expected a dict with keys {names} "
+            f"or a tuple of {len(names)} values"
+        )
+
+    def to_dict(self) -> dict:
+        """The public description used by `nodegraph nodes --json` and the docs."""
+        return {
+            "type": self.type_name,
+            "version": self.version,
+            "category": self.category,
+            "description": self.description,
+            "output_node": self.output,
+            "cacheable": self.cacheable,
+            "origin": self.origin,
+            "reference": self.reference,
+            "inputs": {
+                s.name: {"type": s.type_name, "required": s.required, "description": s.description}
+                for s in self.inputs.values() if s.is_socket
+            },
+            "params": {
+                s.name: {
+                    "type": s.type_name,
+                    "required": s.required,
+                    **({"default": _jsonable(s.default)} if not s.required else {}),
+                    "description": s.description,
+                    "schema": s.adapter.json_schema(),
+                }
+                for s in self.inputs.values() if not s.is_socket
+            },
+            "outputs": dict(self.outputs),
+        }
+
+
+def _is_output_dict(result: dict, names: list[str]) -> bool:
+    # A single-output node whose value is itself a dict keyed by that name is ambiguous;
+    # treat it as already named only when the key maps to a non-dict.
+    return not isinstance(result[names[0]], dict)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def node(
+    type_name: str,
+    *,
+    version: int = 1,
+    category: str = "misc",
+    outputs: dict[str, str] | None = None,
+    cacheable: bool = True,
+    output: bool = False,
+    check: CheckFn | None = None,
+    reference: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a function as node type ``type_name`` (CamelCase, stable forever).
+
+    ``outputs`` maps output names to socket/scalar type names, in order.
+    ``cacheable=False`` makes it rerun every time (and everything after it).
+    ``output=True`` marks an output node (SaveImage and the like): running a
+    workflow runs its output nodes and what they need.
+    ``check(params)`` may yield ``(field, message)`` for cross-field problems; it
+    gets the literal params only (linked ones are checked when they arrive).
+    ``reference`` names the independent implementation the node matches.
+    """
+    if not type_name[:1].isupper() or not type_name.replace("_", "").isalnum():
+        raise NodeDefinitionError(f"node type names are CamelCase identifiers, got {type_name!r}")
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        definition = build_node_def(fn, type_name, version, category, outputs or {}, cacheable, output, check, reference)
+        DEFINED.setdefault(fn.__module__, []).append(definition)
+        fn.node_def = definition  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def build_node_def(fn, type_name, version, category, outputs, cacheable, output, check, reference) -> NodeDef:
+    doc = inspect.getdoc(fn) or ""
+    description = doc.strip().splitlines()[0] if doc.strip() else ""
+    if not description:
+        raise NodeDefinitionError(f"node type {type_name}: the function needs a docstring (its first line is the description)")
+    hints = typing.get_type_hints(fn, include_extras=True)
+    signature = inspect.signature(fn)
+    inputs: dict[str, InputSpec] = {}
+    ctx_arg = None
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise NodeDefinitionError(f"node type {type_name}: *args/**kwargs are not allowed ({name})")
+        annotation = hints.get(name, Any)
+        if annotation is RunContext:
+            ctx_arg = name
+            continue
+        inputs[name] = _input_spec(type_name, name, annotation, parameter.default)
+    return NodeDef(
+        type_name=type_name,
+        version=version,
+        category=category,
+        description=description,
+        doc=doc,
+        fn=fn,
+        inputs=inputs,
+        outputs=dict(outputs),
+        cacheable=cacheable,
+        output=output,
+        check=check,
+        ctx_arg=ctx_arg,
+        reference=reference,
+    )
+
+
+def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> InputSpec:
+    has_default = default is not inspect.Parameter.empty
+    base, optional = _strip_optional(annotation)
+    socket_marker, description, path = _markers(base)
+    if socket_marker is not None:
+        if has_default and default is not None:
+            raise NodeDefinitionError(f"node type {type_name}: socket input '{name}' may only default to None")
+        return InputSpec(
+            name=name,
+            type_name=socket_marker.type_name,
+            is_socket=True,
+            required=not has_default,
+            default=None,
+            annotation=annotation,
+            description=description,
+        )
+    try:
+        adapter = TypeAdapter(annotation)
+    except Exception as exc:  # pydantic raises several types for unsupported annotations
+        raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {exc}") from exc
+    return InputSpec(
+        name=name,
+        type_name=_scalar_type_name(base),
+        is_socket=False,
+        required=not has_default,
+        default=default if has_default else None,
+        annotation=annotation,
+        description=description,
+        adapter=adapter,
+        path=path,
+    )
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(typing.get_args(annotation)):
+            return args[0], True
+    return annotation, False
+
+
+def _markers(annotation: Any) -> tuple[Socket | None, str | None, InputPath | None]:
+    socket_marker = description = path = None
+    if typing.get_origin(annotation) is Annotated:
+        for meta in annotation.__metadata__:
+            if isinstance(meta, Socket):
+                socket_marker = meta
+            elif isinstance(meta, InputPath):
+                path = meta
+            elif isinstance(meta, FieldInfo) and meta.description:
+                description = meta.description
+    return socket_marker, description, path
+
+
+def _scalar_type_name(annotation: Any) -> str:
+    base = annotation
+    while typing.get_origin(base) is Annotated:
+        base = typing.get_args(base)[0]
+    if base is bool:
+        return BOOLEAN
+    if base is int:
+        return INT
+    if base is float:
+        return FLOAT
+    if base is str:
+        return STRING
+    if typing.get_origin(base) is Literal:
+        values = typing.get_args(base)
+        if all(isinstance(v, str) for v in values):
+            return STRING
+        if all(isinstance(v, bool) for v in values):
+            return BOOLEAN
+        if all(isinstance(v, int) for v in values):
+            return INT
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return STRING if all(isinstance(m.value, str) for m in base) else ANY
+    if typing.get_origin(base) in (list, tuple):
+        return "LIST"
+    return ANY
