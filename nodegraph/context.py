@@ -50,13 +50,22 @@ class RunContext:
     dtype: torch.dtype = torch.float32
     out_dir: Path = field(default_factory=lambda: Path("output"))
     workflow_dir: Path = field(default_factory=Path.cwd)
-    workflow: dict | None = None  # the workflow as run (overrides applied), for embedding in outputs
+    workflow_factory: Callable[[], dict] | None = None  # built on first use: most runs never need it
+    node_versions: dict[str, int] = field(default_factory=dict)  # node type -> version, for run manifests
     interrupt: InterruptFlag = field(default_factory=InterruptFlag)
     listeners: list[ProgressListener] = field(default_factory=list)
     node_id: str = ""
     node_type: str = ""
     files: list[Path] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # per-run facts nodes add to (seeds, model ids)
+    _workflow: dict | None = field(default=None, repr=False)
+
+    @property
+    def workflow(self) -> dict | None:
+        """The workflow as run (overrides applied, file paths absolute), for embedding in outputs."""
+        if self._workflow is None and self.workflow_factory is not None:
+            self._workflow = self.workflow_factory()
+        return self._workflow
 
     def check_interrupt(self) -> None:
         """Raise `Interrupted` if the user asked to stop; call it between steps."""

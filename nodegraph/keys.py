@@ -1,0 +1,58 @@
+"""Cache keys: what a node's output depends on, hashed. Never the node id.
+
+key = hash(type, version, device, dtype, canonical literal params,
+           for each link: input name + source key + output name,
+           content hash of each file the node reads)
+
+Keys are computed once per node from its parents' keys, so the cost is linear in
+the number of nodes however long the chain.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .validate import GraphNode
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def node_key(node: GraphNode, parent_keys: dict[str, str], run_salt: str, files: dict[str, str]) -> str:
+    definition = node.definition
+    links = sorted((name, parent_keys[src], output) for name, (src, output) in node.links.items())
+    payload = json.dumps(
+        [definition.type_name, definition.version, run_salt, node.raw_params, links, files],
+        sort_keys=True, separators=(",", ":"), default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def path_fingerprint(path: str) -> str:
+    """Content hash of a file; for a folder, the hashes of the files in it."""
+    p = Path(path)
+    if p.is_file():
+        return file_hash(p)
+    if p.is_dir():
+        digest = hashlib.sha256()
+        for root, dirs, names in os.walk(p):  # iterative; sorted for a stable order
+            dirs.sort()
+            for name in sorted(names):
+                child = Path(root) / name
+                digest.update(str(child.relative_to(p)).encode())
+                digest.update(file_hash(child).encode())
+        return digest.hexdigest()
+    return f"absent:{path}"  # a hub id, say: the name is its identity
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's content, remembered per (path, size, mtime) for this process."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cached = _FILE_HASHES.get(memo)
+    if cached is None:
+        with open(path, "rb") as handle:
+            cached = hashlib.file_digest(handle, "sha256").hexdigest()
+        _FILE_HASHES[memo] = cached
+    return cached

@@ -1,0 +1,68 @@
+"""JSON Schema of workflow files, with every registered node type spelled out,
+so an editor can complete and check node types, input and param names and values."""
+from __future__ import annotations
+
+from .registry import Registry
+from .workflow import FORMAT, LINK_PATTERN, NODE_ID_PATTERN
+
+
+def workflow_schema(registry: Registry) -> dict:
+    defs: dict = {"link": {"type": "string", "pattern": LINK_PATTERN, "description": "'<node id>.<output name>'"}}
+    branches = []
+    for definition in registry.sorted_types():
+        name = definition.type_name
+        inputs, params = {}, {}
+        for spec in definition.inputs.values():
+            inputs[spec.name] = {"$ref": "#/$defs/link", "description": f"{spec.type_name}"
+                                 + (f": {spec.description}" if spec.description else "")}
+            if not spec.is_socket:
+                schema = spec.adapter.json_schema(ref_template=f"#/$defs/{name}__{{model}}")
+                for key, sub in schema.pop("$defs", {}).items():
+                    defs[f"{name}__{key}"] = sub
+                if not spec.required:
+                    schema["default"] = spec.json_schema().get("default")
+                params[spec.name] = schema
+        required_inputs = [s.name for s in definition.inputs.values() if s.required and s.is_socket]
+        then: dict = {
+            "description": definition.description,
+            "properties": {
+                "inputs": {"type": "object", "properties": inputs, "additionalProperties": False},
+                "params": {"type": "object", "properties": params, "additionalProperties": False},
+            },
+        }
+        if required_inputs:
+            then["required"] = ["inputs"]
+            then["properties"]["inputs"]["required"] = required_inputs
+        defs[f"node_{name}"] = then
+        # A required param may come through a link instead, so params list no "required".
+        branches.append({"if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+                         "then": {"$ref": f"#/$defs/node_{name}"}})
+    defs["node"] = {
+        "type": "object",
+        "required": ["type"],
+        "additionalProperties": False,
+        "properties": {
+            "type": {"enum": [d.type_name for d in registry.sorted_types()], "description": "node type"},
+            "title": {"type": "string"},
+            "inputs": {"type": "object", "additionalProperties": {"$ref": "#/$defs/link"}},
+            "params": {"type": "object"},
+        },
+        "allOf": branches,
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "nodegraph workflow",
+        "type": "object",
+        "required": ["format", "nodes"],
+        "additionalProperties": False,
+        "properties": {
+            "format": {"const": FORMAT},
+            "description": {"type": "string"},
+            "nodes": {
+                "type": "object",
+                "propertyNames": {"pattern": NODE_ID_PATTERN},
+                "additionalProperties": {"$ref": "#/$defs/node"},
+            },
+        },
+        "$defs": defs,
+    }

@@ -1,0 +1,228 @@
+"""Validation before anything runs: every problem in a workflow, found at once.
+
+The result of a clean validation is a `Graph`: the node definitions, links and
+validated literal params the executor needs, with no further checks to make
+(linked scalars are checked when their values arrive).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from pydantic import ValidationError
+
+from .errors import Issue, WorkflowInvalid
+from .node import InputSpec, NodeDef
+from .registry import Registry
+from .sockets import link_fits
+from .workflow import Workflow
+
+
+@dataclass
+class GraphNode:
+    """A validated node: its definition, links and literal params."""
+
+    node_id: str
+    definition: NodeDef
+    links: dict[str, tuple[str, str]]  # input name -> (source node id, output name)
+    params: dict[str, Any]  # validated literal params (paths already resolved)
+    raw_params: dict[str, Any]  # canonical JSON form of all literal params incl. defaults, for cache keys
+    paths: dict[str, str] = field(default_factory=dict)  # param -> resolved path it reads
+
+
+@dataclass
+class Graph:
+    """A validated workflow as a DAG, ready to execute."""
+
+    workflow: Workflow
+    nodes: dict[str, GraphNode]
+    dag: nx.DiGraph
+    outputs: list[str]  # node ids of output nodes (or the requested targets)
+
+
+def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Issue]:
+    """Every problem in the workflow (empty list: valid)."""
+    try:
+        build_graph(workflow, registry, targets)
+    except WorkflowInvalid as exc:
+        return exc.issues
+    return []
+
+
+def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> Graph:
+    """Validate and compile; raises WorkflowInvalid with every issue found."""
+    issues: list[Issue] = []
+    base_dir = workflow.base_dir or Path.cwd()
+    nodes: dict[str, GraphNode] = {}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(workflow.nodes)
+    for node_id, spec in workflow.nodes.items():
+        definition = registry.get(spec.type)
+        if definition is None:
+            issues.append(Issue("unknown_type", _unknown_type_message(spec.type, registry), node_id=node_id, field="type"))
+            continue
+        if spec.type in registry.clashes:
+            origins = " and ".join(registry.clashes[spec.type])
+            issues.append(Issue("ambiguous_type", f"node type '{spec.type}' is registered by {origins}; "
+                                "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
+        compiled = _check_node(node_id, spec, definition, workflow, registry, base_dir, issues)
+        nodes[node_id] = compiled
+        dag.add_edges_from((src, node_id) for src, _ in compiled.links.values() if src in workflow.nodes)
+
+    issues.extend(_cycle_issues(dag, workflow))
+    outputs = _output_nodes(workflow, nodes, targets, issues)
+    if issues:
+        raise WorkflowInvalid(issues)
+    return Graph(workflow=workflow, nodes=nodes, dag=dag, outputs=outputs)
+
+
+def _unknown_type_message(type_name: str, registry: Registry) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(type_name, list(registry.types), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `nodegraph nodes` for the list (a plugin may be missing)"
+    return f"unknown node type '{type_name}'{hint}"
+
+
+def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry: Registry, base_dir: Path,
+                issues: list[Issue]) -> GraphNode:
+    def issue(code: str, message: str, field: str | None = None, kind: str | None = None, **value: Any) -> None:
+        issues.append(Issue(code, message, node_id=node_id, node_type=spec.type, field=field, kind=kind,
+                            value=value.get("value"), has_value="value" in value))
+
+    links: dict[str, tuple[str, str]] = {}
+    for name, target in spec.inputs.items():
+        input_spec = definition.inputs.get(name)
+        if input_spec is None:
+            issue("unknown_input", f"'{definition.type_name}' has no input '{name}'; its inputs are "
+                  f"{_names(definition.inputs)}", field=name, kind="input")
+            continue
+        source_id, dot, output = target.partition(".")
+        if not dot or not source_id or not output:
+            issue("bad_link", f"link '{target}' must be written '<node id>.<output name>'", field=name, kind="input")
+            continue
+        source = workflow.nodes.get(source_id)
+        if source is None:
+            issue("missing_node", f"links to node '{source_id}', which is not in the workflow", field=name, kind="input")
+            continue
+        links[name] = (source_id, output)
+        source_def = registry.get(source.type)
+        if source_def is None:
+            continue  # reported on the source node itself
+        output_type = source_def.outputs.get(output)
+        if output_type is None:
+            outs = ", ".join(source_def.outputs) or "none"
+            issue("unknown_output", f"node '{source_id}' ({source.type}) has no output '{output}'; its outputs are: {outs}",
+                  field=name, kind="input")
+        elif not link_fits(output_type, input_spec.type_name):
+            issue("type_mismatch", f"needs {input_spec.type_name} but '{target}' is {output_type}; link an output of "
+                  f"type {input_spec.type_name}", field=name, kind="input")
+
+    params: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    paths: dict[str, str] = {}
+    for name, value in spec.params.items():
+        input_spec = definition.inputs.get(name)
+        if input_spec is None:
+            issue("unknown_param", f"'{definition.type_name}' has no param '{name}'; its params are "
+                  f"{_names({k: v for k, v in definition.inputs.items() if not v.is_socket})}", field=name, kind="param")
+            continue
+        if name in spec.inputs:
+            issue("link_and_literal", f"given both as a link ('{spec.inputs[name]}') and a literal; keep one",
+                  field=name, kind="param", value=value)
+            continue
+        if input_spec.is_socket:
+            issue("literal_socket", f"{input_spec.type_name} values can only be linked ('<node id>.<output>'), "
+                  "not given as a literal", field=name, kind="input", value=value)
+            continue
+        try:
+            params[name] = input_spec.validate(value)
+        except ValidationError as exc:
+            reason = "; ".join(_pydantic_reason(e) for e in exc.errors())
+            issue("invalid_param", reason, field=name, kind="param", value=value)
+            continue
+        raw[name] = value
+        if input_spec.path is not None and isinstance(params[name], str):
+            resolved = _resolve_path(params[name], input_spec, base_dir)
+            if resolved is None:
+                issue("missing_file", f"no such {_kind_word(input_spec)} '{base_dir / value}'; check the path "
+                      "(relative paths start at the workflow file's folder)", field=name, kind="param", value=value)
+            else:
+                params[name] = paths[name] = resolved
+
+    for name, input_spec in definition.inputs.items():
+        if input_spec.required and name not in spec.inputs and name not in spec.params:
+            how = "link it" if input_spec.is_socket else "give it in params or link it"
+            issue("missing_input", f"required {input_spec.kind} is missing; {how} ({input_spec.type_name})",
+                  field=name, kind=input_spec.kind)
+        elif not input_spec.is_socket and name not in raw and name not in spec.inputs and not input_spec.required:
+            raw[name] = _default_json(input_spec)
+
+    if definition.check is not None:
+        for field_name, message in definition.check(dict(params)):
+            kind = definition.inputs[field_name].kind if field_name in definition.inputs else None
+            has = field_name in spec.params
+            issue("invalid_param", message, field=field_name, kind=kind,
+                  **({"value": spec.params[field_name]} if has else {}))
+    return GraphNode(node_id, definition, links, params, raw, paths)
+
+
+def _pydantic_reason(err: dict) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def _names(inputs: dict[str, InputSpec]) -> str:
+    return ", ".join(inputs) if inputs else "none"
+
+
+def _kind_word(spec: InputSpec) -> str:
+    return {"file": "file", "dir": "folder"}.get(spec.path.kind, "file or folder")
+
+
+def _resolve_path(value: str, spec: InputSpec, base_dir: Path) -> str | None:
+    """Absolute path of a file param; None when it must exist and does not."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    kind = spec.path.kind
+    exists = path.is_file() if kind == "file" else path.is_dir() if kind == "dir" else path.exists()
+    if exists:
+        return str(path.resolve())
+    return None if spec.path.must_exist else value
+
+
+def _default_json(spec: InputSpec) -> Any:
+    from .node import _jsonable
+
+    return _jsonable(spec.default)
+
+
+def _cycle_issues(dag: nx.DiGraph, workflow: Workflow) -> list[Issue]:
+    issues = []
+    for component in nx.strongly_connected_components(dag):
+        if len(component) > 1 or any(dag.has_edge(n, n) for n in component):
+            members = sorted(component)
+            cycle = nx.find_cycle(dag.subgraph(members))
+            path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
+            first = members[0]
+            issues.append(Issue("cycle", f"the links form a cycle: {path}; a workflow must be acyclic, remove one link",
+                                node_id=first, node_type=workflow.nodes[first].type))
+    return issues
+
+
+def _output_nodes(workflow: Workflow, nodes: dict[str, GraphNode], targets: list[str] | None,
+                  issues: list[Issue]) -> list[str]:
+    if targets:
+        missing = [t for t in targets if t not in workflow.nodes]
+        for target in missing:
+            issues.append(Issue("unknown_target", f"--target '{target}' is not a node of the workflow", node_id=target))
+        return [t for t in targets if t not in missing]
+    outputs = [node_id for node_id, n in nodes.items() if n.definition.output]
+    # With an unknown type among the nodes, that node may well be the output node.
+    if not outputs and not any(i.code == "unknown_type" for i in issues):
+        issues.append(Issue("no_output", "the workflow has no output node (SaveImage or the like), so nothing "
+                            "would run; add one, or name a node with --target"))
+    return outputs

@@ -1,0 +1,29 @@
+"""Primitive value nodes: one literal, linked into any number of params (a shared seed, say)."""
+from __future__ import annotations
+
+from nodegraph.node import node
+from nodegraph.sockets import BOOLEAN, FLOAT, INT, STRING
+
+
+@node("Int", category="primitive", outputs={"value": INT})
+def int_value(value: int) -> int:
+    """An integer, to link into params of several nodes (e.g. one seed for every sampler)."""
+    return value
+
+
+@node("Float", category="primitive", outputs={"value": FLOAT})
+def float_value(value: float) -> float:
+    """A floating-point number, to link into params of several nodes."""
+    return value
+
+
+@node("String", category="primitive", outputs={"value": STRING})
+def string_value(value: str) -> str:
+    """A string, to link into params of several nodes (a prompt shared by two encoders, say)."""
+    return value
+
+
+@node("Boolean", category="primitive", outputs={"value": BOOLEAN})
+def boolean_value(value: bool) -> bool:
+    """A true/false switch, to link into params of several nodes."""
+    return value
