@@ -1,0 +1,135 @@
+"""Plugins: an installed entry-point package, folders, a broken plugin, a name clash."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+from nodegraph.plugins import load_plugin_dirs
+from nodegraph.registry import Registry
+
+from .conftest import REPO
+
+PLUGIN_SOURCE = '''
+"""A throwaway plugin: one node and a socket type of its own."""
+from typing import Annotated
+from pydantic import Field
+from nodegraph.node import node
+from nodegraph.sockets import socket, IMAGE, Image
+
+WORD = "WORD"
+
+@node("DemoShout", version=2, category="demo", outputs={"word": WORD})
+def shout(text: str = "hi", times: Annotated[int, Field(ge=1, le=5)] = 2) -> str:
+    """Repeat a word loudly."""
+    return (text.upper() + "!") * times
+
+@node("DemoPrint", category="demo", outputs={"word": WORD}, output=True)
+def print_word(word: socket(WORD, str)) -> str:
+    """Print a word."""
+    print("DEMO:", word)
+    return word
+'''
+
+
+def build_wheel(tmp_path):
+    """A real wheel of a package declaring a `nodegraph.nodes` entry point."""
+    name, version = "nodegraph_demo_plugin", "0.1"
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": PLUGIN_SOURCE,
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist_info}/entry_points.txt": f"[nodegraph.nodes]\ndemo = {name}\n",
+    }
+    files[f"{dist_info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist_info}/RECORD"])
+    wheel = tmp_path / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def cli(*args, env_extra=None, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "nodegraph.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_installed_entry_point_plugin_runs_in_a_workflow(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
+                    str(target), str(build_wheel(tmp_path))], check=True, timeout=120)
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps({"format": "nodegraph/1", "nodes": {
+        "shout": {"type": "DemoShout", "params": {"text": "hey", "times": 3}},
+        "print": {"type": "DemoPrint", "inputs": {"word": "shout.word"}}}}))
+    env = {"PYTHONPATH": os.pathsep.join([str(target), str(REPO)])}
+    done = cli("run", str(workflow), "--json", env_extra=env)
+    assert done.returncode == 0, done.stderr
+    assert "DEMO: HEY!HEY!HEY!" in done.stdout
+    listed = json.loads(cli("nodes", "--json", env_extra=env).stdout)
+    demo = next(d for d in listed if d["type"] == "DemoShout")
+    assert demo["version"] == 2 and demo["origin"].startswith("plugin 'demo'")
+    assert demo["params"]["times"]["schema"]["maximum"] == 5
+    bad = cli("validate", str(workflow), "--set", "shout.times=9", env_extra=env)
+    assert bad.returncode == 2 and "node 'shout' (DemoShout): param 'times' = 9" in bad.stderr
+
+
+def write_plugins(folder, files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return folder
+
+
+GOOD = '''
+from nodegraph.node import node
+from nodegraph.sockets import INT
+
+@node("{name}", category="t", outputs={{"value": INT}})
+def f(value: int = 1) -> int:
+    """A test node."""
+    return value
+'''
+
+
+def test_broken_plugin_is_reported_by_name_and_others_load(tmp_path):
+    folder = write_plugins(tmp_path / "plugins", {
+        "broken.py": "import not_a_module_anywhere\n",
+        "good.py": GOOD.format(name="GoodNodeA"),
+        "goodpkg/__init__.py": "from .impl import *\n",
+        "goodpkg/impl.py": GOOD.format(name="GoodNodeB"),
+    })
+    registry = Registry()
+    load_plugin_dirs(registry, [folder])
+    assert "GoodNodeA" in registry and "GoodNodeB" in registry
+    (problem,) = registry.problems
+    assert "plugin 'broken'" in str(problem) and "No module named 'not_a_module_anywhere'" in str(problem)
+
+
+def test_name_clash_names_both_origins_and_fails_validation(tmp_path):
+    folder = write_plugins(tmp_path / "clash", {
+        "first_plugin.py": GOOD.format(name="ClashNode"),
+        "second_plugin.py": GOOD.format(name="ClashNode"),
+    })
+    registry = Registry()
+    load_plugin_dirs(registry, [folder])
+    (problem,) = registry.problems
+    assert "'ClashNode'" in str(problem) and "first_plugin" in str(problem) and "second_plugin" in str(problem)
+    from nodegraph.api import Engine
+
+    issues = Engine(registry=registry).validate({"format": "nodegraph/1", "nodes": {"c": {"type": "ClashNode"}}},
+                                                targets=["c"])
+    assert [i.code for i in issues] == ["ambiguous_type"]
+
+
+def test_plugin_folder_from_environment_and_missing_folder_warning(tmp_path):
+    folder = write_plugins(tmp_path / "envplugins", {"envplug.py": GOOD.format(name="EnvNode")})
+    done = cli("nodes", "--plugins", str(tmp_path / "nowhere"), env_extra={"NODEGRAPH_PLUGINS": str(folder)})
+    assert done.returncode == 0
+    assert "EnvNode v1" in done.stdout and "plugin 'envplug'" in done.stdout
+    assert "plugin folder" in done.stderr and "nowhere" in done.stderr
