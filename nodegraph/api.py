@@ -20,6 +20,7 @@ from .cache import DEFAULT_MEMORY_BUDGET, DiskCache, MemoryCache
 from .context import InterruptFlag, ProgressListener, RunContext
 from .errors import Issue, NodegraphError, WorkflowInvalid
 from .executor import RunResult, execute
+from .gcpause import gc_paused
 from .registry import Registry, default_registry
 from .validate import Graph, build_graph
 from .workflow import Workflow, load_workflow
@@ -78,10 +79,11 @@ class Engine:
 
     def compile(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> Graph:
         """Load, apply overrides and validate; raises WorkflowInvalid listing every problem."""
-        workflow = self.load(source)
-        if overrides:
-            workflow = workflow.with_overrides(overrides)
-        return build_graph(workflow, self.registry, targets)
+        with gc_paused():
+            workflow = self.load(source)
+            if overrides:
+                workflow = workflow.with_overrides(overrides)
+            return build_graph(workflow, self.registry, targets)
 
     def validate(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> list[Issue]:
         """Every problem in the workflow; an empty list means it is valid."""

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 from pydantic import ValidationError
 
 from .cache import DiskCache, MemoryCache
 from .context import RunContext
 from .errors import Interrupted, NodeError, NodeFailed
+from .gcpause import gc_paused, gc_resumed
 from .keys import node_key, path_fingerprint
 from .validate import Graph, GraphNode
 
@@ -64,6 +64,11 @@ class RunResult:
 
 
 def execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None = None) -> RunResult:
+    with gc_paused():
+        return _execute(graph, ctx, memory, disk)
+
+
+def _execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None) -> RunResult:
     start = time.perf_counter()
     result = RunResult(node_types={i: n.definition.type_name for i, n in graph.nodes.items()})
     order = _needed_in_order(graph)
@@ -100,11 +105,15 @@ def execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache 
 def _needed_in_order(graph: Graph) -> list[str]:
     """The output nodes and their ancestors, in dependency order."""
     needed = set(graph.outputs)
-    for target in graph.outputs:
-        needed |= nx.ancestors(graph.dag, target)
-    if len(needed) == len(graph.nodes):
-        return list(nx.topological_sort(graph.dag))
-    return list(nx.topological_sort(graph.dag.subgraph(needed)))
+    stack = list(graph.outputs)
+    while stack:
+        for src, _ in graph.nodes[stack.pop()].links.values():
+            if src not in needed:
+                needed.add(src)
+                stack.append(src)
+    if len(needed) == len(graph.order):
+        return graph.order
+    return [node_id for node_id in graph.order if node_id in needed]
 
 
 def _keys(graph: Graph, order: list[str], ctx: RunContext) -> dict[str, str]:
@@ -161,7 +170,8 @@ def _run_node(node: GraphNode, values: dict[str, dict], ctx: RunContext, result:
             if not spec.is_socket:
                 value = _check_linked_param(node, name, value)
             kwargs[name] = value
-        outputs = definition.call(kwargs, ctx)
+        with gc_resumed():
+            outputs = definition.call(kwargs, ctx)
     except Interrupted:
         result.nodes[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
         raise

@@ -1,6 +1,6 @@
 """Cache keys: what a node's output depends on, hashed. Never the node id.
 
-key = hash(type, version, device, dtype, canonical literal params,
+key = hash(type, version, device, dtype, literal params (validated, defaults filled in),
            for each link: input name + source key + output name,
            content hash of each file the node reads)
 
@@ -10,7 +10,6 @@ the number of nodes however long the chain.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -22,10 +21,7 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 def node_key(node: GraphNode, parent_keys: dict[str, str], run_salt: str, files: dict[str, str]) -> str:
     definition = node.definition
     links = sorted((name, parent_keys[src], output) for name, (src, output) in node.links.items())
-    payload = json.dumps(
-        [definition.type_name, definition.version, run_salt, node.raw_params, links, files],
-        sort_keys=True, separators=(",", ":"), default=str,
-    )
+    payload = repr((definition.type_name, definition.version, run_salt, node.canonical, links, sorted(files.items())))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

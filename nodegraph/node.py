@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Iterable, Literal, Union
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .context import RunContext
@@ -54,8 +54,11 @@ class InputSpec:
         return "input" if self.is_socket else "param"
 
     def validate(self, value: Any) -> Any:
-        """Validate a param value as JSON, strictly: "3" is not the int 3, "left" is an enum value."""
-        return self.adapter.validate_json(json.dumps(value), strict=True)
+        """Validate a param value strictly ("3" is not the int 3) with JSON's rules ("left" names an enum value)."""
+        try:
+            return self.adapter.validate_python(value, strict=True)  # the fast path for plain values
+        except ValidationError:
+            return self.adapter.validate_json(json.dumps(value), strict=True)
 
     def json_schema(self) -> dict:
         schema = self.adapter.json_schema() if self.adapter is not None else {}

@@ -28,7 +28,7 @@ class GraphNode:
     definition: NodeDef
     links: dict[str, tuple[str, str]]  # input name -> (source node id, output name)
     params: dict[str, Any]  # validated literal params (paths already resolved)
-    raw_params: dict[str, Any]  # canonical JSON form of all literal params incl. defaults, for cache keys
+    canonical: str  # every literal param, defaults included, as validated values: part of the cache key
     paths: dict[str, str] = field(default_factory=dict)  # param -> resolved path it reads
 
 
@@ -39,6 +39,7 @@ class Graph:
     workflow: Workflow
     nodes: dict[str, GraphNode]
     dag: nx.DiGraph
+    order: list[str]  # every node, in dependency order
     outputs: list[str]  # node ids of output nodes (or the requested targets)
 
 
@@ -58,6 +59,7 @@ def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | Non
     nodes: dict[str, GraphNode] = {}
     dag = nx.DiGraph()
     dag.add_nodes_from(workflow.nodes)
+    edges = []
     for node_id, spec in workflow.nodes.items():
         definition = registry.get(spec.type)
         if definition is None:
@@ -69,13 +71,18 @@ def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | Non
                                 "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
         compiled = _check_node(node_id, spec, definition, workflow, registry, base_dir, issues)
         nodes[node_id] = compiled
-        dag.add_edges_from((src, node_id) for src, _ in compiled.links.values() if src in workflow.nodes)
+        edges.extend((src, node_id) for src, _ in compiled.links.values())
+    dag.add_edges_from(edges)
 
-    issues.extend(_cycle_issues(dag, workflow))
+    try:
+        order = list(nx.topological_sort(dag))
+    except nx.NetworkXUnfeasible:
+        order = []
+        issues.extend(_cycle_issues(dag, workflow))
     outputs = _output_nodes(workflow, nodes, targets, issues)
     if issues:
         raise WorkflowInvalid(issues)
-    return Graph(workflow=workflow, nodes=nodes, dag=dag, outputs=outputs)
+    return Graph(workflow=workflow, nodes=nodes, dag=dag, order=order, outputs=outputs)
 
 
 def _unknown_type_message(type_name: str, registry: Registry) -> str:
@@ -121,7 +128,6 @@ def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry
                   f"type {input_spec.type_name}", field=name, kind="input")
 
     params: dict[str, Any] = {}
-    raw: dict[str, Any] = {}
     paths: dict[str, str] = {}
     for name, value in spec.params.items():
         input_spec = definition.inputs.get(name)
@@ -143,7 +149,6 @@ def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry
             reason = "; ".join(_pydantic_reason(e) for e in exc.errors())
             issue("invalid_param", reason, field=name, kind="param", value=value)
             continue
-        raw[name] = value
         if input_spec.path is not None and isinstance(params[name], str):
             resolved = _resolve_path(params[name], input_spec, base_dir)
             if resolved is None:
@@ -152,13 +157,14 @@ def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry
             else:
                 params[name] = paths[name] = resolved
 
+    canonical = dict(params)
     for name, input_spec in definition.inputs.items():
         if input_spec.required and name not in spec.inputs and name not in spec.params:
             how = "link it" if input_spec.is_socket else "give it in params or link it"
             issue("missing_input", f"required {input_spec.kind} is missing; {how} ({input_spec.type_name})",
                   field=name, kind=input_spec.kind)
-        elif not input_spec.is_socket and name not in raw and name not in spec.inputs and not input_spec.required:
-            raw[name] = _default_json(input_spec)
+        elif not input_spec.is_socket and name not in canonical and name not in spec.inputs:
+            canonical[name] = input_spec.default
 
     if definition.check is not None:
         for field_name, message in definition.check(dict(params)):
@@ -166,7 +172,8 @@ def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry
             has = field_name in spec.params
             issue("invalid_param", message, field=field_name, kind=kind,
                   **({"value": spec.params[field_name]} if has else {}))
-    return GraphNode(node_id, definition, links, params, raw, paths)
+    # repr of validated values: an omitted default and the same value written out give one key.
+    return GraphNode(node_id, definition, links, params, repr(sorted(canonical.items())), paths)
 
 
 def _pydantic_reason(err: dict) -> str:
@@ -192,12 +199,6 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path) -> str | None:
     if exists:
         return str(path.resolve())
     return None if spec.path.must_exist else value
-
-
-def _default_json(spec: InputSpec) -> Any:
-    from .node import _jsonable
-
-    return _jsonable(spec.default)
 
 
 def _cycle_issues(dag: nx.DiGraph, workflow: Workflow) -> list[Issue]:

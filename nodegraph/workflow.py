@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -98,8 +99,11 @@ def parse_workflow(data: Any, base_dir: Path | None = None) -> Workflow:
     return workflow
 
 
+_NODE_ID = re.compile(NODE_ID_PATTERN)
+
+
 def _is_node_id(text: str) -> bool:
-    return bool(text) and all(c.isascii() and (c.isalnum() or c in "_-") for c in text)
+    return _NODE_ID.match(text) is not None
 
 
 def _structure_issue(err: dict) -> Issue:
