@@ -1,0 +1,374 @@
+"""The one denoising loop every sampler shares, its hooks, and the plain sampling functions.
+
+The arithmetic is diffusers' (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline,
+StableDiffusionInpaintPipeline), so that the same seed, scheduler and initial noise give the same
+latents:
+
+- text2img: ``x = noise * init_noise_sigma``, all N timesteps;
+- img2img: the last ``int(N * strength)`` timesteps, ``x = add_noise(x0, noise, t_start)``;
+- classifier-free guidance ``uncond + g * (cond - uncond)`` with [uncond, cond] in one UNet batch, when
+  ``g > 1``;
+- hooks change the loop without copying it: ``LatentBlend`` (seed article 000: after each step the
+  unmasked latents become ``add_noise(x0, noise, t_{i+1})``, clean ``x0`` after the last),
+  ``ChannelConcat`` (inpainting UNets see ``cat([x, mask, masked_image_latents])``),
+  ``DifferentialThreshold`` (seed article 002: before step ``i >= 1`` pixels with ``1 - c > i/N`` are reset
+  to ``add_noise(x0, noise, t_i)``).
+
+Noise is drawn from a CPU ``torch.Generator(seed)`` and moved to the device, like diffusers'
+``randn_tensor`` with a CPU generator; the same generator then feeds stochastic schedulers (euler_a).
+
+Extension points for SDXL / IP-Adapter: ``UNetConditioning`` carries ``added_cond_kwargs`` (pooled text
+embeds, time ids, image embeds) and ``cross_attention_kwargs``; ``unet_conditioning`` batches whatever a
+CONDITIONING carries in ``pooled`` / ``added`` next to the prompt embeddings.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from nodegraph.errors import NodeError
+
+from .schedulers import make_scheduler
+
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------- conditioning
+
+@dataclass
+class UNetConditioning:
+    """Everything the UNet gets besides latents and timestep, batched [uncond, cond] when guiding."""
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: Optional[dict] = None
+    timestep_cond: Optional[torch.Tensor] = None
+    cross_attention_kwargs: Optional[dict] = None
+
+
+def _repeat_to(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.repeat(batch, *([1] * (tensor.ndim - 1)))
+    raise NodeError(f"{what} has batch {tensor.shape[0]} but the latent has batch {batch}")
+
+
+def _pad_tokens(embeds: torch.Tensor, length: int, filler: Optional[torch.Tensor]) -> torch.Tensor:
+    """Lengthen chunked prompt embeddings to ``length`` tokens with empty-prompt chunks."""
+    if embeds.shape[1] == length:
+        return embeds
+    if filler is None or (length - embeds.shape[1]) % filler.shape[1]:
+        raise NodeError(f"positive and negative conditioning have different lengths ({embeds.shape[1]} and "
+                        f"{length} tokens); encode both with the same long_prompt setting")
+    reps = (length - embeds.shape[1]) // filler.shape[1]
+    filler = filler.to(embeds.device, embeds.dtype).expand(embeds.shape[0], -1, -1)
+    return torch.cat([embeds] + [filler] * reps, dim=1)
+
+
+def _batched(value, batch: int, device, dtype, what: str):
+    if isinstance(value, torch.Tensor):
+        return _repeat_to(value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype), batch, what)
+    if isinstance(value, (list, tuple)):
+        return [_batched(v, batch, device, dtype, what) for v in value]
+    return value
+
+
+def unet_conditioning(unet, positive, negative, batch: int, guide: bool) -> UNetConditioning:
+    """The UNet's conditioning from CONDITIONING values: ``negative`` None means the empty prompt."""
+    dtype, device = unet.dtype, unet.device
+    width = unet.config.cross_attention_dim
+    if positive.embeds.shape[-1] != width:
+        raise NodeError(f"the positive conditioning is {positive.embeds.shape[-1]} wide but this model expects "
+                        f"{width}: encode the prompt with this checkpoint's CLIP")
+    pos = _repeat_to(positive.embeds.to(device=device, dtype=dtype), batch, "positive conditioning")
+    added = {k: _batched(v, batch, device, dtype, f"conditioning '{k}'") for k, v in positive.added.items()}
+    if positive.pooled is not None:
+        added["text_embeds"] = _batched(positive.pooled, batch, device, dtype, "pooled conditioning")
+    if not guide:
+        return UNetConditioning(pos, added or None)
+    negative = negative if negative is not None else positive.uncond
+    if negative is None:
+        raise NodeError("no negative conditioning linked and the positive one carries no empty-prompt embedding; "
+                        "link a negative CLIPEncode")
+    if negative.embeds.shape[-1] != width:
+        raise NodeError(f"the negative conditioning is {negative.embeds.shape[-1]} wide but this model expects {width}")
+    neg = _repeat_to(negative.embeds.to(device=device, dtype=dtype), batch, "negative conditioning")
+    length = max(pos.shape[1], neg.shape[1])
+    filler = (positive.uncond or negative.uncond or negative).embeds
+    pos, neg = _pad_tokens(pos, length, filler), _pad_tokens(neg, length, filler)
+    neg_added = {k: _batched(v, batch, device, dtype, f"negative conditioning '{k}'") for k, v in negative.added.items()}
+    if negative.pooled is not None:
+        neg_added["text_embeds"] = _batched(negative.pooled, batch, device, dtype, "negative pooled conditioning")
+    merged = {}
+    for key, value in added.items():
+        other = neg_added.get(key)
+        if other is None:  # e.g. IP-Adapter image embeds given on the positive side only: zeros for uncond
+            other = [torch.zeros_like(v) for v in value] if isinstance(value, list) else torch.zeros_like(value)
+        merged[key] = ([torch.cat([o, v]) for o, v in zip(other, value)] if isinstance(value, list)
+                       else torch.cat([other, value]))
+    return UNetConditioning(torch.cat([neg, pos]), merged or None)
+
+
+def guidance_enabled(unet, guidance_scale: float) -> bool:
+    """diffusers' do_classifier_free_guidance."""
+    return guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+
+class Hook:
+    """Per-step behaviour plugged into ``denoise``; override what you need."""
+
+    def before_step(self, latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def unet_input(self, model_input: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        return model_input
+
+    def after_step(self, latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+class LatentBlend(Hook):
+    """Base-model inpainting (seed article 000): keep the unmasked latents on the noised original.
+
+    After step i: ``x = (1 - m) * add_noise(x0, noise, t_{i+1}) + m * x``; after the last step the clean x0.
+    ``m`` is the binary mask at latent size (1 = repaint)."""
+
+    def __init__(self, scheduler, timesteps, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        self.scheduler, self.timesteps, self.x0, self.noise, self.mask = scheduler, timesteps, x0, noise, mask
+
+    def after_step(self, latents, i, t):
+        proper = self.x0
+        if i < len(self.timesteps) - 1:
+            proper = self.scheduler.add_noise(self.x0, self.noise, torch.tensor([self.timesteps[i + 1]]))
+        return (1 - self.mask) * proper + self.mask * latents
+
+
+class ChannelConcat(Hook):
+    """Inpainting UNet: append the mask and masked-image latents to the (scaled) model input."""
+
+    def __init__(self, extra: torch.Tensor):
+        self.extra = extra  # already batched like the model input (doubled for guidance)
+
+    def unet_input(self, model_input, i, t):
+        return torch.cat([model_input, self.extra], dim=1)
+
+
+class DifferentialThreshold(Hook):
+    """Differential diffusion (seed article 002): a pixel with change c is free only for the last c*N steps.
+
+    Before step i >= 1, where ``keep_map > i / N`` (keep_map = 1 - c) the latents are reset to
+    ``add_noise(x0, noise, t_i)``, one noise tensor throughout."""
+
+    def __init__(self, scheduler, timesteps, x0: torch.Tensor, noise: torch.Tensor, keep_map: torch.Tensor):
+        self.scheduler, self.timesteps, self.x0, self.noise = scheduler, timesteps, x0, noise
+        self.keep_map = keep_map
+        self.total = len(timesteps)
+
+    def before_step(self, latents, i, t):
+        if i == 0:
+            return latents
+        reset = (self.keep_map > i / self.total).to(latents.dtype)
+        original = self.scheduler.add_noise(self.x0, self.noise, self.timesteps[i:i + 1].repeat(self.x0.shape[0]))
+        return original * reset + latents * (1 - reset)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def step_kwargs(scheduler, generator: Optional[torch.Generator], eta: float = 0.0) -> dict:
+    """diffusers' prepare_extra_step_kwargs: eta for DDIM, the generator for stochastic schedulers."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, cond: UNetConditioning,
+            guidance_scale: float, hooks: Sequence[Hook] = (), generator: Optional[torch.Generator] = None,
+            eta: float = 0.0, progress: Optional[Progress] = None) -> torch.Tensor:
+    """Run the scheduler over ``timesteps`` from ``latents``; hooks adjust it per step."""
+    guide = guidance_enabled(unet, guidance_scale)
+    extra = step_kwargs(scheduler, generator, eta)
+    total = len(timesteps)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            for hook in hooks:
+                latents = hook.before_step(latents, i, t)
+            model_input = torch.cat([latents] * 2) if guide else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            for hook in hooks:
+                model_input = hook.unet_input(model_input, i, t)
+            noise_pred = unet(
+                model_input, t,
+                encoder_hidden_states=cond.encoder_hidden_states,
+                timestep_cond=cond.timestep_cond,
+                cross_attention_kwargs=cond.cross_attention_kwargs,
+                added_cond_kwargs=cond.added_cond_kwargs,
+                return_dict=False,
+            )[0]
+            if guide:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            for hook in hooks:
+                latents = hook.after_step(latents, i, t)
+            if progress is not None:
+                progress(i + 1, total)
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+def draw_noise(shape, seed: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Generator]:
+    """Noise from a CPU generator moved to the device; the generator is returned for the scheduler."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
+    return noise, generator
+
+
+def schedule(scheduler, steps: int, strength: float, device, partial: bool) -> torch.Tensor:
+    """Timesteps to run: all of them (text2img), or the last ``int(steps * strength)`` (img2img, inpaint)."""
+    scheduler.set_timesteps(steps, device=device)
+    if not partial:
+        return scheduler.timesteps
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    if steps - t_start < 1:
+        raise NodeError(f"strength {strength} with {steps} steps leaves no step to run (int(steps * strength) = 0); "
+                        "raise steps or strength")
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps
+
+
+@dataclass
+class Run:
+    """Shared setup of one sampler run."""
+
+    unet: object
+    scheduler: object
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    generator: torch.Generator
+    cond: UNetConditioning
+    guidance_scale: float
+    x0: Optional[torch.Tensor]
+
+    def start_from_image(self) -> torch.Tensor:
+        """img2img start: x0 noised to the first timestep."""
+        t0 = self.timesteps[:1].repeat(self.noise.shape[0])
+        return self.scheduler.add_noise(self.x0, self.noise, t0)
+
+    def start_from_noise(self) -> torch.Tensor:
+        return self.noise * self.scheduler.init_noise_sigma
+
+    def denoise(self, latents, hooks=(), progress=None) -> torch.Tensor:
+        return denoise(self.unet, self.scheduler, self.timesteps, latents, self.cond, self.guidance_scale, hooks,
+                       self.generator, progress=progress)
+
+
+def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, steps: int, guidance_scale: float,
+            scheduler: str, strength: float, partial: bool, use_x0: bool) -> Run:
+    unet = model.unet
+    device, dtype = unet.device, unet.dtype
+    if samples.shape[1] != unet.config.out_channels:
+        raise NodeError(f"the latent has {samples.shape[1]} channels but the model's UNet makes "
+                        f"{unet.config.out_channels}; use a latent from this checkpoint's VAE / EmptyLatent")
+    batch = samples.shape[0]
+    guide = guidance_enabled(unet, guidance_scale)
+    cond = unet_conditioning(unet, positive, negative, batch, guide)
+    sched = make_scheduler(scheduler, model.scheduler_config)
+    timesteps = schedule(sched, steps, strength, device, partial)
+    noise, generator = draw_noise(samples.shape, seed, dtype, device)
+    x0 = samples.to(device=device, dtype=dtype) if use_x0 else None
+    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0)
+
+
+def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    return _repeat_to(mask.to(device=x0.device, dtype=x0.dtype), x0.shape[0], "mask")
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+def sample(model, positive, negative, latents, *, seed: int, steps: int, guidance_scale: float, scheduler: str,
+           strength: float, progress: Optional[Progress] = None) -> torch.Tensor:
+    """Text2img (empty latent), img2img (image latent), or inpainting-checkpoint sampling (latent from
+    InpaintModelConditioning, 9-channel UNet). Returns the final latents."""
+    inpaint = latents.has_inpaint_conditioning
+    if model.inpainting and not inpaint:
+        raise NodeError("the model is an inpainting checkpoint (9-channel UNet): make the latent with "
+                        "InpaintModelConditioning (vae, image, mask), or load a normal checkpoint for text2img/img2img")
+    if inpaint and not model.inpainting:
+        raise NodeError(f"the latent carries inpainting-model conditioning (InpaintModelConditioning) but the model "
+                        f"has a normal {model.in_channels}-channel UNet: inpaint with LatentBlendSampler "
+                        "(VAEEncode + mask) for a normal checkpoint, or load an inpainting checkpoint")
+    if latents.empty and strength < 1:
+        raise NodeError(f"strength {strength} < 1 keeps part of the input image, but an EmptyLatent has none: use "
+                        "strength 1 for text2img, or VAEEncode an image for img2img")
+    if inpaint:
+        run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                      scheduler=scheduler, strength=strength, partial=True, use_x0=True)
+        extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
+                           _repeat_to(latents.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
+                                      "masked image latents")], dim=1)
+        if guidance_enabled(model.unet, guidance_scale):
+            extra = torch.cat([extra] * 2)
+        start = run.start_from_noise() if strength == 1.0 else run.start_from_image()
+        return run.denoise(start, [ChannelConcat(extra)], progress)
+    run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  scheduler=scheduler, strength=strength, partial=not latents.empty, use_x0=not latents.empty)
+    start = run.start_from_noise() if latents.empty else run.start_from_image()
+    return run.denoise(start, (), progress)
+
+
+def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, seed: int, steps: int,
+                  guidance_scale: float, scheduler: str, strength: float,
+                  progress: Optional[Progress] = None) -> torch.Tensor:
+    """Base-model inpainting by latent blending (StableDiffusionInpaintPipeline with a 4-channel UNet)."""
+    from .latent import latent_mask
+
+    if model.inpainting:
+        raise NodeError("LatentBlendSampler is for normal (4-channel) checkpoints; this is an inpainting checkpoint "
+                        "(9-channel UNet): use InpaintModelConditioning -> Sampler instead")
+    if latents.empty:
+        raise NodeError("LatentBlendSampler needs the latents of an image to keep (VAEEncode or a previous sampler), "
+                        "not an EmptyLatent")
+    run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  scheduler=scheduler, strength=strength, partial=True, use_x0=True)
+    m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor), run.x0)
+    start = run.start_from_noise() if strength == 1.0 else run.start_from_image()
+    return run.denoise(start, [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)], progress)
+
+
+def change_map_to_latent(change: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A soft change map (1 = change) averaged over each latent pixel's 8x8 footprint (area resize)."""
+    import torch.nn.functional as F
+
+    if change.ndim != 4 or change.shape[1] != 1:
+        raise NodeError(f"change_map must be a MASK (B, 1, H, W), got shape {tuple(change.shape)}")
+    return F.interpolate(change.float().clamp(0, 1), size=tuple(latent_size), mode="area")
+
+
+def differential(model, positive, negative, latents, change: torch.Tensor, *, seed: int, steps: int,
+                 guidance_scale: float, scheduler: str, strength: float,
+                 progress: Optional[Progress] = None) -> torch.Tensor:
+    """Differential diffusion with a soft change map (1 = change fully, 0 = keep)."""
+    if model.inpainting:
+        raise NodeError("DifferentialSampler needs a normal (4-channel) checkpoint; this is an inpainting checkpoint "
+                        "(9-channel UNet)")
+    if latents.empty:
+        raise NodeError("DifferentialSampler needs the latents of an image (VAEEncode), not an EmptyLatent")
+    run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  scheduler=scheduler, strength=strength, partial=True, use_x0=True)
+    keep = 1.0 - change_map_to_latent(change, tuple(run.x0.shape[-2:]))  # the article's map: white = keep
+    keep = _latent_size_mask(keep, run.x0)
+    hook = DifferentialThreshold(run.scheduler, run.timesteps, run.x0, run.noise, keep)
+    return run.denoise(run.start_from_image(), [hook], progress)

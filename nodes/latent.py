@@ -1,0 +1,192 @@
+"""The LATENT value and the nodes that make and read it: EmptyLatent, VAEEncode, VAEDecode,
+InpaintModelConditioning.
+
+LATENT ``samples`` are already multiplied by the VAE's scaling factor (0.18215 for SD 1.x/2.x), as
+diffusers keeps latents between ``vae.encode`` and the UNet; VAEDecode divides it out again. Pixel
+sizes must be multiples of the VAE factor (8): images of other sizes are an error rather than silently
+resized, so that later crops and overlays line up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Annotated, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from nodegraph.errors import NodeError
+from nodegraph.node import node
+from nodegraph.serialize import disk_cacheable
+from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
+
+LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
+LATENT_CHANNELS = 4
+
+
+@disk_cacheable
+@dataclass
+class Latents:
+    """LATENT: (B, C, H/8, W/8) latents, scaled by the VAE's scaling factor."""
+
+    samples: torch.Tensor
+    vae_scale_factor: int = LATENT_FACTOR
+    empty: bool = False  # made by EmptyLatent: samplers start text2img from pure noise
+    # Inpainting-UNet conditioning (InpaintModelConditioning): mask at latent size and masked-image latents.
+    inpaint_mask: Optional[torch.Tensor] = None
+    masked_image_latents: Optional[torch.Tensor] = None
+
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.samples.shape[-2] * self.vae_scale_factor, self.samples.shape[-1] * self.vae_scale_factor
+
+    @property
+    def has_inpaint_conditioning(self) -> bool:
+        return self.inpaint_mask is not None and self.masked_image_latents is not None
+
+    def with_samples(self, samples: torch.Tensor) -> "Latents":
+        """A plain latent (no inpaint conditioning) holding ``samples``."""
+        return replace(self, samples=samples, empty=False, inpaint_mask=None, masked_image_latents=None)
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+def empty_latent(width: int, height: int, batch: int = 1, channels: int = LATENT_CHANNELS,
+                 factor: int = LATENT_FACTOR) -> Latents:
+    return Latents(torch.zeros(batch, channels, height // factor, width // factor), factor, empty=True)
+
+
+def _check_image(image: torch.Tensor, factor: int, what: str = "image") -> None:
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise NodeError(f"{what} must be an IMAGE (B, 3, H, W), got shape {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    if height % factor or width % factor:
+        raise NodeError(f"{what} is {width}x{height} px; the VAE needs width and height that are multiples of "
+                        f"{factor}: resize or crop it first (e.g. to {width // factor * factor}x"
+                        f"{height // factor * factor})")
+
+
+def encode_pixels(vae, image: torch.Tensor, mode: str = "mean", seed: int = 0) -> torch.Tensor:
+    """IMAGE in [0, 1] -> scaled latents. ``mode``: "mean" (deterministic) or "sample" (seeded draw)."""
+    _check_image(image, vae.scale_factor)
+    return _encode_signed(vae, image * 2.0 - 1.0, mode, seed)
+
+
+def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents."""
+    module = vae.vae
+    pixels = pixels.to(device=module.device, dtype=module.dtype)
+    with torch.no_grad():
+        dist = module.encode(pixels).latent_dist
+        if mode == "sample":
+            latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
+        else:
+            latents = dist.mode()
+    if vae.shift_factor is not None:
+        latents = latents - vae.shift_factor
+    return latents * vae.scaling_factor
+
+
+def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> IMAGE float32 in [0, 1] (diffusers' decode + postprocess denormalisation)."""
+    module = vae.vae
+    z = samples.to(device=module.device, dtype=module.dtype) / vae.scaling_factor
+    if vae.shift_factor is not None:
+        z = z + vae.shift_factor
+    with torch.no_grad():
+        pixels = module.decode(z, return_dict=False)[0]
+    return (pixels * 0.5 + 0.5).clamp(0, 1).float()
+
+
+def binary_mask(mask: torch.Tensor, pixel_size: tuple[int, int]) -> torch.Tensor:
+    """diffusers' mask_processor on a tensor: nearest resize to the pixel size, then 1 where >= 0.5."""
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise NodeError(f"mask must be a MASK (B, 1, H, W), got shape {tuple(mask.shape)}")
+    mask = mask.float()
+    if tuple(mask.shape[-2:]) != tuple(pixel_size):
+        mask = F.interpolate(mask, size=pixel_size)
+    return (mask >= 0.5).to(mask.dtype)
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], factor: int = LATENT_FACTOR) -> torch.Tensor:
+    """MASK (1 = repaint) -> binary mask at latent size, as StableDiffusionInpaintPipeline.prepare_mask_latents."""
+    pixel_size = (latent_size[0] * factor, latent_size[1] * factor)
+    return F.interpolate(binary_mask(mask, pixel_size), size=tuple(latent_size))
+
+
+def inpaint_conditioning(vae, image: torch.Tensor, mask: torch.Tensor, mode: str = "mean", seed: int = 0) -> Latents:
+    """Latents for an inpainting UNet: x0, the mask at latent size and the masked image's latents.
+
+    masked image = image * (mask < 0.5) in [-1, 1] (diffusers' StableDiffusionInpaintPipeline)."""
+    _check_image(image, vae.scale_factor)
+    factor = vae.scale_factor
+    pixel_size = tuple(image.shape[-2:])
+    keep = 1.0 - binary_mask(mask, pixel_size)
+    if keep.shape[0] not in (1, image.shape[0]):
+        raise NodeError(f"mask batch {keep.shape[0]} does not match image batch {image.shape[0]}")
+    signed = image * 2.0 - 1.0
+    x0 = _encode_signed(vae, signed, mode, seed)
+    masked = _encode_signed(vae, signed * keep.to(signed.device), mode, seed)  # masked pixels become 0 (grey)
+    latent_size = (pixel_size[0] // factor, pixel_size[1] // factor)
+    small = F.interpolate(binary_mask(mask, pixel_size), size=latent_size)
+    return Latents(x0, factor, inpaint_mask=small.to(x0.device, x0.dtype), masked_image_latents=masked)
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+
+def _check_size(params: dict):
+    for name in ("width", "height"):
+        value = params.get(name)
+        if isinstance(value, int) and value % LATENT_FACTOR:
+            yield name, (f"must be a multiple of {LATENT_FACTOR} (the VAE's factor); try "
+                         f"{max(LATENT_FACTOR, round(value / LATENT_FACTOR) * LATENT_FACTOR)}")
+
+
+@node("EmptyLatent", version=1, category="latent", outputs={"latent": LATENT}, check=_check_size,
+      reference="diffusers prepare_latents (text2img)")
+def empty_latent_node(
+    width: Annotated[int, Field(ge=8, le=16384, description="pixels, a multiple of 8")] = 512,
+    height: Annotated[int, Field(ge=8, le=16384, description="pixels, a multiple of 8")] = 512,
+    batch: Annotated[int, Field(ge=1, le=64)] = 1,
+):
+    """An empty latent of width x height pixels: samplers start text2img from pure noise on it."""
+    return empty_latent(width, height, batch)
+
+
+@node("VAEEncode", version=1, category="latent", outputs={"latent": LATENT},
+      reference="diffusers AutoencoderKL.encode * scaling_factor")
+def vae_encode_node(
+    vae: Vae,
+    image: Image,
+    mode: Literal["mean", "sample"] = "mean",
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
+):
+    """Encode an image into scaled latents (the distribution's mean by default; a seeded sample on request)."""
+    return Latents(encode_pixels(vae, image, mode, seed), vae.scale_factor)
+
+
+@node("VAEDecode", version=1, category="latent", outputs={"image": IMAGE},
+      reference="diffusers AutoencoderKL.decode(latents / scaling_factor) + VaeImageProcessor.postprocess")
+def vae_decode_node(vae: Vae, latent: Latent):
+    """Decode latents into an image in [0, 1]."""
+    samples = latent.samples
+    if samples.shape[1] != vae.latent_channels:
+        raise NodeError(f"latent has {samples.shape[1]} channels but this VAE expects {vae.latent_channels}")
+    return decode_latents(vae, samples)
+
+
+@node("InpaintModelConditioning", version=1, category="latent", outputs={"latent": LATENT},
+      reference="diffusers StableDiffusionInpaintPipeline.prepare_mask_latents (9-channel UNet)")
+def inpaint_model_conditioning_node(
+    vae: Vae,
+    image: Image,
+    mask: Mask,
+    mode: Literal["mean", "sample"] = "mean",
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
+):
+    """Latents for an inpainting checkpoint (9-channel UNet): the image, the mask and the masked image.
+
+    Feed the result to Sampler with the inpainting model: each step the UNet sees
+    cat([x, mask, masked_image_latents]); masked image = image * (mask < 0.5), mask 1 = repaint."""
+    return inpaint_conditioning(vae, image, mask, mode, seed)

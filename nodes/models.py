@@ -1,0 +1,455 @@
+"""LoadCheckpoint and the MODEL / CLIP / VAE handles it makes.
+
+A checkpoint is one of
+
+- a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+  ``scheduler/``); its components are loaded one by one, safetensors only;
+- a single-file ``.safetensors`` in the original Stable Diffusion layout, loaded through diffusers'
+  ``from_single_file``. That needs a diffusers-style config folder (configs and tokenizer, no weights)
+  describing the architecture; diffusers would fetch one from the hub. Here it comes, in this order,
+  from the ``config`` param (a folder or a hub id in the local cache), from a sidecar folder
+  ``<file stem>.config/`` beside the file, or from the local Hugging Face cache copy of the repo
+  diffusers itself would use for the detected family (``stable-diffusion-v1-5/stable-diffusion-v1-5``
+  and the like). Nothing is fetched for a single file; when none is found the error says how to get one;
+- a hub id ``owner/name``: a diffusers repo found in the local Hugging Face cache, downloaded (weights
+  in safetensors only) when it is missing and the hub can be reached.
+
+Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused: unpickling can run code.
+
+Each checkpoint is loaded once per process (per dtype and device) and the handles are shared by every
+node that uses it. Family detection (SD 1.x / 2.x, inpainting UNet with 9 input channels) reads only
+configs and the safetensors header, so path and family problems are reported before any weights load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import torch
+from pydantic import Field
+
+from nodegraph.context import RunContext
+from nodegraph.errors import NodeError
+from nodegraph.node import node
+from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
+
+log = logging.getLogger("nodegraph.models")
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+# The repos diffusers' from_single_file takes configs from, by detected family (looked up in the local cache only).
+DEFAULT_CONFIG_REPOS = {
+    ("sd1", False): "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ("sd1", True): "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    ("sd2", False): "stabilityai/stable-diffusion-2-1",
+    ("sd2", True): "stabilityai/stable-diffusion-2-inpainting",
+}
+HUB_WEIGHT_PATTERNS = [
+    "model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+# ---------------------------------------------------------------------------------------------- handles
+
+@dataclass(eq=False)
+class ModelHandle:
+    """MODEL: the denoising UNet, the checkpoint's scheduler config and what samplers must know about it."""
+
+    unet: Any
+    scheduler_config: dict
+    family: str  # "sd1" | "sd2"
+    source: str
+    vae_scale_factor: int = 8
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 9
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def describe(self) -> str:
+        kind = "inpainting UNet (9 input channels)" if self.inpainting else f"UNet ({self.in_channels} input channels)"
+        return f"{FAMILY_NAMES.get(self.family, self.family)} {kind} from {self.source}"
+
+
+@dataclass(eq=False)
+class ClipHandle:
+    """CLIP: tokenizer + text encoder. Remembers the empty prompt's embedding (the default negative)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    family: str
+    source: str
+    memo: dict = field(default_factory=dict, repr=False)  # (text, clip_skip, mode) -> embeds, for "" only
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+
+@dataclass(eq=False)
+class VaeHandle:
+    """VAE: the autoencoder with its spatial factor (8) and latent scaling factor."""
+
+    vae: Any
+    family: str
+    source: str
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float | None:
+        return getattr(self.vae.config, "shift_factor", None)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+
+# ---------------------------------------------------------------------------------------------- inspection
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint is, found from configs and the safetensors header alone (no weights)."""
+
+    kind: str  # "folder" | "file"
+    path: Path  # the folder or the file
+    family: str
+    in_channels: int
+    config_dir: Path | None = None  # single files: the diffusers config folder used
+    hub_id: str | None = None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 9
+
+    def describe(self) -> str:
+        unet = "inpainting UNet (9 input channels)" if self.inpainting else "UNet (4 input channels)"
+        origin = f"hub id {self.hub_id}" if self.hub_id else f"{self.kind} {self.path}"
+        return f"{FAMILY_NAMES.get(self.family, self.family)} {unet}, {origin}"
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return bool(HUB_ID.match(value)) and not value.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
+
+
+def path_problem(path: str) -> str | None:
+    """A reason the path cannot be a checkpoint, found without loading anything (None: looks fine)."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        return (f"'{p.name}' is a pickle checkpoint, which can run arbitrary code when loaded and is refused; "
+                "convert it to .safetensors (e.g. load it once in a trusted environment and save with "
+                "safetensors) or use the model's diffusers folder")
+    if p.is_dir():
+        if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
+            return (f"folder '{p}' is not a diffusers model: it has no model_index.json or unet/config.json; "
+                    "give a diffusers model folder, a single .safetensors checkpoint file, or a hub id 'owner/name'")
+        return None
+    if p.is_file():
+        if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
+            return f"'{p.name}' is not a .safetensors checkpoint; give a .safetensors file or a diffusers folder"
+        return None
+    if p.is_absolute() or not looks_like_hub_id(path):
+        return (f"no such checkpoint file or folder '{path}' (relative paths start at the workflow file's folder), "
+                "and it is not a hub id 'owner/name' either")
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NodeError(f"cannot read {path}: {exc}") from None
+
+
+def _family_from_unet_config(config: dict, where: Path) -> str:
+    if config.get("addition_embed_type") == "text_time":
+        raise NodeError(f"{where} is a Stable Diffusion XL model; SDXL is not supported by these nodes yet")
+    cross = config.get("cross_attention_dim")
+    if cross == 768:
+        return "sd1"
+    if cross == 1024:
+        return "sd2"
+    # Tiny test models and unusual widths: SD 1.x layout unless the text encoder says OpenCLIP.
+    return "sd1"
+
+
+def inspect_folder(folder: Path, hub_id: str | None = None) -> CheckpointInfo:
+    problem = path_problem(str(folder))
+    if problem:
+        raise NodeError(problem)
+    unet_config = _read_json(folder / "unet" / "config.json")
+    for name in ("unet", "vae", "text_encoder"):
+        sub = folder / name
+        if sub.is_dir() and not any(sub.glob("*.safetensors")):
+            if any(sub.glob("*.bin")) or any(sub.glob("*.ckpt")):
+                raise NodeError(f"{sub} holds only pickle weights (.bin), which are refused; convert the folder to "
+                                "safetensors (diffusers: pipe.save_pretrained(folder, safe_serialization=True))")
+            raise NodeError(f"{sub} has no .safetensors weights; the diffusers folder is incomplete")
+    family = _family_from_unet_config(unet_config, folder)
+    return CheckpointInfo("folder", folder, family, int(unet_config.get("in_channels", 4)), hub_id=hub_id)
+
+
+def _safetensors_header(path: Path) -> tuple[set[str], dict[str, list[int]]]:
+    from safetensors import safe_open
+
+    wanted = ("model.diffusion_model.input_blocks.0.0.weight",)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            shapes = {k: list(handle.get_slice(k).get_shape()) for k in wanted if k in keys}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+    return keys, shapes
+
+
+def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
+    problem = path_problem(str(path))
+    if problem:
+        raise NodeError(problem)
+    keys, shapes = _safetensors_header(path)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise NodeError(f"{path.name} is a Stable Diffusion XL checkpoint; SDXL is not supported by these nodes yet")
+    if "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
+        raise NodeError(f"{path.name} is not a Stable Diffusion 1.x/2.x single-file checkpoint (no "
+                        "model.diffusion_model.* UNet weights); give a full checkpoint or a diffusers folder")
+    if "cond_stage_model.model.token_embedding.weight" in keys:
+        family = "sd2"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        family = "sd1"
+    else:
+        raise NodeError(f"{path.name} has no text encoder weights (cond_stage_model.*); it is not a full SD checkpoint")
+    in_channels = int(shapes["model.diffusion_model.input_blocks.0.0.weight"][1])
+    config_dir = _config_for_file(path, family, in_channels, config)
+    unet_config = _read_json(config_dir / "unet" / "config.json")
+    if int(unet_config.get("in_channels", 4)) != in_channels:
+        raise NodeError(f"config folder {config_dir} describes a UNet with {unet_config.get('in_channels')} input "
+                        f"channels but {path.name} has {in_channels}; give the config of the matching model "
+                        "(an inpainting checkpoint needs an inpainting config)")
+    if _family_from_unet_config(unet_config, config_dir) != family:
+        raise NodeError(f"config folder {config_dir} is for {FAMILY_NAMES[_family_from_unet_config(unet_config, config_dir)]}"
+                        f" but {path.name} is {FAMILY_NAMES[family]}; give the config of the matching model")
+    return CheckpointInfo("file", path, family, in_channels, config_dir=config_dir)
+
+
+def _config_for_file(path: Path, family: str, in_channels: int, config: str | None) -> Path:
+    """The diffusers config folder for a single file: the param, the sidecar, or the local hub cache."""
+    if config:
+        folder = Path(config).expanduser()
+        if folder.is_dir():
+            return _checked_config_dir(folder)
+        if looks_like_hub_id(config):
+            cached = _cached_snapshot(config)
+            if cached is None:
+                raise NodeError(f"config '{config}' is neither a folder nor a repo in the local Hugging Face cache; "
+                                f"download its configs with `huggingface-cli download {config} --include '*.json' "
+                                "'*.txt'` or give a local diffusers config folder")
+            return _checked_config_dir(cached)
+        raise NodeError(f"config folder '{config}' does not exist")
+    sidecar = path.with_suffix(".config")
+    if sidecar.is_dir():
+        return _checked_config_dir(sidecar)
+    repo = DEFAULT_CONFIG_REPOS.get((family, in_channels == 9))
+    cached = _cached_snapshot(repo) if repo else None
+    if cached is not None:
+        return _checked_config_dir(cached)
+    raise NodeError(
+        f"{path.name} is a single-file {FAMILY_NAMES[family]} checkpoint and loading it needs a diffusers config "
+        f"folder (configs + tokenizer, no weights), which is not fetched from the hub here. Either set the "
+        f"LoadCheckpoint param 'config' to such a folder, put one beside the file as '{sidecar.name}/', or "
+        f"download {repo}'s configs into the Hugging Face cache: "
+        f"`huggingface-cli download {repo} --include '*.json' '*.txt'`")
+
+
+def _checked_config_dir(folder: Path) -> Path:
+    needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if not (folder / "tokenizer").is_dir():
+        missing.append("tokenizer/")
+    if missing:
+        raise NodeError(f"config folder {folder} is missing {', '.join(missing)}; it must be a diffusers-style "
+                        "model folder (weights not needed)")
+    return folder
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache snapshot of ``repo_id``, without touching the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A hub repo from the local cache, else downloaded (safetensors weights only) when the hub is reachable."""
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    from huggingface_hub import constants, snapshot_download
+
+    how = (f"get it on a machine with network with `huggingface-cli download {repo_id}` (the cache is "
+           f"{constants.HF_HUB_CACHE}; copy it over or set HF_HUB_CACHE), or point 'path' at a local diffusers "
+           "folder or .safetensors file")
+    if constants.HF_HUB_OFFLINE:
+        raise NodeError(f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {how}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_WEIGHT_PATTERNS))
+    except Exception as exc:  # connection errors come in many types (requests, httpx, hub errors)
+        raise NodeError(f"model '{repo_id}' is not in the local Hugging Face cache and could not be downloaded "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {how}") from None
+
+
+def inspect_checkpoint(path: str, config: str | None = None, workflow_dir: Path | None = None) -> CheckpointInfo:
+    """Resolve ``path`` (folder, single file or hub id) and detect the family, without loading weights."""
+    problem = path_problem(path)
+    local = Path(path).expanduser()
+    if not local.is_absolute() and workflow_dir is not None and (workflow_dir / local).exists():
+        local = workflow_dir / local
+    if local.is_dir():
+        return inspect_folder(local)
+    if local.is_file():
+        return inspect_file(local, config)
+    if problem:
+        raise NodeError(problem)
+    return inspect_folder(_hub_snapshot(path), hub_id=path)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_LOADED: dict[tuple, tuple[ModelHandle, ClipHandle, VaeHandle]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def clear_loaded_models() -> None:
+    """Forget every loaded checkpoint (the next LoadCheckpoint reloads from disk)."""
+    with _LOAD_LOCK:
+        _LOADED.clear()
+
+
+def _identity(info: CheckpointInfo) -> tuple:
+    """What makes two loads the same checkpoint: the resolved files with their sizes and mtimes."""
+    if info.kind == "file":
+        stat = info.path.stat()
+        return (str(info.path.resolve()), stat.st_size, stat.st_mtime_ns, str(info.config_dir.resolve()))
+    weights = sorted(info.path.glob("*/*.safetensors"))
+    return (str(info.path.resolve()),) + tuple((str(w), w.stat().st_size, w.stat().st_mtime_ns) for w in weights)
+
+
+def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+    """Load (once per process, dtype and device) and wrap the components of an inspected checkpoint."""
+    device = torch.device(device)
+    key = (_identity(info), str(dtype), str(device))
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            components = _load_folder(info.path, dtype) if info.kind == "folder" else _load_file(info, dtype)
+            _LOADED[key] = _wrap(info, components, device)
+        return _LOADED[key]
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **common),
+        "vae": AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **common),
+        "text_encoder": CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **common),
+        "tokenizer": CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True),
+        "scheduler_config": _read_json(folder / "scheduler" / "scheduler_config.json"),
+    }
+
+
+def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionInpaintPipeline if info.inpainting else StableDiffusionPipeline
+    pipe = cls.from_single_file(str(info.path), config=str(info.config_dir), torch_dtype=dtype, local_files_only=True,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return {
+        "unet": pipe.unet,
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "scheduler_config": _read_json(info.config_dir / "scheduler" / "scheduler_config.json"),
+    }
+
+
+def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+    source = info.hub_id or str(info.path)
+    for name in ("unet", "vae", "text_encoder"):
+        c[name].to(device).eval().requires_grad_(False)
+    vae = VaeHandle(c["vae"], info.family, source)
+    model = ModelHandle(c["unet"], dict(c["scheduler_config"]), info.family, source, vae.scale_factor)
+    clip = ClipHandle(c["tokenizer"], c["text_encoder"], info.family, source)
+    return model, clip, vae
+
+
+# ---------------------------------------------------------------------------------------------- node
+
+def _check_load(params: dict):
+    path = params.get("path")
+    if isinstance(path, str):
+        problem = path_problem(path)
+        if problem:
+            yield "path", problem
+    config = params.get("config")
+    if isinstance(config, str) and config and not Path(config).expanduser().is_dir() and not looks_like_hub_id(config):
+        yield "config", f"no such config folder '{config}' and not a hub id 'owner/name'"
+
+
+@node("LoadCheckpoint", version=1, category="loaders", outputs={"model": MODEL, "clip": CLIP, "vae": VAE},
+      check=_check_load, reference="diffusers from_pretrained / from_single_file")
+def load_checkpoint_node(
+    path: Annotated[str, InputPath(kind="any", must_exist=False),
+                    Field(description="diffusers folder, single-file .safetensors, or hub id 'owner/name' (local cache)")],
+    ctx: RunContext,
+    config: Optional[Annotated[str, InputPath(kind="dir", must_exist=False),
+                               Field(description="single files only: diffusers config folder or hub id; default: the "
+                                                 "sidecar '<stem>.config/' folder, then the local hub cache")]] = None,
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+):
+    """Load a Stable Diffusion 1.x/2.x checkpoint: model (UNet + scheduler config), clip, vae.
+
+    Accepts a diffusers folder, a single-file .safetensors in the original layout, or a hub id found in
+    the local Hugging Face cache. Detects the family (SD 1.x / 2.x) and whether the UNet is an inpainting
+    one (9 input channels), and reports it in the run info. Pickle files (.ckpt/.bin/.pt) are refused.
+    One load per checkpoint, dtype and device per process; dtype "auto" follows the run's --dtype."""
+    info = inspect_checkpoint(path, config or None, ctx.workflow_dir)
+    torch_dtype = ctx.dtype if dtype == "auto" else getattr(torch, dtype)
+    model, clip, vae = load_checkpoint(info, torch_dtype, ctx.device)
+    ctx.info.setdefault("models", {})[ctx.node_id or "checkpoint"] = {
+        "source": model.source, "family": info.family, "inpainting": info.inpainting,
+        "dtype": str(torch_dtype).removeprefix("torch."), "description": info.describe(),
+    }
+    log.info("LoadCheckpoint: %s", info.describe())
+    return {"model": model, "clip": clip, "vae": vae}

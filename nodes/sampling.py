@@ -1,0 +1,108 @@
+"""Sampler nodes: Sampler (text2img / img2img / inpainting checkpoint), LatentBlendSampler, DifferentialSampler.
+
+Thin wrappers over ``nodes.denoise``; they share one loop. Steps are reported to the run's progress,
+which also stops between steps on interrupt. A negative conditioning is optional: without one the
+sampler uses the empty prompt's embedding carried by the positive conditioning, as diffusers does.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from pydantic import Field
+
+from nodegraph.context import RunContext
+from nodegraph.node import node
+from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
+
+from . import denoise
+from .schedulers import SchedulerName
+
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="noise seed (CPU torch.Generator)")]
+Steps = Annotated[int, Field(ge=1, le=1000, description="scheduler steps (before strength)")]
+Guidance = Annotated[float, Field(ge=0, le=100, description="classifier-free guidance scale; <= 1 turns it off")]
+Strength = Annotated[float, Field(gt=0, le=1, description="how much to change: the last int(steps*strength) steps run")]
+
+
+def _record(ctx: RunContext, **facts) -> None:
+    ctx.info.setdefault("samplers", {})[ctx.node_id or ctx.node_type] = facts
+
+
+@node("Sampler", version=1, category="sampling", outputs={"latent": LATENT},
+      reference="diffusers StableDiffusionPipeline / StableDiffusionImg2ImgPipeline / "
+                "StableDiffusionInpaintPipeline (9-channel UNet)")
+def sampler_node(
+    model: Model,
+    positive: Conditioning,
+    latent: Latent,
+    ctx: RunContext,
+    negative: Optional[Conditioning] = None,
+    seed: Seed = 0,
+    steps: Steps = 25,
+    guidance_scale: Guidance = 7.5,
+    scheduler: SchedulerName = "euler",
+    strength: Strength = 1.0,
+):
+    """Denoise a latent: text2img from an EmptyLatent, img2img from an image latent (strength < 1 keeps more).
+
+    With an inpainting checkpoint (9-channel UNet) the latent must come from InpaintModelConditioning;
+    the UNet then sees cat([x, mask, masked_image_latents]) at every step (diffusers'
+    StableDiffusionInpaintPipeline). Arithmetic and noise match diffusers for the same seed."""
+    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale)
+    samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                             scheduler=scheduler, strength=strength, progress=ctx.progress)
+    return latent.with_samples(samples.float())
+
+
+@node("LatentBlendSampler", version=1, category="sampling", outputs={"latent": LATENT},
+      reference="diffusers StableDiffusionInpaintPipeline with a 4-channel UNet (seed article 000)")
+def latent_blend_sampler_node(
+    model: Model,
+    positive: Conditioning,
+    latent: Latent,
+    mask: Mask,
+    ctx: RunContext,
+    negative: Optional[Conditioning] = None,
+    seed: Seed = 0,
+    steps: Steps = 25,
+    guidance_scale: Guidance = 7.5,
+    scheduler: SchedulerName = "euler",
+    strength: Strength = 1.0,
+):
+    """Inpaint with a normal checkpoint: after each step the unmasked latents are replaced by the original
+    noised to the next timestep (seed article 000), so only the mask (1 = repaint) changes.
+
+    The mask is binarised at 0.5 and resized to latent size (nearest), as diffusers does. Strength 1
+    starts the masked area from pure noise; lower strength starts from the noised original."""
+    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale)
+    samples = denoise.blend_inpaint(model, positive, negative, latent, mask, seed=seed, steps=steps,
+                                    guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
+                                    progress=ctx.progress)
+    return latent.with_samples(samples.float())
+
+
+@node("DifferentialSampler", version=1, category="sampling", outputs={"latent": LATENT},
+      reference="differential diffusion (seed article 002; diffusers community "
+                "pipeline_stable_diffusion_xl_differential_img2img, whose map is 1 - change_map)")
+def differential_sampler_node(
+    model: Model,
+    positive: Conditioning,
+    latent: Latent,
+    change_map: Mask,
+    ctx: RunContext,
+    negative: Optional[Conditioning] = None,
+    seed: Seed = 0,
+    steps: Steps = 25,
+    guidance_scale: Guidance = 7.5,
+    scheduler: SchedulerName = "euler",
+    strength: Strength = 1.0,
+):
+    """Differential diffusion: a soft change map says how much each pixel may change.
+
+    change_map is a MASK (1 = change fully, 0 = keep, 0.3 = change a little); the seed article's map is
+    the opposite (white = keep), converted here. A pixel with change c follows the noised original and is
+    free only for the last c*N of the N steps. The map is averaged to latent size."""
+    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale)
+    samples = denoise.differential(model, positive, negative, latent, change_map, seed=seed, steps=steps,
+                                   guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
+                                   progress=ctx.progress)
+    return latent.with_samples(samples.float())
