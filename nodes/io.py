@@ -5,8 +5,8 @@ import functools
 import json
 import os
 import re
+import secrets
 import sys
-import tempfile
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Literal, Optional
@@ -180,7 +180,9 @@ def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str])
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    # os.open with 0o666 so the file gets the usual permissions (umask applies), unlike mkstemp's 0o600
+    temp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             PILImage.fromarray(pixels).save(handle, format="PNG", pnginfo=info)
