@@ -129,5 +129,9 @@ def workflow_as_run(graph: Graph) -> dict:
     """The workflow with overrides applied and file params made absolute, to embed in outputs."""
     data = graph.workflow.model_dump(mode="json", exclude_none=True)
     for node_id, node in graph.nodes.items():
-        data["nodes"][node_id].setdefault("params", {}).update(node.paths)
+        if not node.paths:
+            continue
+        origin = graph.origins.get(node_id)
+        spec = data["groups"][origin.group]["nodes"][origin.inner] if origin else data["nodes"][node_id]
+        spec.setdefault("params", {}).update(node.paths)
     return data

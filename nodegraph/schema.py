@@ -2,6 +2,7 @@
 so an editor can complete and check node types, input and param names and values."""
 from __future__ import annotations
 
+from .groups import GROUP_PREFIX
 from .registry import Registry
 from .workflow import FORMAT, LINK_PATTERN, NODE_ID_PATTERN
 
@@ -42,12 +43,34 @@ def workflow_schema(registry: Registry) -> dict:
         "required": ["type"],
         "additionalProperties": False,
         "properties": {
-            "type": {"enum": [d.type_name for d in registry.sorted_types()], "description": "node type"},
+            "type": {"anyOf": [
+                {"enum": [d.type_name for d in registry.sorted_types()], "description": "node type"},
+                {"type": "string", "pattern": f"^{GROUP_PREFIX}[A-Za-z0-9_-]+$",
+                 "description": "an instance of a group of this workflow; params may include 'repeat'"},
+            ]},
             "title": {"type": "string"},
             "inputs": {"type": "object", "additionalProperties": {"$ref": "#/$defs/link"}},
             "params": {"type": "object"},
         },
         "allOf": branches,
+    }
+    defs["group"] = {
+        "type": "object",
+        "description": "A reusable group of nodes; inside it, 'in.<input>' links to its inputs and "
+                       "'in.iteration' is the repetition number, from 1.",
+        "required": ["nodes"],
+        "additionalProperties": False,
+        "properties": {
+            "description": {"type": "string"},
+            "inputs": {"type": "object", "additionalProperties": {"type": "string"},
+                       "description": "input name -> type (IMAGE, MASK, INT, ...)"},
+            "outputs": {"type": "object", "additionalProperties": {"$ref": "#/$defs/link"},
+                        "description": "output name -> '<inner node id>.<output>'"},
+            "feedback": {"type": "object", "additionalProperties": {"type": "string"},
+                         "description": "output name -> the input it feeds in the next repetition"},
+            "nodes": {"type": "object", "propertyNames": {"pattern": NODE_ID_PATTERN},
+                      "additionalProperties": {"$ref": "#/$defs/node"}},
+        },
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -58,6 +81,11 @@ def workflow_schema(registry: Registry) -> dict:
         "properties": {
             "format": {"const": FORMAT},
             "description": {"type": "string"},
+            "groups": {
+                "type": "object",
+                "propertyNames": {"pattern": NODE_ID_PATTERN},
+                "additionalProperties": {"$ref": "#/$defs/group"},
+            },
             "nodes": {
                 "type": "object",
                 "propertyNames": {"pattern": NODE_ID_PATTERN},

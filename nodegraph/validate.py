@@ -17,7 +17,8 @@ from .errors import Issue, WorkflowInvalid
 from .node import InputSpec, NodeDef
 from .registry import Registry
 from .sockets import link_fits
-from .workflow import Workflow
+from .groups import Origin, expand_groups, parse_flat_id
+from .workflow import NodeSpec, Workflow
 
 
 @dataclass
@@ -37,7 +38,8 @@ class Graph:
     """A validated workflow as a DAG, ready to execute."""
 
     workflow: Workflow
-    nodes: dict[str, GraphNode]
+    nodes: dict[str, GraphNode]  # group instances expanded into plain nodes
+    origins: dict[str, Origin]  # flattened node id -> the group node it came from
     dag: nx.DiGraph
     order: list[str]  # every node, in dependency order
     outputs: list[str]  # node ids of output nodes (or the requested targets)
@@ -54,13 +56,13 @@ def validate(workflow: Workflow, registry: Registry, targets: list[str] | None =
 
 def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> Graph:
     """Validate and compile; raises WorkflowInvalid with every issue found."""
-    issues: list[Issue] = []
+    flat, origins, broken, issues = expand_groups(workflow)
     base_dir = workflow.base_dir or Path.cwd()
     nodes: dict[str, GraphNode] = {}
     dag = nx.DiGraph()
-    dag.add_nodes_from(workflow.nodes)
+    dag.add_nodes_from(flat)
     edges = []
-    for node_id, spec in workflow.nodes.items():
+    for node_id, spec in flat.items():
         definition = registry.get(spec.type)
         if definition is None:
             issues.append(Issue("unknown_type", _unknown_type_message(spec.type, registry), node_id=node_id, field="type"))
@@ -69,7 +71,7 @@ def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | Non
             origins = " and ".join(registry.clashes[spec.type])
             issues.append(Issue("ambiguous_type", f"node type '{spec.type}' is registered by {origins}; "
                                 "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
-        compiled = _check_node(node_id, spec, definition, workflow, registry, base_dir, issues)
+        compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues)
         nodes[node_id] = compiled
         edges.extend((src, node_id) for src, _ in compiled.links.values())
     dag.add_edges_from(edges)
@@ -78,11 +80,23 @@ def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | Non
         order = list(nx.topological_sort(dag))
     except nx.NetworkXUnfeasible:
         order = []
-        issues.extend(_cycle_issues(dag, workflow))
-    outputs = _output_nodes(workflow, nodes, targets, issues)
+        issues.extend(_cycle_issues(dag, flat))
+    outputs = _output_nodes(flat, nodes, targets, issues)
     if issues:
-        raise WorkflowInvalid(issues)
-    return Graph(workflow=workflow, nodes=nodes, dag=dag, order=order, outputs=outputs)
+        raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
+    return Graph(workflow=workflow, nodes=nodes, origins=origins, dag=dag, order=order, outputs=outputs)
+
+
+def _once_per_group_node(issues: list[Issue]) -> list[Issue]:
+    """A mistake inside a group repeats in every repetition: report the first only."""
+    seen, kept = set(), []
+    for issue in issues:
+        parsed = parse_flat_id(issue.node_id) if issue.node_id else None
+        key = (issue.code, issue.field, parsed[0], parsed[2]) if parsed else id(issue)
+        if key not in seen:
+            seen.add(key)
+            kept.append(issue)
+    return kept
 
 
 def _unknown_type_message(type_name: str, registry: Registry) -> str:
@@ -93,8 +107,8 @@ def _unknown_type_message(type_name: str, registry: Registry) -> str:
     return f"unknown node type '{type_name}'{hint}"
 
 
-def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry: Registry, base_dir: Path,
-                issues: list[Issue]) -> GraphNode:
+def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpec], reported: set[str],
+                registry: Registry, base_dir: Path, issues: list[Issue]) -> GraphNode:
     def issue(code: str, message: str, field: str | None = None, kind: str | None = None, **value: Any) -> None:
         issues.append(Issue(code, message, node_id=node_id, node_type=spec.type, field=field, kind=kind,
                             value=value.get("value"), has_value="value" in value))
@@ -110,7 +124,9 @@ def _check_node(node_id, spec, definition: NodeDef, workflow: Workflow, registry
         if not dot or not source_id or not output:
             issue("bad_link", f"link '{target}' must be written '<node id>.<output name>'", field=name, kind="input")
             continue
-        source = workflow.nodes.get(source_id)
+        source = all_nodes.get(source_id)
+        if source_id in reported:
+            continue  # an invalid group instance, reported on itself
         if source is None:
             issue("missing_node", f"links to node '{source_id}', which is not in the workflow", field=name, kind="input")
             continue
@@ -201,7 +217,7 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path) -> str | None:
     return None if spec.path.must_exist else value
 
 
-def _cycle_issues(dag: nx.DiGraph, workflow: Workflow) -> list[Issue]:
+def _cycle_issues(dag: nx.DiGraph, all_nodes: dict[str, NodeSpec]) -> list[Issue]:
     issues = []
     for component in nx.strongly_connected_components(dag):
         if len(component) > 1 or any(dag.has_edge(n, n) for n in component):
@@ -210,14 +226,14 @@ def _cycle_issues(dag: nx.DiGraph, workflow: Workflow) -> list[Issue]:
             path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
             first = members[0]
             issues.append(Issue("cycle", f"the links form a cycle: {path}; a workflow must be acyclic, remove one link",
-                                node_id=first, node_type=workflow.nodes[first].type))
+                                node_id=first, node_type=all_nodes[first].type))
     return issues
 
 
-def _output_nodes(workflow: Workflow, nodes: dict[str, GraphNode], targets: list[str] | None,
+def _output_nodes(all_nodes: dict[str, NodeSpec], nodes: dict[str, GraphNode], targets: list[str] | None,
                   issues: list[Issue]) -> list[str]:
     if targets:
-        missing = [t for t in targets if t not in workflow.nodes]
+        missing = [t for t in targets if t not in all_nodes]
         for target in missing:
             issues.append(Issue("unknown_target", f"--target '{target}' is not a node of the workflow", node_id=target))
         return [t for t in targets if t not in missing]

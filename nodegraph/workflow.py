@@ -29,6 +29,25 @@ class NodeSpec(BaseModel):
     title: str | None = Field(default=None, description="A human-readable label; ignored by the engine.")
 
 
+class GroupSpec(BaseModel):
+    """A reusable group of nodes with declared inputs and outputs (see docs/workflows.md).
+
+    Inside the group, links to its inputs are written ``in.<input name>``; ``in.iteration``
+    is the repetition number, from 1. An instance is a node of type ``group:<name>`` with
+    an optional ``repeat`` param; each repetition's ``feedback`` outputs feed the named
+    inputs of the next.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    inputs: dict[str, str] = Field(default_factory=dict, description="Input name -> type (IMAGE, INT, ...).")
+    outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> '<inner node id>.<output>'.")
+    feedback: dict[str, str] = Field(default_factory=dict,
+                                     description="Output name -> the input it feeds in the next repetition.")
+    nodes: dict[str, NodeSpec] = Field(default_factory=dict)
+
+
 class Workflow(BaseModel):
     """A whole workflow file."""
 
@@ -36,13 +55,17 @@ class Workflow(BaseModel):
 
     format: Literal["nodegraph/1"] = FORMAT
     description: str = ""
+    groups: dict[str, GroupSpec] = Field(default_factory=dict)
     nodes: dict[str, NodeSpec] = Field(default_factory=dict)
     # Where relative paths in params resolve; not part of the file.
     base_dir: Path | None = Field(default=None, exclude=True)
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        for spec in data["nodes"].values():
+        if not data["groups"]:
+            del data["groups"]
+        specs = [*data["nodes"].values(), *(n for g in data.get("groups", {}).values() for n in g["nodes"].values())]
+        for spec in specs:
             for key in ("inputs", "params"):
                 if not spec.get(key):
                     spec.pop(key, None)
@@ -90,7 +113,8 @@ def parse_workflow(data: Any, base_dir: Path | None = None) -> Workflow:
         workflow = Workflow.model_validate(data)
     except ValidationError as exc:
         raise WorkflowInvalid([_structure_issue(err) for err in exc.errors()]) from None
-    bad_ids = [node_id for node_id in workflow.nodes if not _is_node_id(node_id)]
+    inner_ids = [i for group in workflow.groups.values() for i in group.nodes]
+    bad_ids = [node_id for node_id in [*workflow.nodes, *inner_ids, *workflow.groups] if not _is_node_id(node_id)]
     if bad_ids:
         raise WorkflowInvalid(
             [Issue("bad_node_id", "node ids may only use letters, digits, '_' and '-'", node_id=i) for i in bad_ids]

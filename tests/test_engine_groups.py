@@ -1,0 +1,82 @@
+"""Node groups with `repeat`: expansion, feedback, validation inside groups, caching per repetition."""
+import torch
+
+from nodegraph.api import Engine
+
+GROUP = {
+    "description": "add the step, then double",
+    "inputs": {"x": "NUMBER", "step": "FLOAT"},
+    "outputs": {"x": "double.x"},
+    "feedback": {"x": "x"},
+    "nodes": {
+        "add": {"type": "StubAdd", "inputs": {"a": "in.x", "amount": "in.step"}},
+        "double": {"type": "StubSteps", "inputs": {"a": "add.x"}, "params": {"steps": 1}},
+    },
+}
+
+
+def workflow(repeat=2, group=None, instance=None):
+    return {"format": "nodegraph/1", "groups": {"grow": group or GROUP}, "nodes": {
+        "src": {"type": "StubSource", "params": {"value": 1}},
+        "loop": instance or {"type": "group:grow", "inputs": {"x": "src.x"}, "params": {"step": 1.0, "repeat": repeat}},
+        "out": {"type": "StubSink", "inputs": {"a": "loop.x"}},
+    }}
+
+
+def test_repeat_feeds_each_output_into_the_next_repetition(stub_registry, calls):
+    result = Engine(registry=stub_registry).run(workflow(repeat=3))
+    # ((1 + 1) * 2 + 1) * 2 = 10; then (10 + 1) * 2 = 22
+    assert result.outputs["out"]["x"].tolist() == [22.0, 22.0]
+    assert {"loop[1]/add", "loop[2]/double", "loop[3]/double"} <= result.ran()
+    assert calls["StubAdd"] == 3
+
+
+def test_longer_repeat_reuses_the_cached_repetitions(stub_registry, calls):
+    engine = Engine(registry=stub_registry)
+    engine.run(workflow(repeat=2))
+    result = engine.run(workflow(), overrides={"loop.repeat": 3})
+    assert result.ran() == {"loop[3]/add", "loop[3]/double", "out"}
+    assert result.status["loop[2]/double"] == "cached"
+
+
+def test_iteration_number_is_an_input(stub_registry, calls):
+    group = {**GROUP, "nodes": {**GROUP["nodes"], "add": {"type": "StubAdd", "inputs": {"a": "in.x", "amount": "in.iteration"}}}}
+    result = Engine(registry=stub_registry).run(workflow(repeat=2, group=group))
+    assert result.outputs["out"]["x"].tolist() == [12.0, 12.0]  # ((1+1)*2 + 2) * 2
+
+
+def test_errors_inside_a_group_name_the_instance_and_inner_node_once(stub_registry):
+    group = {**GROUP, "nodes": {**GROUP["nodes"], "double": {"type": "StubSteps", "inputs": {"a": "add.x"},
+                                                             "params": {"steps": 0}}}}
+    issues = Engine(registry=stub_registry).validate(workflow(repeat=3, group=group))
+    assert [(i.code, i.node_id, i.field) for i in issues] == [("invalid_param", "loop[1]/double", "steps")]
+    assert str(issues[0]).startswith("node 'loop[1]/double' (StubSteps): param 'steps' = 0")
+
+
+def test_group_mistakes(stub_registry):
+    engine = Engine(registry=stub_registry)
+    bad_repeat = engine.validate(workflow(repeat=0))
+    assert [(i.code, i.node_id, i.field) for i in bad_repeat] == [("bad_repeat", "loop", "repeat")]
+    missing_output = workflow()
+    missing_output["nodes"]["out"]["inputs"]["a"] = "loop.nope"
+    assert [(i.code, i.node_id, i.field) for i in engine.validate(missing_output)] == [
+        ("unknown_group_output", "out", "a")]
+    bad_feedback = workflow(group={**GROUP, "feedback": {"y": "x"}})
+    assert [(i.code, i.node_id) for i in engine.validate(bad_feedback)] == [("unknown_group_output", "group:grow")]
+    unknown = workflow(instance={"type": "group:nope", "inputs": {"x": "src.x"}})
+    assert [i.code for i in engine.validate(unknown)] == ["unknown_group"]
+    missing_input = workflow(instance={"type": "group:grow", "inputs": {"x": "src.x"}, "params": {"colour": 1}})
+    assert sorted((i.code, i.field) for i in engine.validate(missing_input)) == [
+        ("missing_input", "step"), ("unknown_param", "colour")]
+
+
+def test_group_shows_in_schema_and_round_trips(stub_registry, tmp_path):
+    import jsonschema
+
+    from nodegraph.schema import workflow_schema
+    from nodegraph.workflow import loads_workflow
+
+    data = workflow()
+    jsonschema.validate(data, workflow_schema(stub_registry))
+    text = loads_workflow(__import__("json").dumps(data)).to_json()
+    assert loads_workflow(text).groups["grow"].feedback == {"x": "x"}
