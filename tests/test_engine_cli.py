@@ -133,6 +133,6 @@ def test_listing_commands(command):
     assert done.returncode == 0
     if command == "schema":
         schema = json.loads(done.stdout)
-        assert "StubSource" in schema["$defs"]["node"]["properties"]["type"]["enum"]
+        assert "StubSource" in schema["$defs"]["node"]["properties"]["type"]["anyOf"][0]["enum"]
     else:
         assert "StubSource v1" in done.stdout and "param  value: FLOAT (default 1.0, >= -1000, <= 1000)" in done.stdout
