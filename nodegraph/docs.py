@@ -13,6 +13,8 @@ def _bounds(spec: InputSpec) -> str:
     for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
         if key in schema:
             words.append(f"{word} {schema[key]}")
+    if "multipleOf" in schema:
+        words.append(f"multiple of {schema['multipleOf']}")
     if "enum" in schema:
         words.append("one of " + ", ".join(map(str, schema["enum"])))
     return ", ".join(words)
