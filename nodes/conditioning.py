@@ -60,9 +60,9 @@ def _encode_ids(clip, ids: torch.Tensor, attention: torch.Tensor, clip_skip: int
     encoder = clip.text_encoder
     device = encoder.device
     mask = attention.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
-    with torch.no_grad():
+    with torch.inference_mode():
         embeds = _hidden_states(encoder, ids.to(device), mask, clip_skip)
-    return embeds.to(dtype=encoder.dtype, device=device)
+    return embeds.to(dtype=encoder.dtype, device=device).clone()  # a normal tensor outside inference mode
 
 
 def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate",

@@ -193,11 +193,14 @@ def step_kwargs(scheduler, generator: Optional[torch.Generator], eta: float = 0.
 def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, cond: UNetConditioning,
             guidance_scale: float, hooks: Sequence[Hook] = (), generator: Optional[torch.Generator] = None,
             eta: float = 0.0, progress: Optional[Progress] = None) -> torch.Tensor:
-    """Run the scheduler over ``timesteps`` from ``latents``; hooks adjust it per step."""
+    """Run the scheduler over ``timesteps`` from ``latents``; hooks adjust it per step.
+
+    Runs under ``torch.inference_mode`` (a few percent faster than no_grad) and returns a normal tensor,
+    so later nodes may use the result freely."""
     guide = guidance_enabled(unet, guidance_scale)
     extra = step_kwargs(scheduler, generator, eta)
     total = len(timesteps)
-    with torch.no_grad():
+    with torch.inference_mode():
         for i, t in enumerate(timesteps):
             for hook in hooks:
                 latents = hook.before_step(latents, i, t)
@@ -221,7 +224,7 @@ def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, con
                 latents = hook.after_step(latents, i, t)
             if progress is not None:
                 progress(i + 1, total)
-    return latents
+    return latents.clone()  # outside inference mode: a normal tensor
 
 
 # ---------------------------------------------------------------------------------------------- setup

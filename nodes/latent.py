@@ -77,12 +77,13 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> torch.Ten
     """Pixels in [-1, 1] -> scaled latents."""
     module = vae.vae
     pixels = pixels.to(device=module.device, dtype=module.dtype)
-    with torch.no_grad():
+    with torch.inference_mode():
         dist = module.encode(pixels).latent_dist
         if mode == "sample":
             latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
         else:
             latents = dist.mode()
+    latents = latents.clone()  # a normal tensor again, outside inference mode
     if vae.shift_factor is not None:
         latents = latents - vae.shift_factor
     return latents * vae.scaling_factor
@@ -94,7 +95,7 @@ def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
     z = samples.to(device=module.device, dtype=module.dtype) / vae.scaling_factor
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
-    with torch.no_grad():
+    with torch.inference_mode():
         pixels = module.decode(z, return_dict=False)[0]
     return (pixels * 0.5 + 0.5).clamp(0, 1).float()
 

@@ -255,6 +255,11 @@ def test_samplers_do_not_mutate_their_inputs(sd):
                                     steps=2, strength=0.5)
     assert torch.equal(latent.samples, before) and torch.equal(mask, torch.ones(1, 1, 64, 64))
     assert out.samples.shape == before.shape and not out.empty
+    # results are ordinary tensors (the work runs in inference mode): later nodes may modify copies freely
+    decoded = decode_latents(vae, out.samples)
+    for tensor in (out.samples, latent.samples, decoded, encode_prompt(clip, "x").embeds):
+        assert not tensor.is_inference()
+    decoded.mul_(0.5)
 
 
 def test_family_mismatch_errors(tiny, sd):
