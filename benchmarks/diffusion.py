@@ -216,15 +216,24 @@ def sd15_ours(path: str, steps: int) -> dict:
     load = time.perf_counter() - start
     cond = clip_encode(handles["clip"], ctx, text=PROMPT, clip_skip=0, long_prompt="truncate")
     ctx.listeners.append(on_step)
-    last[0] = time.perf_counter()
-    start = time.perf_counter()
-    latent = sampler_node(model=handles["model"], positive=cond, latent=empty_latent(64, 64), ctx=ctx, seed=0,
-                          steps=steps, scheduler="euler")
-    sample = time.perf_counter() - start
+    samples = []
+    for _ in range(2):  # the first run also pages weights in and warms oneDNN up; the second is the figure
+        step_times.clear()
+        last[0] = time.perf_counter()
+        start = time.perf_counter()
+        latent = sampler_node(model=handles["model"], positive=cond, latent=empty_latent(64, 64), ctx=ctx, seed=0,
+                              steps=steps, scheduler="euler")
+        samples.append(time.perf_counter() - start)
+    sample = samples[-1]
     image = vae_decode_node(handles["vae"], latent)
     assert torch.isfinite(image).all()
-    return {"load_s": load, "import_s": imports, "sample_s": sample, "s_per_step": statistics.median(step_times),
-            "peak_rss_gib": peak_rss_gib()}
+    from nodegraph.keys import path_fingerprint
+
+    start = time.perf_counter()
+    path_fingerprint(path)  # what the engine adds on a process's first run: the file's hash for the cache key
+    fingerprint = time.perf_counter() - start
+    return {"load_s": load, "import_s": imports, "engine_hash_s": fingerprint, "sample_s": sample,
+            "s_per_step": statistics.median(step_times), "peak_rss_gib": peak_rss_gib()}
 
 
 def sd15_diffusers(path: str, steps: int) -> dict:
@@ -251,11 +260,13 @@ def sd15_diffusers(path: str, steps: int) -> dict:
         last[0] = now
         return kwargs
 
-    last[0] = time.perf_counter()
-    start = time.perf_counter()
-    pipe(PROMPT, num_inference_steps=steps, height=64, width=64, generator=torch.Generator().manual_seed(0),
-         output_type="latent", callback_on_step_end=on_step)
-    sample = time.perf_counter() - start
+    for _ in range(2):  # as on our side: the second run is the figure
+        step_times.clear()
+        last[0] = time.perf_counter()
+        start = time.perf_counter()
+        pipe(PROMPT, num_inference_steps=steps, height=64, width=64, generator=torch.Generator().manual_seed(0),
+             output_type="latent", callback_on_step_end=on_step)
+        sample = time.perf_counter() - start
     # the first interval includes prompt encoding; the median of the steps is the per-step figure
     return {"load_s": load, "import_s": imports, "sample_s": sample, "s_per_step": statistics.median(step_times),
             "peak_rss_gib": peak_rss_gib()}
@@ -296,7 +307,7 @@ def report(tiny: dict | None, sd15: dict | None) -> str:
         o, d = sd15["ours"], sd15["diffusers"]
         lines += [
             f"random SD 1.5 architecture, single fp32 .safetensors ({sd15['file_gib']:.2f} GiB), CPU, 64x64, "
-            "4 Euler steps, each side in a fresh process",
+            "4 Euler steps (second run), each side in a fresh process, file in the OS page cache",
             f"  {'':10s} {'load s':>8s} {'s/step':>8s} {'peak RSS GiB':>13s}   (load excludes the one-time library "
             "import, shown apart)",
             f"  {'ours':10s} {o['load_s']:8.2f} {o['s_per_step']:8.3f} {o['peak_rss_gib']:13.2f}   import {o['import_s']:.2f} s",
@@ -304,6 +315,8 @@ def report(tiny: dict | None, sd15: dict | None) -> str:
             f"{d['import_s']:.2f} s",
             f"  {'ComfyUI':10s} {COMFY['load_s']:8.2f} {COMFY['s_per_step']:8.3f} {COMFY['peak_rss_gib']:13.2f}"
             "   (published figures, other hardware)",
+            f"  through the engine, a process's first run also hashes the file for the cache key: "
+            f"{o['engine_hash_s']:.2f} s",
         ]
     lines.append("No GPU was available: every figure is CPU.")
     return "\n".join(lines)

@@ -329,10 +329,10 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def inspect_checkpoint(path: str, config: str | None = None, workflow_dir: Path | None = None) -> CheckpointInfo:
     """Resolve ``path`` (folder, single file or hub id) and detect the family, without loading weights."""
-    problem = path_problem(path)
     local = Path(path).expanduser()
-    if not local.is_absolute() and workflow_dir is not None and (workflow_dir / local).exists():
+    if not local.is_absolute() and workflow_dir is not None:  # the engine's rule: relative to the workflow
         local = workflow_dir / local
+    problem = path_problem(str(local)) if local.exists() else path_problem(path)
     if local.is_dir():
         return inspect_folder(local)
     if local.is_file():
