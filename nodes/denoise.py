@@ -76,8 +76,12 @@ def _batched(value, batch: int, device, dtype, what: str):
     return value
 
 
-def unet_conditioning(unet, positive, negative, batch: int, guide: bool) -> UNetConditioning:
-    """The UNet's conditioning from CONDITIONING values: ``negative`` None means the empty prompt."""
+def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
+                      pixel_size: Optional[tuple[int, int]] = None) -> UNetConditioning:
+    """The UNet's conditioning from CONDITIONING values: ``negative`` None means the empty prompt.
+
+    ``pixel_size`` (height, width) is the image size being sampled: SD 1.x/2.x do not need it; SDXL's
+    default time ids (original size, crop, target size) are made from it when a conditioning has none."""
     dtype, device = unet.dtype, unet.device
     width = unet.config.cross_attention_dim
     if positive.embeds.shape[-1] != width:
@@ -287,7 +291,9 @@ def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, step
                         f"{unet.config.out_channels}; use a latent from this checkpoint's VAE / EmptyLatent")
     batch = samples.shape[0]
     guide = guidance_enabled(unet, guidance_scale)
-    cond = unet_conditioning(unet, positive, negative, batch, guide)
+    factor = getattr(model, "vae_scale_factor", 8)
+    cond = unet_conditioning(unet, positive, negative, batch, guide,
+                             (samples.shape[-2] * factor, samples.shape[-1] * factor))
     sched = make_scheduler(scheduler, model.scheduler_config)
     timesteps = schedule(sched, steps, strength, device, partial)
     noise, generator = draw_noise(samples.shape, seed, dtype, device)

@@ -99,7 +99,10 @@ class ClipHandle:
     text_encoder: Any
     family: str
     source: str
-    memo: dict = field(default_factory=dict, repr=False)  # (text, clip_skip, mode) -> embeds, for "" only
+    memo: dict = field(default_factory=dict, repr=False)  # the empty prompt's conditioning, per dtype/device
+    # SDXL's second encoder (OpenCLIP bigG, which also gives the pooled embedding); None for SD 1.x/2.x
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
 
     @property
     def device(self) -> torch.device:
