@@ -162,3 +162,16 @@ def test_family_mismatch_fails_before_any_step(tiny, tmp_path):
         Engine().run(WORKFLOWS / "inpaint_model.json", out_dir=tmp_path,
                      overrides={**tiny_overrides("inpaint_model.json", tiny), "ckpt.path": str(tiny.sd15)})
     assert err.value.node_id == "inpaint" and "LatentBlendSampler" in str(err.value)
+
+
+def test_latents_and_conditioning_come_back_from_the_disk_cache(tiny, tmp_path):
+    """A new engine (as in a new process) reuses stored latents and embeddings; only models reload."""
+    base = tiny_overrides("txt2img_inpaint_img2img.json", tiny)
+    first = Engine(cache_dir=tmp_path / "cache").run(CHAIN, overrides=base, out_dir=tmp_path / "1")
+    later = Engine(cache_dir=tmp_path / "cache").run(CHAIN, overrides={**base, "i2i.seed": 99}, out_dir=tmp_path / "2")
+    assert later.ran() == {"ckpt", "i2i", "decode", "save"}  # model handles are memory-only
+    assert later.status["inpaint"] == "cached" and later.status["castle"] == "cached"
+    assert later.status["t2i"] == "skipped"
+    same = Engine(cache_dir=tmp_path / "cache").run(CHAIN, overrides=base, out_dir=tmp_path / "3")
+    assert "i2i" not in same.ran()
+    assert np.array_equal(saved(same), saved(first))
