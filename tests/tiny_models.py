@@ -174,9 +174,10 @@ def make_components(in_channels: int = 4, seed: int = 0, configs: dict | None = 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**{**configs["unet"], "in_channels": in_channels})
     vae = AutoencoderKL(**configs["vae"])
-    eos = vocab_size() - 1
-    text_config = CLIPTextConfig(vocab_size=vocab_size() if configs["text"]["hidden_size"] < 768 else 49408,
-                                 bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos, **configs["text"])
+    eos = vocab_size() - 1  # the tiny tokenizer's ids; the SD 1.5-sized encoder keeps CLIP's real 49408 rows
+    rows = vocab_size() if configs["text"]["hidden_size"] < 768 else 49408
+    text_config = CLIPTextConfig(vocab_size=rows, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos,
+                                 **configs["text"])
     text_encoder = CLIPTextModel(text_config)
     for module in (unet, vae, text_encoder):
         module.eval()
@@ -249,7 +250,6 @@ def _unet_to_original(sd: dict, config) -> dict:
 
     The inverse of diffusers' ``convert_ldm_unet_checkpoint`` for SD 1.x/2.x layouts."""
     n = config.layers_per_block
-    levels = len(config.block_out_channels)
     out = {}
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
