@@ -23,6 +23,7 @@ CONDITIONING carries in ``pooled`` / ``added`` next to the prompt embeddings.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -268,6 +269,7 @@ class Run:
     cond: UNetConditioning
     guidance_scale: float
     x0: Optional[torch.Tensor]
+    patches: Sequence["ModelPatch"] = ()
 
     def start_from_image(self) -> torch.Tensor:
         """img2img start: x0 noised to the first timestep."""
@@ -278,8 +280,27 @@ class Run:
         return self.noise * self.scheduler.init_noise_sigma
 
     def denoise(self, latents, hooks=(), progress=None) -> torch.Tensor:
-        return denoise(self.unet, self.scheduler, self.timesteps, latents, self.cond, self.guidance_scale, hooks,
-                       self.generator, progress=progress)
+        with contextlib.ExitStack() as stack:
+            for patch in self.patches:
+                stack.enter_context(patch.applied(self.unet))
+            return denoise(self.unet, self.scheduler, self.timesteps, latents, self.cond, self.guidance_scale, hooks,
+                           self.generator, progress=progress)
+
+
+class ModelPatch:
+    """A change to the shared UNet that lives only for one sampler run (an IP-Adapter, say).
+
+    A patched MODEL is a copy of the handle with the patch appended to ``patches``; the
+    UNet itself is changed only inside ``applied`` and restored after, so nodes using the
+    unpatched MODEL never see the change.
+    """
+
+    def applied(self, unet) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def condition(self, cond: UNetConditioning, batch: int, guide: bool) -> UNetConditioning:
+        """Add what the patch needs to the UNet's conditioning (e.g. image embeds)."""
+        return cond
 
 
 def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, steps: int, guidance_scale: float,
@@ -298,7 +319,10 @@ def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, step
     timesteps = schedule(sched, steps, strength, device, partial)
     noise, generator = draw_noise(samples.shape, seed, dtype, device)
     x0 = samples.to(device=device, dtype=dtype) if use_x0 else None
-    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0)
+    patches = tuple(getattr(model, "patches", ()))
+    for patch in patches:
+        cond = patch.condition(cond, batch, guide)
+    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0, patches)
 
 
 def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -69,6 +69,11 @@ class ModelHandle:
     family: str  # "sd1" | "sd2"
     source: str
     vae_scale_factor: int = 8
+    patches: tuple = ()  # nodes.denoise.ModelPatch objects applied around each sampler run
+
+    def with_patch(self, patch) -> "ModelHandle":
+        """A new MODEL that applies ``patch`` while sampling; this one is unchanged."""
+        return replace(self, patches=(*self.patches, patch))
 
     @property
     def in_channels(self) -> int:
