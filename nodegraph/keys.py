@@ -42,13 +42,28 @@ def path_fingerprint(path: str) -> str:
     return f"absent:{path}"  # a hub id, say: the name is its identity
 
 
+# Model files run to gigabytes; hashing one whole costs seconds per process. Past this
+# size a file is fingerprinted by its size, modification time and first and last
+# SAMPLE bytes (a safetensors header, which lists every tensor, sits at the start).
+LARGE_FILE = 256 * 1024**2
+SAMPLE = 8 * 1024**2
+
+
 def file_hash(path: Path) -> str:
-    """SHA-256 of a file's content, remembered per (path, size, mtime) for this process."""
+    """SHA-256 of a file's content (a sampled fingerprint for large files), remembered per
+    (path, size, mtime) for this process."""
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     cached = _FILE_HASHES.get(memo)
     if cached is None:
         with open(path, "rb") as handle:
-            cached = hashlib.file_digest(handle, "sha256").hexdigest()
+            if stat.st_size < LARGE_FILE:
+                cached = hashlib.file_digest(handle, "sha256").hexdigest()
+            else:
+                digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
+                digest.update(handle.read(SAMPLE))
+                handle.seek(-SAMPLE, os.SEEK_END)
+                digest.update(handle.read(SAMPLE))
+                cached = "sampled:" + digest.hexdigest()
         _FILE_HASHES[memo] = cached
     return cached

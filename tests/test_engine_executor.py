@@ -214,3 +214,33 @@ def test_long_chain_has_no_recursion_limit(stub_registry):
     engine = Engine(registry=stub_registry)
     assert len(engine.run(b.build()).ran()) == n + 2
     assert engine.run(b.build(), overrides={f"a{n - 1}.amount": 1.0}).ran() == {f"a{n - 1}", "o"}
+
+
+def test_large_files_get_a_sampled_fingerprint(tmp_path, monkeypatch):
+    from nodegraph import keys
+
+    monkeypatch.setattr(keys, "LARGE_FILE", 1000)
+    monkeypatch.setattr(keys, "SAMPLE", 100)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 10)
+    first = keys.file_hash(path)
+    assert first.startswith("sampled:")
+    data = bytearray(path.read_bytes())
+    data[5] ^= 1  # inside the sampled head: the fingerprint changes
+    path.write_bytes(bytes(data))
+    assert keys.file_hash(path) != first
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 999)
+    import hashlib
+
+    assert keys.file_hash(small) == hashlib.sha256(b"x" * 999).hexdigest()
+
+
+def test_int_math_derives_a_size(stub_registry):
+    wf = {"format": "nodegraph/1", "nodes": {
+        "side": {"type": "Int", "params": {"value": 1024}},
+        "pad": {"type": "IntMath", "inputs": {"a": "side.value"}, "params": {"b": 683, "op": "subtract"}}}}
+    engine = Engine(registry=stub_registry)
+    assert engine.run(wf, targets=["pad"]).outputs["pad"]["value"] == 341
+    with pytest.raises(NodeFailed, match="floordiv by b = 0"):
+        engine.run(wf, targets=["pad"], overrides={"pad.op": "floordiv", "pad.b": 0})
