@@ -76,17 +76,27 @@ class Workflow(BaseModel):
         return write_text_atomic(Path(path), self.to_json())
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Workflow":
-        """A copy with ``{"node.param": value}`` set as literal params (links to them dropped)."""
+        """A copy with ``{"node.param": value}`` set as literal params (links to them dropped).
+
+        ``"group:NAME/INNER.param"`` sets a param of node INNER inside group NAME, for every
+        instance and repetition of the group.
+        """
         copy = self.model_copy(deep=True)
         problems = []
         for target, value in overrides.items():
             node_id, dot, name = target.partition(".")
+            nodes, shown = copy.nodes, node_id
+            if node_id.startswith("group:") and "/" in node_id:
+                group_name, _, node_id = node_id[len("group:"):].partition("/")
+                group = copy.groups.get(group_name)
+                nodes = group.nodes if group is not None else {}
             if not dot or not name:
                 problems.append(Issue("bad_override", f"--set '{target}': write NODE.PARAM=VALUE"))
-            elif node_id not in copy.nodes:
-                problems.append(Issue("bad_override", f"--set '{target}': no node '{node_id}' in the workflow", node_id=node_id))
+            elif node_id not in nodes:
+                problems.append(Issue("bad_override", f"--set '{target}': no node '{shown}' in the workflow",
+                                      node_id=shown))
             else:
-                spec = copy.nodes[node_id]
+                spec = nodes[node_id]
                 spec.inputs.pop(name, None)
                 spec.params[name] = value
         if problems:

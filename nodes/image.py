@@ -10,7 +10,7 @@ from pydantic import Field
 
 from nodegraph.errors import NodeError
 from nodegraph.node import node
-from nodegraph.sockets import IMAGE, MASK, Image, Mask
+from nodegraph.sockets import IMAGE, INT, MASK, Image, Mask
 
 from ._pixels import check_image, check_mask, from_uint8, size_text, to_uint8
 
@@ -212,3 +212,10 @@ def image_grid_node(
     rows x cols equal to the batch size it matches diffusers' `make_image_grid` pixel for pixel.
     """
     return image_grid(images, rows, cols)
+
+
+@node("ImageSize", version=1, category="image", outputs={"width": INT, "height": INT}, reference="tensor.shape")
+def image_size(image: Image) -> tuple[int, int]:
+    """The width and height of an image, to derive other sizes (with IntMath) from it."""
+    image = check_image(image)
+    return int(image.shape[-1]), int(image.shape[-2])

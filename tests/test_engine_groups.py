@@ -80,3 +80,16 @@ def test_group_shows_in_schema_and_round_trips(stub_registry, tmp_path):
     jsonschema.validate(data, workflow_schema(stub_registry))
     text = loads_workflow(__import__("json").dumps(data)).to_json()
     assert loads_workflow(text).groups["grow"].feedback == {"x": "x"}
+
+
+def test_set_reaches_nodes_inside_a_group(stub_registry, calls):
+    engine = Engine(registry=stub_registry)
+    result = engine.run(workflow(repeat=2), overrides={"group:grow/double.steps": 2})
+    assert result.outputs["out"]["x"].tolist() == [10.0, 10.0]  # StubSteps doubles once whatever its steps
+    assert calls["StubSteps"] == 2
+    from nodegraph.errors import WorkflowInvalid
+    import pytest
+
+    with pytest.raises(WorkflowInvalid) as info:
+        engine.compile(workflow(), overrides={"group:grow/ghost.steps": 2})
+    assert "no node 'group:grow/ghost'" in str(info.value)

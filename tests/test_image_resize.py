@@ -101,3 +101,9 @@ def test_batch_joins_and_refuses_other_sizes():
     assert torch.equal(image_batch(a, b), torch.cat([a, b]))
     with pytest.raises(NodeError, match="resize one with ImageResize"):
         image_batch(a, torch.rand(1, 3, 8, 9))
+
+
+def test_image_size_reports_width_and_height():
+    from nodes.image import image_size
+
+    assert image_size(torch.zeros(2, 3, 40, 72)) == (72, 40)
