@@ -12,23 +12,20 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_set(enabled: bool) -> Iterator[None]:
+    """Turn the collector on or off for a block, then restore what it was."""
     was_enabled = gc.isenabled()
-    gc.disable()
+    gc.enable() if enabled else gc.disable()
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        gc.enable() if was_enabled else gc.disable()
 
 
-@contextlib.contextmanager
-def gc_resumed() -> Iterator[None]:
-    """Inside gc_paused: turn collection back on for a block (a node's own work)."""
-    was_enabled = gc.isenabled()
-    gc.enable()
-    try:
-        yield
-    finally:
-        if not was_enabled:
-            gc.disable()
+def gc_paused() -> contextlib.AbstractContextManager:
+    return gc_set(False)
+
+
+def gc_resumed() -> contextlib.AbstractContextManager:
+    """Inside gc_paused: collection back on for a block (a node's own work)."""
+    return gc_set(True)
