@@ -15,11 +15,18 @@ from typing import Iterator
 def gc_set(enabled: bool) -> Iterator[None]:
     """Turn the collector on or off for a block, then restore what it was."""
     was_enabled = gc.isenabled()
-    gc.enable() if enabled else gc.disable()
+    _switch(enabled)
     try:
         yield
     finally:
-        gc.enable() if was_enabled else gc.disable()
+        _switch(was_enabled)
+
+
+def _switch(enabled: bool) -> None:
+    if enabled:
+        gc.enable()
+    else:
+        gc.disable()
 
 
 def gc_paused() -> contextlib.AbstractContextManager:
