@@ -7,7 +7,15 @@ A CONDITIONING carries what the UNet needs besides the latents for one side of c
   IP-Adapter image embeds go here later; the sampler batches them like ``embeds``);
 - ``uncond``: the empty prompt's conditioning from the same CLIP. A sampler with no negative linked uses it,
   which is what diffusers does when ``negative_prompt`` is None (it encodes ``""``). Carrying it here keeps
-  samplers free of a CLIP input; it is computed once per CLIP and shared.
+  samplers free of a CLIP input; it is computed once per CLIP and shared. SDXL checkpoints whose pipeline
+  config sets ``force_zeros_for_empty_prompt`` (SDXL base and inpainting do; the refiner does not) use
+  zeros instead, for both the embeddings and the pooled embedding, as ``StableDiffusionXLPipeline`` does;
+- ``size``: SDXL micro-conditioning set by ``SDXLSizeConditioning`` (original size, crop, target size,
+  aesthetic score); the sampler turns it into the UNet's ``time_ids``, defaulting to the sampled size.
+
+SDXL (``StableDiffusionXLPipeline.encode_prompt``): both encoders' penultimate hidden states (no final
+layer norm) are concatenated along the feature axis, and the pooled embedding is the second encoder's
+projected output. ``prompt_2`` (default: the prompt) goes to the second encoder.
 
 Long prompts: ``long_prompt="truncate"`` (default) cuts at 77 tokens and warns with the removed text, exactly
 as diffusers does; ``"chunk"`` encodes 75-token windows (each wrapped in BOS/EOS and padded to 77) and
@@ -16,7 +24,7 @@ give the same embedding. Samplers pad the shorter of positive/negative with empt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, Optional
 
 import torch
@@ -26,7 +34,7 @@ from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph.node import node
 from nodegraph.serialize import disk_cacheable
-from nodegraph.sockets import CONDITIONING, Clip
+from nodegraph.sockets import CONDITIONING, Clip, Conditioning
 
 
 @disk_cacheable
@@ -40,6 +48,7 @@ class PromptEmbeds:
     uncond: Optional["PromptEmbeds"] = None  # the empty prompt from the same CLIP: the default negative
     family: str = "sd1"
     text: str = ""
+    size: dict = field(default_factory=dict)  # SDXL micro-conditioning (SDXLSizeConditioning)
 
     @property
     def batch(self) -> int:
@@ -98,35 +107,170 @@ def _encode_chunks(clip, text: str, clip_skip: int) -> torch.Tensor:
     return embeds.reshape(1, -1, embeds.shape[-1])
 
 
+# ---------------------------------------------------------------------------------------------- SDXL
+
+def _sdxl_encoder_output(encoder, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """diffusers' SDXL encode_prompt for one encoder: hidden_states[-(clip_skip + 2)] and, for the encoder
+    with projection, the pooled (projected) embedding."""
+    device = encoder.device
+    with torch.inference_mode():
+        out = encoder(ids.to(device), output_hidden_states=True)
+    pooled = out[0] if out[0].ndim == 2 else None
+    hidden = out.hidden_states[-(clip_skip + 2)]
+    return hidden.clone(), (pooled.clone() if pooled is not None else None)
+
+
+def _sdxl_ids(tokenizer, text: str, long_prompt: str, warn) -> torch.Tensor:
+    """Token ids (k, 77) of one prompt for one SDXL tokenizer: truncated (diffusers) or in 75-token chunks."""
+    max_length = tokenizer.model_max_length
+    if long_prompt == "chunk":
+        window = max_length - 2
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        chunks = [ids[i:i + window] for i in range(0, len(ids), window)] or [[]]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = [[tokenizer.bos_token_id] + c + [tokenizer.eos_token_id] for c in chunks]
+        return torch.tensor([r + [pad] * (max_length - len(r)) for r in rows])
+    inputs = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    untruncated = tokenizer(text, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] >= inputs.input_ids.shape[-1] and not torch.equal(inputs.input_ids, untruncated):
+        removed = tokenizer.batch_decode(untruncated[:, max_length - 1:-1])[0]
+        if warn is not None:
+            warn(f"the prompt is longer than CLIP's {max_length} tokens and was truncated; removed: {removed!r} "
+                 "(set long_prompt='chunk' to keep it)")
+    return inputs.input_ids
+
+
+def _empty_chunk(tokenizer) -> list[int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row = [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return row + [pad] * (tokenizer.model_max_length - 2)
+
+
+def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: int = 0,
+                     long_prompt: str = "truncate", warn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt -> ((1, 77*k, D1 + D2) embeddings, (1, P) pooled), StableDiffusionXLPipeline.encode_prompt.
+
+    Chunked prompts: each encoder sees the same number of 75-token windows (the shorter side padded with
+    empty windows); the pooled embedding is the first window's, as ComfyUI does."""
+    prompts = [text, text_2 or text] if clip.text_encoder is not None else [text_2 or text]
+    pairs = clip.encoders
+    ids = [_sdxl_ids(tok, p, long_prompt, warn if i == 0 else None) for i, ((tok, _), p) in
+           enumerate(zip(pairs, prompts))]
+    count = max(i.shape[0] for i in ids)
+    ids = [torch.cat([i, torch.tensor([_empty_chunk(tok)] * (count - i.shape[0]), dtype=i.dtype)])
+           if i.shape[0] < count else i for i, (tok, _) in zip(ids, pairs)]
+    hidden, pooled = [], None
+    for chunk_ids, (_, encoder) in zip(ids, pairs):
+        states, projected = _sdxl_encoder_output(encoder, chunk_ids, clip_skip)  # (k, 77, D)
+        hidden.append(states)
+        if projected is not None:
+            pooled = projected[:1]
+    embeds = torch.cat(hidden, dim=-1)
+    embeds = embeds.reshape(1, -1, embeds.shape[-1])
+    dtype, device = clip.dtype, clip.device  # diffusers casts to text_encoder_2's dtype
+    if pooled is None:
+        raise NodeError("this CLIP has no text encoder with projection (CLIPTextModelWithProjection), so it "
+                        "cannot give SDXL's pooled embedding")
+    return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
 def empty_prompt(clip) -> PromptEmbeds:
-    """The embedding of "" (diffusers' negative when none is given), computed once per CLIP."""
-    key = ("", str(clip.text_encoder.dtype), str(clip.text_encoder.device))
+    """The default negative, computed once per CLIP: the embedding of "" (diffusers' negative when none is
+    given), or zeros for SDXL checkpoints with ``force_zeros_for_empty_prompt``."""
+    zeros = bool(getattr(clip, "force_zeros_for_empty_prompt", False))
+    key = ("zeros" if zeros else "", str(clip.dtype), str(clip.device))
     if key not in clip.memo:
-        clip.memo[key] = PromptEmbeds(encode_text(clip, ""), family=clip.family, text="")
+        if getattr(clip, "is_sdxl", False):
+            embeds, pooled = encode_text_sdxl(clip, "")
+            if zeros:
+                embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            clip.memo[key] = PromptEmbeds(embeds, pooled=pooled, family=clip.family, text="")
+        else:
+            clip.memo[key] = PromptEmbeds(encode_text(clip, ""), family=clip.family, text="")
     return clip.memo[key]
 
 
-def encode_prompt(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate", warn=None) -> PromptEmbeds:
-    """CONDITIONING for ``text``, carrying the empty prompt's conditioning as the default negative."""
+def encode_prompt(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate", warn=None,
+                  text_2: Optional[str] = None) -> PromptEmbeds:
+    """CONDITIONING for ``text``, carrying the empty prompt's conditioning as the default negative.
+
+    ``text_2``: SDXL only, the prompt for the second text encoder (default: ``text``)."""
+    if getattr(clip, "is_sdxl", False):
+        embeds, pooled = encode_text_sdxl(clip, text, text_2, clip_skip, long_prompt, warn)
+        return PromptEmbeds(embeds, pooled=pooled, family=clip.family, text=text, uncond=empty_prompt(clip))
+    if text_2:
+        raise NodeError("prompt_2 is for SDXL's second text encoder; this CLIP has only one (SD 1.x/2.x)")
     embeds = encode_text(clip, text, clip_skip, long_prompt, warn)
     return PromptEmbeds(embeds, family=clip.family, text=text, uncond=empty_prompt(clip))
 
 
+def with_size(conditioning: PromptEmbeds, **size) -> PromptEmbeds:
+    """A copy of ``conditioning`` with SDXL micro-conditioning values set (None values are left out)."""
+    merged = {**conditioning.size, **{k: v for k, v in size.items() if v is not None}}
+    return replace(conditioning, size=merged)
+
+
 @node("CLIPEncode", version=1, category="conditioning", outputs={"conditioning": CONDITIONING},
-      reference="diffusers StableDiffusionPipeline.encode_prompt")
+      reference="diffusers StableDiffusionPipeline.encode_prompt / StableDiffusionXLPipeline.encode_prompt")
 def clip_encode(
     clip: Clip,
     ctx: RunContext,
     text: str = "",
     clip_skip: Annotated[int, Field(ge=0, le=11, description="use the layer this many before the last (diffusers "
-                                                            "clip_skip); 0 = last layer")] = 0,
+                                                            "clip_skip); 0 = last layer (SDXL: the penultimate)")] = 0,
     long_prompt: Literal["truncate", "chunk"] = "truncate",
+    prompt_2: Optional[Annotated[str, Field(description="SDXL only: prompt for the second text encoder "
+                                                        "(default: text)")]] = None,
 ):
-    """Encode a prompt with the checkpoint's CLIP text encoder (diffusers encode_prompt embeddings).
+    """Encode a prompt with the checkpoint's CLIP text encoder(s) (diffusers encode_prompt embeddings).
 
-    Longer than 77 tokens: "truncate" cuts and warns (diffusers' behaviour); "chunk" encodes 75-token
-    windows and concatenates them. The output also carries the empty prompt's embedding, which samplers
-    use as the negative when no negative conditioning is linked (as diffusers does)."""
+    SDXL: both encoders' penultimate hidden states concatenated, plus the second encoder's pooled
+    embedding; prompt_2 optionally feeds the second encoder. Longer than 77 tokens: "truncate" cuts and
+    warns (diffusers' behaviour); "chunk" encodes 75-token windows and concatenates them. The output also
+    carries the default negative, which samplers use when no negative conditioning is linked, as diffusers
+    does: the empty prompt's embedding, or zeros for SDXL (force_zeros_for_empty_prompt)."""
     if not hasattr(clip, "tokenizer"):
         raise NodeError("input 'clip' is not a CLIP from LoadCheckpoint")
-    return encode_prompt(clip, text, clip_skip, long_prompt, warn=ctx.warn)
+    return encode_prompt(clip, text, clip_skip, long_prompt, warn=ctx.warn, text_2=prompt_2 or None)
+
+
+def _check_size_params(params: dict):
+    for kind in ("original", "target"):
+        width, height = params.get(f"{kind}_width", 0), params.get(f"{kind}_height", 0)
+        if isinstance(width, int) and isinstance(height, int) and bool(width) != bool(height):
+            yield f"{kind}_{'height' if width else 'width'}", (f"set both {kind}_width and {kind}_height, or leave "
+                                                              "both 0 for the sampled size")
+
+
+@node("SDXLSizeConditioning", version=1, category="conditioning", outputs={"conditioning": CONDITIONING},
+      check=_check_size_params,
+      reference="diffusers StableDiffusionXLPipeline original_size / crops_coords_top_left / target_size / "
+                "aesthetic_score (SDXL micro-conditioning, add_time_ids)")
+def sdxl_size_conditioning(
+    conditioning: Conditioning,
+    original_width: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled width")] = 0,
+    original_height: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled height")] = 0,
+    crop_left: Annotated[int, Field(ge=0, le=16384)] = 0,
+    crop_top: Annotated[int, Field(ge=0, le=16384)] = 0,
+    target_width: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled width")] = 0,
+    target_height: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled height")] = 0,
+    aesthetic_score: Optional[Annotated[float, Field(ge=0, le=10, description="SDXL refiner only; unset: 6.0 "
+                                                                              "for a positive, 2.5 for a negative")]] = None,
+):
+    """Set SDXL's size micro-conditioning on a conditioning: the UNet's time ids.
+
+    Without this node the sampler uses diffusers' defaults: original and target size = the sampled size,
+    crop (0, 0), and for the refiner aesthetic score 6.0 (positive) / 2.5 (negative). On a negative
+    conditioning these are diffusers' negative_original_size / negative_crops_coords_top_left /
+    negative_target_size / negative_aesthetic_score; unset values follow the positive side."""
+    if conditioning.pooled is None:
+        raise NodeError("SDXLSizeConditioning needs an SDXL conditioning (CLIPEncode with an SDXL checkpoint's clip)")
+    size = {
+        "original_size": (original_height, original_width) if original_width and original_height else None,
+        "crop": (crop_top, crop_left) if (crop_top or crop_left) else None,
+        "target_size": (target_height, target_width) if target_width and target_height else None,
+        "aesthetic_score": aesthetic_score,
+    }
+    return with_size(conditioning, **size)

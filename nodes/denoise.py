@@ -17,9 +17,14 @@ latents:
 Noise is drawn from a CPU ``torch.Generator(seed)`` and moved to the device, like diffusers'
 ``randn_tensor`` with a CPU generator; the same generator then feeds stochastic schedulers (euler_a).
 
-Extension points for SDXL / IP-Adapter: ``UNetConditioning`` carries ``added_cond_kwargs`` (pooled text
-embeds, time ids, image embeds) and ``cross_attention_kwargs``; ``unet_conditioning`` batches whatever a
-CONDITIONING carries in ``pooled`` / ``added`` next to the prompt embeddings.
+SDXL (StableDiffusionXLPipeline / ...Img2ImgPipeline / ...InpaintPipeline): ``UNetConditioning`` carries
+``added_cond_kwargs`` = pooled text embeds and the micro-conditioning ``time_ids`` (original size, crop,
+target size, or aesthetic score for the refiner), made here from the sampled pixel size and the
+CONDITIONING's ``size`` settings; IP-Adapter image embeds join them through ``ModelPatch.condition``.
+
+Refiner hand-off (``denoising_start`` / ``denoising_end``, diffusers' semantics): the schedule is cut at
+the discrete timestep ``round(T - f * T)``; ``denoising_end`` stops early and returns the still noisy
+latents; ``denoising_start`` continues such latents (strength is ignored, nothing is re-noised).
 """
 from __future__ import annotations
 
@@ -77,6 +82,61 @@ def _batched(value, batch: int, device, dtype, what: str):
     return value
 
 
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
+
+
+def is_sdxl_unet(unet) -> bool:
+    """SDXL's UNet takes pooled text embeds and time ids (``addition_embed_type="text_time"``)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def _check_fits(unet, conditioning, side: str) -> None:
+    """SD 1.x/2.x conditioning on an SDXL model (or the reverse) fails with a clear message."""
+    label = FAMILY_LABELS.get(conditioning.family, conditioning.family)
+    if is_sdxl_unet(unet) and conditioning.pooled is None:
+        raise NodeError(f"the {side} conditioning comes from an {label} CLIP but the model is SDXL, which needs both "
+                        "text encoders' embeddings and the pooled embedding: encode the prompt with the SDXL "
+                        "checkpoint's clip")
+    if not is_sdxl_unet(unet) and conditioning.pooled is not None:
+        raise NodeError(f"the {side} conditioning comes from an {label} CLIP but the model is not SDXL: encode the "
+                        "prompt with this checkpoint's clip")
+
+
+def time_id_count(unet, pooled_dim: int) -> int:
+    """6 time ids (original size, crop, target size) for SDXL base/inpainting, 5 (aesthetic score in place
+    of the target size) for the refiner: what the UNet's added embedding takes besides the pooled embeds."""
+    config = unet.config
+    return (int(config.projection_class_embeddings_input_dim) - pooled_dim) // int(config.addition_time_embed_dim)
+
+
+def sdxl_time_ids(unet, pooled_dim: int, pixel_size: Optional[tuple[int, int]], size: dict,
+                  negative_size: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' ``_get_add_time_ids`` (positive, negative), each (1, 5 or 6).
+
+    Defaults as in the pipelines: original and target size = the sampled (height, width), crop (0, 0),
+    aesthetic score 6.0 / 2.5. Unset negative values follow the positive ones (the refiner's negative crop
+    defaults to (0, 0), as there)."""
+    if pixel_size is None:
+        raise NodeError("SDXL needs the sampled image size for its time ids")
+    count = time_id_count(unet, pooled_dim)
+    if count not in (5, 6):
+        raise NodeError(f"the model's added embedding takes {unet.config.projection_class_embeddings_input_dim} inputs, "
+                        f"which does not fit time ids of {unet.config.addition_time_embed_dim} plus the pooled "
+                        f"embedding of {pooled_dim}: the conditioning does not come from this checkpoint's clip")
+    neg = negative_size or {}
+    original = tuple(size.get("original_size") or pixel_size)
+    crop = tuple(size.get("crop") or (0, 0))
+    neg_original = tuple(neg.get("original_size") or original)
+    if count == 6:
+        target = tuple(size.get("target_size") or pixel_size)
+        ids = original + crop + target
+        neg_ids = neg_original + tuple(neg.get("crop") or crop) + tuple(neg.get("target_size") or target)
+    else:
+        ids = original + crop + (float(size.get("aesthetic_score", 6.0)),)
+        neg_ids = neg_original + tuple(neg.get("crop") or (0, 0)) + (float(neg.get("aesthetic_score", 2.5)),)
+    return torch.tensor([ids], dtype=torch.float32), torch.tensor([neg_ids], dtype=torch.float32)
+
+
 def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
                       pixel_size: Optional[tuple[int, int]] = None) -> UNetConditioning:
     """The UNet's conditioning from CONDITIONING values: ``negative`` None means the empty prompt.
@@ -85,6 +145,13 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
     default time ids (original size, crop, target size) are made from it when a conditioning has none."""
     dtype, device = unet.dtype, unet.device
     width = unet.config.cross_attention_dim
+    _check_fits(unet, positive, "positive")
+    if negative is not None:
+        _check_fits(unet, negative, "negative")
+    time_ids = None
+    if is_sdxl_unet(unet) and "time_ids" not in positive.added:
+        time_ids = sdxl_time_ids(unet, positive.pooled.shape[-1], pixel_size, positive.size,
+                                 negative.size if negative is not None else None)
     if positive.embeds.shape[-1] != width:
         raise NodeError(f"the positive conditioning is {positive.embeds.shape[-1]} wide but this model expects "
                         f"{width}: encode the prompt with this checkpoint's CLIP")
@@ -92,6 +159,8 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
     added = {k: _batched(v, batch, device, dtype, f"conditioning '{k}'") for k, v in positive.added.items()}
     if positive.pooled is not None:
         added["text_embeds"] = _batched(positive.pooled, batch, device, dtype, "pooled conditioning")
+    if time_ids is not None:
+        added["time_ids"] = _batched(time_ids[0], batch, device, dtype, "time ids")
     if not guide:
         return UNetConditioning(pos, added or None)
     negative = negative if negative is not None else positive.uncond
@@ -107,6 +176,8 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
     neg_added = {k: _batched(v, batch, device, dtype, f"negative conditioning '{k}'") for k, v in negative.added.items()}
     if negative.pooled is not None:
         neg_added["text_embeds"] = _batched(negative.pooled, batch, device, dtype, "negative pooled conditioning")
+    if time_ids is not None:
+        neg_added["time_ids"] = _batched(time_ids[1], batch, device, dtype, "negative time ids")
     merged = {}
     for key, value in added.items():
         other = neg_added.get(key)
@@ -169,10 +240,11 @@ class DifferentialThreshold(Hook):
     Before step i >= 1, where ``keep_map > i / N`` (keep_map = 1 - c) the latents are reset to
     ``add_noise(x0, noise, t_i)``, one noise tensor throughout."""
 
-    def __init__(self, scheduler, timesteps, x0: torch.Tensor, noise: torch.Tensor, keep_map: torch.Tensor):
+    def __init__(self, scheduler, timesteps, x0: torch.Tensor, noise: torch.Tensor, keep_map: torch.Tensor,
+                 total: Optional[int] = None):
         self.scheduler, self.timesteps, self.x0, self.noise = scheduler, timesteps, x0, noise
         self.keep_map = keep_map
-        self.total = len(timesteps)
+        self.total = total or len(timesteps)  # N: the run's steps before a denoising_end cut
 
     def before_step(self, latents, i, t):
         if i == 0:
@@ -241,20 +313,49 @@ def draw_noise(shape, seed: int, dtype: torch.dtype, device) -> tuple[torch.Tens
     return noise, generator
 
 
-def schedule(scheduler, steps: int, strength: float, device, partial: bool) -> torch.Tensor:
-    """Timesteps to run: all of them (text2img), or the last ``int(steps * strength)`` (img2img, inpaint)."""
+def _cutoff(scheduler, fraction: float) -> int:
+    """diffusers' discrete_timestep_cutoff for a denoising_start / denoising_end fraction."""
+    train = scheduler.config.num_train_timesteps
+    return int(round(train - fraction * train))
+
+
+def schedule(scheduler, steps: int, strength: float, device, partial: bool, denoising_start: float = 0.0,
+             denoising_end: float = 1.0, begin_at_zero: bool = False) -> tuple[torch.Tensor, int]:
+    """Timesteps to run and N, their count before a ``denoising_end`` cut.
+
+    All of them (text2img); the last ``int(steps * strength)`` (img2img, inpaint); with ``denoising_start``
+    those below its cutoff, strength ignored (SDXL img2img/inpaint ``get_timesteps``); ``denoising_end``
+    then keeps those at or above its cutoff (the SDXL pipelines' step 8.1)."""
     scheduler.set_timesteps(steps, device=device)
-    if not partial:
-        return scheduler.timesteps
-    init_timestep = min(int(steps * strength), steps)
-    t_start = max(steps - init_timestep, 0)
-    if steps - t_start < 1:
-        raise NodeError(f"strength {strength} with {steps} steps leaves no step to run (int(steps * strength) = 0); "
-                        "raise steps or strength")
-    timesteps = scheduler.timesteps[t_start * scheduler.order:]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * scheduler.order)
-    return timesteps
+    if 0 < denoising_start < 1:
+        count = int((scheduler.timesteps < _cutoff(scheduler, denoising_start)).sum().item())
+        if scheduler.order == 2 and count % 2 == 0:
+            count += 1  # do not stop between a second-order scheduler's two evaluations
+        t_start = len(scheduler.timesteps) - count
+        timesteps = scheduler.timesteps[t_start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+    elif partial:
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        if steps - t_start < 1:
+            raise NodeError(f"strength {strength} with {steps} steps leaves no step to run (int(steps * strength) = 0); "
+                            "raise steps or strength")
+        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+    else:
+        timesteps = scheduler.timesteps
+        if begin_at_zero and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # StableDiffusionXLPipeline does; SD 1.x looks the first step up
+    total = len(timesteps)
+    if 0 < denoising_end < 1:
+        cutoff = _cutoff(scheduler, denoising_end)
+        timesteps = timesteps[:len([t for t in timesteps if t >= cutoff])]
+    if len(timesteps) == 0:
+        raise NodeError(f"no step to run: with {steps} steps, denoising_start {denoising_start} and denoising_end "
+                        f"{denoising_end} leave no timestep in between; raise steps or move the fractions apart")
+    return timesteps, total
 
 
 @dataclass
@@ -270,6 +371,8 @@ class Run:
     guidance_scale: float
     x0: Optional[torch.Tensor]
     patches: Sequence["ModelPatch"] = ()
+    total: int = 0  # N: steps before a denoising_end cut (differential thresholds)
+    handoff: bool = False  # denoising_start: continue the given latents as they are
 
     def start_from_image(self) -> torch.Tensor:
         """img2img start: x0 noised to the first timestep."""
@@ -304,25 +407,34 @@ class ModelPatch:
 
 
 def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, steps: int, guidance_scale: float,
-            scheduler: str, strength: float, partial: bool, use_x0: bool) -> Run:
+            scheduler: str, strength: float, partial: bool, use_x0: bool, denoising_start: float = 0.0,
+            denoising_end: float = 1.0, fresh_generator: bool = False) -> Run:
+    """Shared setup: conditioning, scheduler, timesteps, noise. ``fresh_generator``: the step generator starts
+    unused (SDXL img2img with denoising_start draws no noise before the loop)."""
     unet = model.unet
     device, dtype = unet.device, unet.dtype
     if samples.shape[1] != unet.config.out_channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but the model's UNet makes "
                         f"{unet.config.out_channels}; use a latent from this checkpoint's VAE / EmptyLatent")
+    if 0 < denoising_start < 1 and 0 < denoising_end < 1 and denoising_start >= denoising_end:
+        raise NodeError(f"denoising_start {denoising_start} must be below denoising_end {denoising_end}")
     batch = samples.shape[0]
     guide = guidance_enabled(unet, guidance_scale)
     factor = getattr(model, "vae_scale_factor", 8)
     cond = unet_conditioning(unet, positive, negative, batch, guide,
                              (samples.shape[-2] * factor, samples.shape[-1] * factor))
     sched = make_scheduler(scheduler, model.scheduler_config)
-    timesteps = schedule(sched, steps, strength, device, partial)
+    timesteps, total = schedule(sched, steps, strength, device, partial, denoising_start, denoising_end,
+                                begin_at_zero=is_sdxl_unet(unet))
     noise, generator = draw_noise(samples.shape, seed, dtype, device)
+    if fresh_generator:
+        generator = torch.Generator("cpu").manual_seed(seed)
     x0 = samples.to(device=device, dtype=dtype) if use_x0 else None
     patches = tuple(getattr(model, "patches", ()))
     for patch in patches:
         cond = patch.condition(cond, batch, guide)
-    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0, patches)
+    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0, patches, total,
+               handoff=0 < denoising_start < 1)
 
 
 def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -332,10 +444,16 @@ def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- samplers
 
 def sample(model, positive, negative, latents, *, seed: int, steps: int, guidance_scale: float, scheduler: str,
-           strength: float, progress: Optional[Progress] = None) -> torch.Tensor:
+           strength: float, denoising_start: float = 0.0, denoising_end: float = 1.0,
+           progress: Optional[Progress] = None) -> torch.Tensor:
     """Text2img (empty latent), img2img (image latent), or inpainting-checkpoint sampling (latent from
-    InpaintModelConditioning, 9-channel UNet). Returns the final latents."""
-    inpaint = latents.has_inpaint_conditioning
+    InpaintModelConditioning, 9-channel UNet). Returns the final latents.
+
+    ``denoising_end`` < 1 stops at that fraction of the schedule (the latents stay noisy, for a hand-off);
+    ``denoising_start`` > 0 continues such latents from that fraction: strength is ignored and the latents
+    are used as they are (SDXL img2img / inpaint pipelines' ``denoising_start``)."""
+    handoff = 0 < denoising_start < 1
+    inpaint = latents.has_inpaint_conditioning and (model.inpainting or not handoff)
     if model.inpainting and not inpaint:
         raise NodeError("the model is an inpainting checkpoint (9-channel UNet): make the latent with "
                         "InpaintModelConditioning (vae, image, mask), or load a normal checkpoint for text2img/img2img")
@@ -346,26 +464,42 @@ def sample(model, positive, negative, latents, *, seed: int, steps: int, guidanc
     if latents.empty and strength < 1:
         raise NodeError(f"strength {strength} < 1 keeps part of the input image, but an EmptyLatent has none: use "
                         "strength 1 for text2img, or VAEEncode an image for img2img")
+    if latents.empty and handoff:
+        raise NodeError("denoising_start continues a partly denoised latent (from a sampler with denoising_end), "
+                        "but an EmptyLatent has none: link that sampler's latent, or set denoising_start 0")
+    fractions = dict(denoising_start=denoising_start, denoising_end=denoising_end)
     if inpaint:
         run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                      scheduler=scheduler, strength=strength, partial=True, use_x0=True)
+                      scheduler=scheduler, strength=strength, partial=True, use_x0=True, **fractions)
         extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
                            _repeat_to(latents.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
                                       "masked image latents")], dim=1)
         if guidance_enabled(model.unet, guidance_scale):
             extra = torch.cat([extra] * 2)
-        start = run.start_from_noise() if strength == 1.0 else run.start_from_image()
-        return run.denoise(start, [ChannelConcat(extra)], progress)
+        return run.denoise(_inpaint_start(run, strength), [ChannelConcat(extra)], progress)
     run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=not latents.empty, use_x0=not latents.empty)
-    start = run.start_from_noise() if latents.empty else run.start_from_image()
+                  scheduler=scheduler, strength=strength, partial=not latents.empty, use_x0=not latents.empty,
+                  fresh_generator=handoff, **fractions)
+    if latents.empty:
+        start = run.start_from_noise()
+    else:
+        start = run.x0 if handoff else run.start_from_image()
     return run.denoise(start, (), progress)
 
 
+def _inpaint_start(run: Run, strength: float) -> torch.Tensor:
+    """The inpaint pipelines' first latents: the given ones (hand-off), pure noise (strength 1) or the noised image."""
+    if run.handoff:
+        return run.x0
+    return run.start_from_noise() if strength == 1.0 else run.start_from_image()
+
+
 def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, seed: int, steps: int,
-                  guidance_scale: float, scheduler: str, strength: float,
-                  progress: Optional[Progress] = None) -> torch.Tensor:
-    """Base-model inpainting by latent blending (StableDiffusionInpaintPipeline with a 4-channel UNet)."""
+                  guidance_scale: float, scheduler: str, strength: float, denoising_start: float = 0.0,
+                  denoising_end: float = 1.0, progress: Optional[Progress] = None) -> torch.Tensor:
+    """Base-model inpainting by latent blending (StableDiffusionInpaintPipeline / StableDiffusionXLInpaintPipeline
+    with a 4-channel UNet). With ``denoising_start`` the given latents are continued and also serve as the
+    latents blended back outside the mask, as the SDXL inpaint pipeline does with a refiner."""
     from .latent import latent_mask
 
     if model.inpainting:
@@ -375,10 +509,11 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
         raise NodeError("LatentBlendSampler needs the latents of an image to keep (VAEEncode or a previous sampler), "
                         "not an EmptyLatent")
     run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=True, use_x0=True)
+                  scheduler=scheduler, strength=strength, partial=True, use_x0=True, denoising_start=denoising_start,
+                  denoising_end=denoising_end)
     m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor), run.x0)
-    start = run.start_from_noise() if strength == 1.0 else run.start_from_image()
-    return run.denoise(start, [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)], progress)
+    return run.denoise(_inpaint_start(run, strength), [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)],
+                       progress)
 
 
 def change_map_to_latent(change: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -391,17 +526,19 @@ def change_map_to_latent(change: torch.Tensor, latent_size: tuple[int, int]) -> 
 
 
 def differential(model, positive, negative, latents, change: torch.Tensor, *, seed: int, steps: int,
-                 guidance_scale: float, scheduler: str, strength: float,
+                 guidance_scale: float, scheduler: str, strength: float, denoising_end: float = 1.0,
                  progress: Optional[Progress] = None) -> torch.Tensor:
-    """Differential diffusion with a soft change map (1 = change fully, 0 = keep)."""
+    """Differential diffusion with a soft change map (1 = change fully, 0 = keep).
+
+    ``denoising_end`` stops early for a hand-off; the thresholds i/N keep N = the uncut number of steps."""
     if model.inpainting:
         raise NodeError("DifferentialSampler needs a normal (4-channel) checkpoint; this is an inpainting checkpoint "
                         "(9-channel UNet)")
     if latents.empty:
         raise NodeError("DifferentialSampler needs the latents of an image (VAEEncode), not an EmptyLatent")
     run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=True, use_x0=True)
+                  scheduler=scheduler, strength=strength, partial=True, use_x0=True, denoising_end=denoising_end)
     keep = 1.0 - change_map_to_latent(change, tuple(run.x0.shape[-2:]))  # the article's map: white = keep
     keep = _latent_size_mask(keep, run.x0)
-    hook = DifferentialThreshold(run.scheduler, run.timesteps, run.x0, run.noise, keep)
+    hook = DifferentialThreshold(run.scheduler, run.timesteps, run.x0, run.noise, keep, run.total)
     return run.denoise(run.start_from_image(), [hook], progress)

@@ -1,7 +1,8 @@
 """The LATENT value and the nodes that make and read it: EmptyLatent, VAEEncode, VAEDecode,
 InpaintModelConditioning.
 
-LATENT ``samples`` are already multiplied by the VAE's scaling factor (0.18215 for SD 1.x/2.x), as
+LATENT ``samples`` are already multiplied by the VAE's scaling factor (0.18215 for SD 1.x/2.x, 0.13025 for
+SDXL), as
 diffusers keeps latents between ``vae.encode`` and the UNet; VAEDecode divides it out again. Pixel
 sizes must be multiples of the VAE factor (8): images of other sizes are an error rather than silently
 resized, so that later crops and overlays line up.
@@ -45,8 +46,11 @@ class Latents:
     def has_inpaint_conditioning(self) -> bool:
         return self.inpaint_mask is not None and self.masked_image_latents is not None
 
-    def with_samples(self, samples: torch.Tensor) -> "Latents":
-        """A plain latent (no inpaint conditioning) holding ``samples``."""
+    def with_samples(self, samples: torch.Tensor, keep_inpaint: bool = False) -> "Latents":
+        """A plain latent holding ``samples``; ``keep_inpaint`` keeps the inpainting-model conditioning (a
+        partly denoised result that an inpainting model continues with denoising_start)."""
+        if keep_inpaint:
+            return replace(self, samples=samples, empty=False)
         return replace(self, samples=samples, empty=False, inpaint_mask=None, masked_image_latents=None)
 
 
@@ -73,9 +77,14 @@ def encode_pixels(vae, image: torch.Tensor, mode: str = "mean", seed: int = 0) -
     return _encode_signed(vae, image * 2.0 - 1.0, mode, seed)
 
 
+def _compute_module(vae):
+    """The module to run (a float32 copy for a float16 VAE with force_upcast, like SDXL's)."""
+    return vae.compute_module() if hasattr(vae, "compute_module") else vae.vae
+
+
 def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents."""
-    module = vae.vae
+    """Pixels in [-1, 1] -> scaled latents, in the VAE's dtype (computed in float32 when it upcasts)."""
+    module = _compute_module(vae)
     pixels = pixels.to(device=module.device, dtype=module.dtype)
     with torch.inference_mode():
         dist = module.encode(pixels).latent_dist
@@ -83,15 +92,17 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> torch.Ten
             latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
         else:
             latents = dist.mode()
-    latents = latents.clone()  # a normal tensor again, outside inference mode
+    latents = latents.to(vae.vae.dtype).clone()  # clone: a normal tensor again, outside inference mode
     if vae.shift_factor is not None:
         latents = latents - vae.shift_factor
     return latents * vae.scaling_factor
 
 
 def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> IMAGE float32 in [0, 1] (diffusers' decode + postprocess denormalisation)."""
-    module = vae.vae
+    """Scaled latents -> IMAGE float32 in [0, 1] (diffusers' decode + postprocess denormalisation).
+
+    A float16 VAE whose config says force_upcast (SDXL's, which overflows in float16) decodes in float32."""
+    module = _compute_module(vae)
     z = samples.to(device=module.device, dtype=module.dtype) / vae.scaling_factor
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
@@ -156,21 +167,26 @@ def empty_latent_node(
 
 
 @node("VAEEncode", version=1, category="latent", outputs={"latent": LATENT},
-      reference="diffusers AutoencoderKL.encode * scaling_factor")
+      reference="diffusers AutoencoderKL.encode * scaling_factor (float32 when force_upcast, as the SDXL pipelines)")
 def vae_encode_node(
     vae: Vae,
     image: Image,
     mode: Literal["mean", "sample"] = "mean",
     seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
 ):
-    """Encode an image into scaled latents (the distribution's mean by default; a seeded sample on request)."""
+    """Encode an image into scaled latents (the distribution's mean by default; a seeded sample on request).
+
+    A float16 VAE whose config says force_upcast (SDXL's) runs in float32, as diffusers does."""
     return Latents(encode_pixels(vae, image, mode, seed), vae.scale_factor)
 
 
 @node("VAEDecode", version=1, category="latent", outputs={"image": IMAGE},
-      reference="diffusers AutoencoderKL.decode(latents / scaling_factor) + VaeImageProcessor.postprocess")
+      reference="diffusers AutoencoderKL.decode(latents / scaling_factor) + VaeImageProcessor.postprocess "
+                "(float32 when force_upcast, as the SDXL pipelines)")
 def vae_decode_node(vae: Vae, latent: Latent):
-    """Decode latents into an image in [0, 1]."""
+    """Decode latents into an image in [0, 1].
+
+    A float16 VAE whose config says force_upcast (SDXL's, which overflows in float16) runs in float32."""
     samples = latent.samples
     if samples.shape[1] != vae.latent_channels:
         raise NodeError(f"latent has {samples.shape[1]} channels but this VAE expects {vae.latent_channels}")

@@ -17,8 +17,14 @@ A checkpoint is one of
 Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused: unpickling can run code.
 
 Each checkpoint is loaded once per process (per dtype and device) and the handles are shared by every
-node that uses it. Family detection (SD 1.x / 2.x, inpainting UNet with 9 input channels) reads only
-configs and the safetensors header, so path and family problems are reported before any weights load.
+node that uses it. Family detection reads only configs and the safetensors header, so path and family
+problems are reported at validation, before any weights load:
+
+- SD 1.x / 2.x: one ``CLIPTextModel`` (768 / 1024 wide);
+- SDXL: a UNet with ``addition_embed_type="text_time"`` and two text encoders, ``CLIPTextModel`` and
+  ``CLIPTextModelWithProjection`` (single files: ``conditioner.embedders.0/1.*``); the SDXL refiner has
+  the second encoder only and aesthetic-score time ids;
+- any of them with a 9-channel UNet is the inpainting variant ("SDXL inpainting").
 """
 from __future__ import annotations
 
@@ -43,19 +49,31 @@ log = logging.getLogger("nodegraph.models")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+                "sdxl_refiner": "Stable Diffusion XL refiner"}
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
+SDXL_FAMILIES = ("sdxl", "sdxl_refiner")
 # The repos diffusers' from_single_file takes configs from, by detected family (looked up in the local cache only).
 DEFAULT_CONFIG_REPOS = {
     ("sd1", False): "stable-diffusion-v1-5/stable-diffusion-v1-5",
     ("sd1", True): "stable-diffusion-v1-5/stable-diffusion-inpainting",
     ("sd2", False): "stabilityai/stable-diffusion-2-1",
     ("sd2", True): "stabilityai/stable-diffusion-2-inpainting",
+    ("sdxl", False): "stabilityai/stable-diffusion-xl-base-1.0",
+    ("sdxl", True): "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+    ("sdxl_refiner", False): "stabilityai/stable-diffusion-xl-refiner-1.0",
 }
 HUB_WEIGHT_PATTERNS = [
     "model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/config.json", "text_encoder/model.safetensors",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors", "tokenizer_2/*", "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
 ]
+
+
+def family_label(family: str, inpainting: bool) -> str:
+    """Short name of a checkpoint kind: "SD 1.x", "SDXL", "SDXL inpainting", ..."""
+    return FAMILY_LABELS.get(family, family) + (" inpainting" if inpainting else "")
 
 
 # ---------------------------------------------------------------------------------------------- handles
@@ -66,7 +84,7 @@ class ModelHandle:
 
     unet: Any
     scheduler_config: dict
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
     source: str
     vae_scale_factor: int = 8
     patches: tuple = ()  # nodes.denoise.ModelPatch objects applied around each sampler run
@@ -84,6 +102,14 @@ class ModelHandle:
         return self.in_channels == 9
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.family in SDXL_FAMILIES
+
+    @property
+    def label(self) -> str:
+        return family_label(self.family, self.inpainting)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
@@ -93,12 +119,15 @@ class ModelHandle:
 
     def describe(self) -> str:
         kind = "inpainting UNet (9 input channels)" if self.inpainting else f"UNet ({self.in_channels} input channels)"
-        return f"{FAMILY_NAMES.get(self.family, self.family)} {kind} from {self.source}"
+        return f"{FAMILY_NAMES.get(self.family, self.family)} ({self.label}) {kind} from {self.source}"
 
 
 @dataclass(eq=False)
 class ClipHandle:
-    """CLIP: tokenizer + text encoder. Remembers the empty prompt's embedding (the default negative)."""
+    """CLIP: tokenizer + text encoder. Remembers the empty prompt's embedding (the default negative).
+
+    SDXL has two: ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP bigG with projection,
+    which also gives the pooled embedding); the refiner has only the second (``text_encoder`` None)."""
 
     tokenizer: Any
     text_encoder: Any
@@ -108,10 +137,26 @@ class ClipHandle:
     # SDXL's second encoder (OpenCLIP bigG, which also gives the pooled embedding); None for SD 1.x/2.x
     tokenizer_2: Any = None
     text_encoder_2: Any = None
+    # SDXL pipelines' config: with no negative prompt the negative embeddings are zeros, not the encoded ""
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family in SDXL_FAMILIES
+
+    @property
+    def encoders(self) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs in use, in diffusers' order."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(t, e) for t, e in pairs if e is not None]
 
     @property
     def device(self) -> torch.device:
-        return self.text_encoder.device
+        return self.encoders[0][1].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoders[-1][1].dtype
 
 
 @dataclass(eq=False)
@@ -121,6 +166,7 @@ class VaeHandle:
     vae: Any
     family: str
     source: str
+    memo: dict = field(default_factory=dict, repr=False)  # the float32 copy for force_upcast
 
     @property
     def scale_factor(self) -> int:
@@ -137,6 +183,24 @@ class VaeHandle:
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
+
+    @property
+    def force_upcast(self) -> bool:
+        """SDXL's VAE overflows in float16; diffusers runs it in float32 then (``config.force_upcast``)."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
+
+    def compute_module(self):
+        """The autoencoder to run: a float32 copy (made once) when the VAE is float16 and its config says
+        force_upcast, as diffusers' SDXL pipelines upcast it; else the VAE itself. A copy rather than
+        ``vae.to(float32)`` and back, so nodes sharing the handle never see it change."""
+        if not (self.force_upcast and self.vae.dtype == torch.float16):
+            return self.vae
+        with _LOAD_LOCK:
+            if "float32" not in self.memo:
+                import copy
+
+                self.memo["float32"] = copy.deepcopy(self.vae).to(torch.float32)
+            return self.memo["float32"]
 
 
 # ---------------------------------------------------------------------------------------------- inspection
@@ -156,10 +220,14 @@ class CheckpointInfo:
     def inpainting(self) -> bool:
         return self.in_channels == 9
 
+    @property
+    def label(self) -> str:
+        return family_label(self.family, self.inpainting)
+
     def describe(self) -> str:
         unet = "inpainting UNet (9 input channels)" if self.inpainting else "UNet (4 input channels)"
         origin = f"hub id {self.hub_id}" if self.hub_id else f"{self.kind} {self.path}"
-        return f"{FAMILY_NAMES.get(self.family, self.family)} {unet}, {origin}"
+        return f"{FAMILY_NAMES.get(self.family, self.family)} ({self.label}) {unet}, {origin}"
 
 
 def looks_like_hub_id(value: str) -> bool:
@@ -196,8 +264,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _family_from_unet_config(config: dict, where: Path) -> str:
-    if config.get("addition_embed_type") == "text_time":
-        raise NodeError(f"{where} is a Stable Diffusion XL model; SDXL is not supported by these nodes yet")
+    """SD 1.x or 2.x from a UNet config without SDXL's added conditioning."""
     cross = config.get("cross_attention_dim")
     if cross == 768:
         return "sd1"
@@ -207,19 +274,71 @@ def _family_from_unet_config(config: dict, where: Path) -> str:
     return "sd1"
 
 
+def sdxl_time_id_count(unet_config: dict, pooled_dim: int) -> int:
+    """How many micro-conditioning numbers the UNet's added embedding takes: 6 (original size, crop, target
+    size; SDXL base and inpainting) or 5 (original size, crop, aesthetic score; the refiner)."""
+    per_id = int(unet_config.get("addition_time_embed_dim") or 0)
+    total = int(unet_config.get("projection_class_embeddings_input_dim") or 0)
+    if per_id <= 0 or (total - pooled_dim) % per_id:
+        return 0
+    return (total - pooled_dim) // per_id
+
+
+def _sdxl_family(folder: Path, unet_config: dict, where: Path) -> str:
+    """SDXL base/inpainting or refiner from the text encoder configs next to a text_time UNet; mismatches
+    between the encoders and the UNet are reported here, before any weights load."""
+    name = FAMILY_NAMES["sdxl"]
+    second = folder / "text_encoder_2" / "config.json"
+    if not second.is_file():
+        raise NodeError(f"{where} has a {name} UNet (added text/time conditioning) but no text_encoder_2/config.json; "
+                        "an SDXL checkpoint needs its second text encoder (CLIPTextModelWithProjection)")
+    enc2 = _read_json(second)
+    first = folder / "text_encoder" / "config.json"
+    enc1 = _read_json(first) if first.is_file() else None
+    family = "sdxl" if enc1 is not None else "sdxl_refiner"
+    width = int(enc2.get("hidden_size", 0)) + (int(enc1.get("hidden_size", 0)) if enc1 else 0)
+    cross = unet_config.get("cross_attention_dim")
+    if cross != width:
+        parts = (f"text_encoder ({enc1.get('hidden_size')}) + text_encoder_2 ({enc2.get('hidden_size')})" if enc1
+                 else f"text_encoder_2 ({enc2.get('hidden_size')})")
+        raise NodeError(f"{where}: the UNet's cross_attention_dim is {cross} but {parts} give {width}; the text "
+                        "encoders do not belong to this UNet")
+    count = sdxl_time_id_count(unet_config, int(enc2.get("projection_dim", 0)))
+    if count not in (5, 6):
+        raise NodeError(f"{where}: the UNet's added embedding takes {unet_config.get('projection_class_embeddings_input_dim')}"
+                        f" inputs, which is not 6 (or 5 for a refiner) time ids of {unet_config.get('addition_time_embed_dim')}"
+                        f" plus the pooled text embedding of {enc2.get('projection_dim')}; the config is inconsistent")
+    if enc1 is None and count != 5:
+        raise NodeError(f"{where} has no text_encoder/ (like the SDXL refiner) but its UNet takes {count} time ids, "
+                        "not the refiner's 5; the folder is incomplete")
+    return family
+
+
+def _folder_family(folder: Path, unet_config: dict, where: Path) -> str:
+    if unet_config.get("addition_embed_type") == "text_time":
+        return _sdxl_family(folder, unet_config, where)
+    if unet_config.get("addition_embed_type"):
+        raise NodeError(f"{where}: UNet addition_embed_type '{unet_config['addition_embed_type']}' is not a Stable "
+                        "Diffusion 1.x/2.x/XL model")
+    return _family_from_unet_config(unet_config, where)
+
+
+_COMPONENT_DIRS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
 def inspect_folder(folder: Path, hub_id: str | None = None) -> CheckpointInfo:
     problem = path_problem(str(folder))
     if problem:
         raise NodeError(problem)
     unet_config = _read_json(folder / "unet" / "config.json")
-    for name in ("unet", "vae", "text_encoder"):
+    for name in _COMPONENT_DIRS:
         sub = folder / name
         if sub.is_dir() and not any(sub.glob("*.safetensors")):
             if any(sub.glob("*.bin")) or any(sub.glob("*.ckpt")):
                 raise NodeError(f"{sub} holds only pickle weights (.bin), which are refused; convert the folder to "
                                 "safetensors (diffusers: pipe.save_pretrained(folder, safe_serialization=True))")
             raise NodeError(f"{sub} has no .safetensors weights; the diffusers folder is incomplete")
-    family = _family_from_unet_config(unet_config, folder)
+    family = _folder_family(folder, unet_config, folder)
     return CheckpointInfo("folder", folder, family, int(unet_config.get("in_channels", 4)), hub_id=hub_id)
 
 
@@ -241,12 +360,17 @@ def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
     if problem:
         raise NodeError(problem)
     keys, shapes = _safetensors_header(path)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise NodeError(f"{path.name} is a Stable Diffusion XL checkpoint; SDXL is not supported by these nodes yet")
     if "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
-        raise NodeError(f"{path.name} is not a Stable Diffusion 1.x/2.x single-file checkpoint (no "
+        raise NodeError(f"{path.name} is not a Stable Diffusion 1.x/2.x/XL single-file checkpoint (no "
                         "model.diffusion_model.* UNet weights); give a full checkpoint or a diffusers folder")
-    if "cond_stage_model.model.token_embedding.weight" in keys:
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+        if not any(k.startswith("conditioner.embedders.0.transformer.") for k in keys):
+            raise NodeError(f"{path.name} looks like SDXL but lacks the first text encoder "
+                            "(conditioner.embedders.0.transformer.*); it is not a full SDXL checkpoint")
+        family = "sdxl"
+    elif any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        family = "sdxl_refiner"
+    elif "cond_stage_model.model.token_embedding.weight" in keys:
         family = "sd2"
     elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
         family = "sd1"
@@ -259,9 +383,10 @@ def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
         raise NodeError(f"config folder {config_dir} describes a UNet with {unet_config.get('in_channels')} input "
                         f"channels but {path.name} has {in_channels}; give the config of the matching model "
                         "(an inpainting checkpoint needs an inpainting config)")
-    if _family_from_unet_config(unet_config, config_dir) != family:
-        raise NodeError(f"config folder {config_dir} is for {FAMILY_NAMES[_family_from_unet_config(unet_config, config_dir)]}"
-                        f" but {path.name} is {FAMILY_NAMES[family]}; give the config of the matching model")
+    config_family = _folder_family(config_dir, unet_config, config_dir)
+    if config_family != family:
+        raise NodeError(f"config folder {config_dir} is for {FAMILY_NAMES[config_family]} but {path.name} is "
+                        f"{FAMILY_NAMES[family]}; give the config of the matching model")
     return CheckpointInfo("file", path, family, in_channels, config_dir=config_dir)
 
 
@@ -270,22 +395,22 @@ def _config_for_file(path: Path, family: str, in_channels: int, config: str | No
     if config:
         folder = Path(config).expanduser()
         if folder.is_dir():
-            return _checked_config_dir(folder)
+            return _checked_config_dir(folder, family)
         if looks_like_hub_id(config):
             cached = _cached_snapshot(config)
             if cached is None:
                 raise NodeError(f"config '{config}' is neither a folder nor a repo in the local Hugging Face cache; "
                                 f"download its configs with `huggingface-cli download {config} --include '*.json' "
                                 "'*.txt'` or give a local diffusers config folder")
-            return _checked_config_dir(cached)
+            return _checked_config_dir(cached, family)
         raise NodeError(f"config folder '{config}' does not exist")
     sidecar = path.with_suffix(".config")
     if sidecar.is_dir():
-        return _checked_config_dir(sidecar)
+        return _checked_config_dir(sidecar, family)
     repo = DEFAULT_CONFIG_REPOS.get((family, in_channels == 9))
     cached = _cached_snapshot(repo) if repo else None
     if cached is not None:
-        return _checked_config_dir(cached)
+        return _checked_config_dir(cached, family)
     raise NodeError(
         f"{path.name} is a single-file {FAMILY_NAMES[family]} checkpoint and loading it needs a diffusers config "
         f"folder (configs + tokenizer, no weights), which is not fetched from the hub here. Either set the "
@@ -294,11 +419,14 @@ def _config_for_file(path: Path, family: str, in_channels: int, config: str | No
         f"`huggingface-cli download {repo} --include '*.json' '*.txt'`")
 
 
-def _checked_config_dir(folder: Path) -> Path:
-    needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
+def _checked_config_dir(folder: Path, family: str = "sd1") -> Path:
+    encoders = {"sdxl": ["text_encoder", "text_encoder_2"], "sdxl_refiner": ["text_encoder_2"]}.get(family, ["text_encoder"])
+    needed = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+    needed += [f"{e}/config.json" for e in encoders]
     missing = [n for n in needed if not (folder / n).is_file()]
-    if not (folder / "tokenizer").is_dir():
-        missing.append("tokenizer/")
+    for tokenizer in (e.replace("text_encoder", "tokenizer") for e in encoders):
+        if not (folder / tokenizer).is_dir():
+            missing.append(f"{tokenizer}/")
     if missing:
         raise NodeError(f"config folder {folder} is missing {', '.join(missing)}; it must be a diffusers-style "
                         "model folder (weights not needed)")
@@ -385,40 +513,67 @@ def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype = torch.float32,
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
-    return {
+    components = {
         "unet": UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **common),
         "vae": AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **common),
-        "text_encoder": CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **common),
-        "tokenizer": CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True),
         "scheduler_config": _read_json(folder / "scheduler" / "scheduler_config.json"),
+        "pipeline_config": _pipeline_config(folder),
     }
+    if (folder / "text_encoder").is_dir():
+        components["text_encoder"] = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **common)
+        components["tokenizer"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer",
+                                                                local_files_only=True)
+    if (folder / "text_encoder_2").is_dir():
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            str(folder), subfolder="text_encoder_2", **common)
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2",
+                                                                  local_files_only=True)
+    return components
+
+
+def _pipeline_config(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
+
+
+def _single_file_pipeline(info: CheckpointInfo):
+    import diffusers
+
+    if info.family in SDXL_FAMILIES:
+        if info.family == "sdxl_refiner":
+            return diffusers.StableDiffusionXLImg2ImgPipeline
+        return diffusers.StableDiffusionXLInpaintPipeline if info.inpainting else diffusers.StableDiffusionXLPipeline
+    return diffusers.StableDiffusionInpaintPipeline if info.inpainting else diffusers.StableDiffusionPipeline
 
 
 def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
-
-    cls = StableDiffusionInpaintPipeline if info.inpainting else StableDiffusionPipeline
+    cls = _single_file_pipeline(info)
+    extra = {} if info.family in SDXL_FAMILIES else dict(safety_checker=None, feature_extractor=None,
+                                                          requires_safety_checker=False)
     pipe = cls.from_single_file(str(info.path), config=str(info.config_dir), torch_dtype=dtype, local_files_only=True,
-                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return {
-        "unet": pipe.unet,
-        "vae": pipe.vae,
-        "text_encoder": pipe.text_encoder,
-        "tokenizer": pipe.tokenizer,
-        "scheduler_config": _read_json(info.config_dir / "scheduler" / "scheduler_config.json"),
-    }
+                                **extra)
+    components = {name: getattr(pipe, name, None) for name in
+                  ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    components["scheduler_config"] = _read_json(info.config_dir / "scheduler" / "scheduler_config.json")
+    components["pipeline_config"] = _pipeline_config(info.config_dir)
+    return {k: v for k, v in components.items() if v is not None}
 
 
 def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
     source = info.hub_id or str(info.path)
-    for name in ("unet", "vae", "text_encoder"):
-        c[name].to(device).eval().requires_grad_(False)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if c.get(name) is not None:
+            c[name].to(device).eval().requires_grad_(False)
     vae = VaeHandle(c["vae"], info.family, source)
     model = ModelHandle(c["unet"], dict(c["scheduler_config"]), info.family, source, vae.scale_factor)
-    clip = ClipHandle(c["tokenizer"], c["text_encoder"], info.family, source)
+    # diffusers' SDXL pipelines default force_zeros_for_empty_prompt to True; the refiner's config sets False
+    zeros = info.family in SDXL_FAMILIES and bool(c.get("pipeline_config", {}).get("force_zeros_for_empty_prompt", True))
+    clip = ClipHandle(c.get("tokenizer"), c.get("text_encoder"), info.family, source,
+                      tokenizer_2=c.get("tokenizer_2"), text_encoder_2=c.get("text_encoder_2"),
+                      force_zeros_for_empty_prompt=zeros)
     return model, clip, vae
 
 
@@ -430,6 +585,14 @@ def _check_load(params: dict):
         problem = path_problem(path)
         if problem:
             yield "path", problem
+            return
+        if Path(path).expanduser().exists():  # local folder or file: family problems show before the run
+            config = params.get("config")
+            try:
+                inspect_checkpoint(path, config if isinstance(config, str) and config else None)
+            except NodeError as exc:
+                yield "path", str(exc)
+                return
     config = params.get("config")
     if isinstance(config, str) and config and not Path(config).expanduser().is_dir() and not looks_like_hub_id(config):
         yield "config", f"no such config folder '{config}' and not a hub id 'owner/name'"
@@ -446,17 +609,18 @@ def load_checkpoint_node(
                                                  "sidecar '<stem>.config/' folder, then the local hub cache")]] = None,
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
 ):
-    """Load a Stable Diffusion 1.x/2.x checkpoint: model (UNet + scheduler config), clip, vae.
+    """Load a Stable Diffusion 1.x/2.x/XL checkpoint: model (UNet + scheduler config), clip, vae.
 
     Accepts a diffusers folder, a single-file .safetensors in the original layout, or a hub id found in
-    the local Hugging Face cache. Detects the family (SD 1.x / 2.x) and whether the UNet is an inpainting
-    one (9 input channels), and reports it in the run info. Pickle files (.ckpt/.bin/.pt) are refused.
+    the local Hugging Face cache. Detects the family (SD 1.x / 2.x, SDXL with its two text encoders, the
+    SDXL refiner) and whether the UNet is an inpainting one (9 input channels), e.g. "SDXL inpainting",
+    and reports it in the run info. Pickle files (.ckpt/.bin/.pt) are refused.
     One load per checkpoint, dtype and device per process; dtype "auto" follows the run's --dtype."""
     info = inspect_checkpoint(path, config or None, ctx.workflow_dir)
     torch_dtype = ctx.dtype if dtype == "auto" else getattr(torch, dtype)
     model, clip, vae = load_checkpoint(info, torch_dtype, ctx.device)
     ctx.info.setdefault("models", {})[ctx.node_id or "checkpoint"] = {
-        "source": model.source, "family": info.family, "inpainting": info.inpainting,
+        "source": model.source, "family": info.family, "kind": info.label, "inpainting": info.inpainting,
         "dtype": str(torch_dtype).removeprefix("torch."), "description": info.describe(),
     }
     log.info("LoadCheckpoint: %s", info.describe())

@@ -2,7 +2,12 @@
 
 Thin wrappers over ``nodes.denoise``; they share one loop. Steps are reported to the run's progress,
 which also stops between steps on interrupt. A negative conditioning is optional: without one the
-sampler uses the empty prompt's embedding carried by the positive conditioning, as diffusers does.
+sampler uses the default negative carried by the positive conditioning (the empty prompt's embedding;
+zeros for SDXL), as diffusers does. SD 1.x/2.x and SDXL models go through the same nodes.
+
+Refiner hand-off (seed article 001; diffusers' denoising_start / denoising_end): a sampler with
+``denoising_end`` 0.8 stops at 80 % of the schedule and returns still noisy latents; a sampler (e.g. with
+the SDXL refiner) with ``denoising_start`` 0.8 and the same steps and scheduler finishes them.
 """
 from __future__ import annotations
 
@@ -21,15 +26,25 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="noise seed (CPU tor
 Steps = Annotated[int, Field(ge=1, le=1000, description="scheduler steps (before strength)")]
 Guidance = Annotated[float, Field(ge=0, le=100, description="classifier-free guidance scale; <= 1 turns it off")]
 Strength = Annotated[float, Field(gt=0, le=1, description="how much to change: the last int(steps*strength) steps run")]
+DenoisingStart = Annotated[float, Field(ge=0, lt=1, description="hand-off: continue a partly denoised latent from this "
+                                                                "fraction of the schedule (strength ignored); 0 = off")]
+DenoisingEnd = Annotated[float, Field(gt=0, le=1, description="hand-off: stop at this fraction of the schedule and "
+                                                              "return the noisy latent; 1 = off")]
+
+
+def _check_fractions(params: dict):
+    start, end = params.get("denoising_start", 0.0), params.get("denoising_end", 1.0)
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)) and 0 < start and end < 1 and start >= end:
+        yield "denoising_start", f"must be below denoising_end ({end})"
 
 
 def _record(ctx: RunContext, **facts) -> None:
     ctx.info.setdefault("samplers", {})[ctx.node_id or ctx.node_type] = facts
 
 
-@node("Sampler", version=1, category="sampling", outputs={"latent": LATENT},
-      reference="diffusers StableDiffusionPipeline / StableDiffusionImg2ImgPipeline / "
-                "StableDiffusionInpaintPipeline (9-channel UNet)")
+@node("Sampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
+      reference="diffusers StableDiffusion(XL)Pipeline / StableDiffusion(XL)Img2ImgPipeline / "
+                "StableDiffusion(XL)InpaintPipeline (9-channel UNet)")
 def sampler_node(
     model: Model,
     positive: Conditioning,
@@ -41,20 +56,26 @@ def sampler_node(
     guidance_scale: Guidance = 7.5,
     scheduler: SchedulerName = "euler",
     strength: Strength = 1.0,
+    denoising_start: DenoisingStart = 0.0,
+    denoising_end: DenoisingEnd = 1.0,
 ):
     """Denoise a latent: text2img from an EmptyLatent, img2img from an image latent (strength < 1 keeps more).
 
     With an inpainting checkpoint (9-channel UNet) the latent must come from InpaintModelConditioning;
     the UNet then sees cat([x, mask, masked_image_latents]) at every step (diffusers'
-    StableDiffusionInpaintPipeline). Arithmetic and noise match diffusers for the same seed."""
-    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale)
+    StableDiffusionInpaintPipeline). SDXL models get their pooled embedding and time ids. Hand-off:
+    denoising_end < 1 stops early (noisy latent out, inpainting conditioning kept); denoising_start > 0
+    continues such a latent, e.g. with the SDXL refiner. Arithmetic and noise match diffusers for the same seed."""
+    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
+            denoising_start=denoising_start, denoising_end=denoising_end)
     samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                             scheduler=scheduler, strength=strength, progress=ctx.progress)
-    return latent.with_samples(samples.float())
+                             scheduler=scheduler, strength=strength, denoising_start=denoising_start,
+                             denoising_end=denoising_end, progress=ctx.progress)
+    return latent.with_samples(samples.float(), keep_inpaint=denoising_end < 1 and model.inpainting)
 
 
-@node("LatentBlendSampler", version=1, category="sampling", outputs={"latent": LATENT},
-      reference="diffusers StableDiffusionInpaintPipeline with a 4-channel UNet (seed article 000)")
+@node("LatentBlendSampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
+      reference="diffusers StableDiffusion(XL)InpaintPipeline with a 4-channel UNet (seed article 000)")
 def latent_blend_sampler_node(
     model: Model,
     positive: Conditioning,
@@ -67,15 +88,21 @@ def latent_blend_sampler_node(
     guidance_scale: Guidance = 7.5,
     scheduler: SchedulerName = "euler",
     strength: Strength = 1.0,
+    denoising_start: DenoisingStart = 0.0,
+    denoising_end: DenoisingEnd = 1.0,
 ):
     """Inpaint with a normal checkpoint: after each step the unmasked latents are replaced by the original
     noised to the next timestep (seed article 000), so only the mask (1 = repaint) changes.
 
     The mask is binarised at 0.5 and resized to latent size (nearest), as diffusers does. Strength 1
-    starts the masked area from pure noise; lower strength starts from the noised original."""
-    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale)
+    starts the masked area from pure noise; lower strength starts from the noised original. Hand-off as
+    in Sampler: with denoising_start the given latent is continued and blended back outside the mask
+    (StableDiffusionXLInpaintPipeline with a refiner)."""
+    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
+            denoising_start=denoising_start, denoising_end=denoising_end)
     samples = denoise.blend_inpaint(model, positive, negative, latent, mask, seed=seed, steps=steps,
                                     guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
+                                    denoising_start=denoising_start, denoising_end=denoising_end,
                                     progress=ctx.progress)
     return latent.with_samples(samples.float())
 
@@ -95,14 +122,17 @@ def differential_sampler_node(
     guidance_scale: Guidance = 7.5,
     scheduler: SchedulerName = "euler",
     strength: Strength = 1.0,
+    denoising_end: DenoisingEnd = 1.0,
 ):
     """Differential diffusion: a soft change map says how much each pixel may change.
 
     change_map is a MASK (1 = change fully, 0 = keep, 0.3 = change a little); the seed article's map is
     the opposite (white = keep), converted here. A pixel with change c follows the noised original and is
-    free only for the last c*N of the N steps. The map is averaged to latent size."""
-    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale)
+    free only for the last c*N of the N steps. The map is averaged to latent size. Works the same on SDXL
+    (seed article 002). denoising_end < 1 stops early for a hand-off (thresholds still count all N steps)."""
+    _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
+            denoising_end=denoising_end)
     samples = denoise.differential(model, positive, negative, latent, change_map, seed=seed, steps=steps,
                                    guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
-                                   progress=ctx.progress)
+                                   denoising_end=denoising_end, progress=ctx.progress)
     return latent.with_samples(samples.float())
