@@ -1,0 +1,197 @@
+"""SDXL through the nodes: family detection, bad checkpoints caught at validation, conditioning mismatches,
+the float16 VAE upcast, SDXLSizeConditioning, and a base -> refiner hand-off workflow run by the engine."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from nodegraph.api import Engine
+from nodegraph.errors import NodeError, WorkflowInvalid
+from nodes import denoise
+from nodes.conditioning import encode_prompt, sdxl_size_conditioning
+from nodes.latent import Latents, decode_latents, empty_latent, encode_pixels
+from nodes.models import inspect_checkpoint, load_checkpoint
+from tests.test_diffusion_parity import photo
+from tests.tiny_models import build_tiny_models
+from tests.tiny_sdxl import build_tiny_sdxl_set
+
+KW = dict(seed=0, steps=2, guidance_scale=5.0, scheduler="euler", strength=1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl():
+    return build_tiny_sdxl_set()
+
+
+@pytest.fixture(scope="module")
+def xl(tiny_xl):
+    return load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+def test_family_detection(tiny_xl):
+    expected = {tiny_xl.base: ("sdxl", 4, "SDXL"), tiny_xl.inpaint: ("sdxl", 9, "SDXL inpainting"),
+                tiny_xl.refiner: ("sdxl_refiner", 4, "SDXL refiner")}
+    for path, (family, channels, label) in expected.items():
+        info = inspect_checkpoint(str(path))
+        assert (info.family, info.in_channels, info.label) == (family, channels, label)
+        assert f"Stable Diffusion XL" in info.describe() and f"({label})" in info.describe()
+    model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.refiner)))
+    assert clip.text_encoder is None and clip.text_encoder_2 is not None and not clip.force_zeros_for_empty_prompt
+    model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
+    assert type(clip.text_encoder).__name__ == "CLIPTextModel"
+    assert type(clip.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert clip.force_zeros_for_empty_prompt and vae.force_upcast and model.is_sdxl
+
+
+def run_load(path, tmp_path):
+    workflow = {"format": "nodegraph/1", "nodes": {"ckpt": {"type": "LoadCheckpoint", "params": {"path": str(path)}}}}
+    return Engine().run(workflow, targets=["ckpt"], out_dir=tmp_path)
+
+
+def test_load_node_reports_the_kind(tiny_xl, tmp_path):
+    result = run_load(tiny_xl.inpaint, tmp_path)
+    assert result.outputs["ckpt"]["model"].label == "SDXL inpainting"
+
+
+def broken(tiny_xl, tmp_path, name, edit):
+    folder = tmp_path / name
+    shutil.copytree(tiny_xl.base, folder)
+    edit(folder)
+    return folder
+
+
+def validation_issues(path):
+    workflow = {"format": "nodegraph/1", "nodes": {"ckpt": {"type": "LoadCheckpoint", "params": {"path": str(path)}}}}
+    with pytest.raises(WorkflowInvalid) as err:
+        Engine().compile(workflow)
+    return {(i.node_id, i.field): i.message for i in err.value.issues}
+
+
+def test_bad_sdxl_folders_are_caught_at_validation(tiny_xl, tmp_path):
+    no_second = broken(tiny_xl, tmp_path, "no-second", lambda f: shutil.rmtree(f / "text_encoder_2"))
+    assert "no text_encoder_2" in validation_issues(no_second)[("ckpt", "path")]
+
+    def widen(folder):
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 96}))
+
+    wrong_width = broken(tiny_xl, tmp_path, "wrong-width", widen)
+    assert "cross_attention_dim is 96" in validation_issues(wrong_width)[("ckpt", "path")]
+
+    def no_first(folder):
+        shutil.rmtree(folder / "text_encoder")
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 48}))
+
+    half = broken(tiny_xl, tmp_path, "no-first", no_first)
+    assert "not the refiner's 5" in validation_issues(half)[("ckpt", "path")]
+
+
+# ---------------------------------------------------------------------------------------------- mismatches
+
+def test_sd1_conditioning_on_sdxl_and_the_reverse_fail_clearly(xl):
+    model, clip, vae = xl
+    sd = load_checkpoint(inspect_checkpoint(str(build_tiny_models().sd15)))
+    sd1_cond = encode_prompt(sd[1], "a castle")
+    with pytest.raises(NodeError, match="SD 1.x CLIP but the model is SDXL"):
+        denoise.sample(model, sd1_cond, None, empty_latent(64, 64), **KW)
+    with pytest.raises(NodeError, match="negative conditioning comes from an SD 1.x CLIP"):
+        denoise.sample(model, encode_prompt(clip, "a castle"), sd1_cond, empty_latent(64, 64), **KW)
+    with pytest.raises(NodeError, match="SDXL CLIP but the model is not SDXL"):
+        denoise.sample(sd[0], encode_prompt(clip, "a castle"), None, empty_latent(64, 64), **KW)
+    with pytest.raises(NodeError, match="prompt_2 is for SDXL"):
+        encode_prompt(sd[1], "a castle", text_2="a door")
+
+
+def test_handoff_misuse(xl):
+    model, clip, _ = xl
+    with pytest.raises(NodeError, match="EmptyLatent has none"):
+        denoise.sample(model, encode_prompt(clip, "x"), None, empty_latent(64, 64), **{**KW, "strength": 1.0},
+                       denoising_start=0.5)
+    partly = Latents(torch.randn(1, 4, 8, 8))
+    with pytest.raises(NodeError, match="below denoising_end"):
+        denoise.sample(model, encode_prompt(clip, "x"), None, partly, **KW, denoising_start=0.6, denoising_end=0.5)
+    with pytest.raises(NodeError, match="no step to run"):
+        denoise.sample(model, encode_prompt(clip, "x"), None, empty_latent(64, 64), **KW, denoising_end=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- VAE, sizes
+
+def test_float16_vae_runs_in_float32_and_stays_float16(tiny_xl):
+    _, _, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.base)), dtype=torch.float16)
+    assert vae.vae.dtype == torch.float16 and vae.force_upcast
+    image = photo()
+    latents = encode_pixels(vae, image)
+    assert latents.dtype == torch.float16 and vae.vae.dtype == torch.float16
+    # the same weights in float32 give the same latents and pixels: the work ran in float32 (then, as in the
+    # SDXL img2img pipeline's prepare_latents, cast to the VAE's dtype and scaled)
+    vae32 = copy.deepcopy(vae.vae).float()
+    with torch.no_grad():
+        ref = vae32.encode(image * 2 - 1).latent_dist.mode().half() * vae.scaling_factor
+        ref_pixels = (vae32.decode(latents.float() / vae.scaling_factor).sample * 0.5 + 0.5).clamp(0, 1)
+    assert torch.equal(latents, ref)
+    pixels = decode_latents(vae, latents)
+    assert pixels.dtype == torch.float32 and (pixels - ref_pixels).abs().max() < 1e-6
+    assert vae.vae.dtype == torch.float16  # the shared module was never cast
+
+
+def test_size_conditioning_node(xl):
+    model, clip, _ = xl
+    pos = encode_prompt(clip, "x")
+    sized = sdxl_size_conditioning(pos, original_width=1024, original_height=768, crop_left=8, crop_top=16)
+    assert sized.size == {"original_size": (768, 1024), "crop": (16, 8)} and pos.size == {}
+    ids, neg_ids = denoise.sdxl_time_ids(model.unet, 40, (64, 48), sized.size, None)
+    assert ids.tolist() == [[768, 1024, 16, 8, 64, 48]] and neg_ids.tolist() == ids.tolist()
+    with pytest.raises(NodeError, match="needs an SDXL conditioning"):
+        sdxl_size_conditioning(encode_prompt(load_checkpoint(inspect_checkpoint(str(build_tiny_models().sd15)))[1],
+                                             "x"))
+
+
+# ---------------------------------------------------------------------------------------------- workflow
+
+def handoff_workflow(base, refiner):
+    return {
+        "format": "nodegraph/1",
+        "nodes": {
+            "base": {"type": "LoadCheckpoint", "params": {"path": str(base)}},
+            "refiner": {"type": "LoadCheckpoint", "params": {"path": str(refiner)}},
+            "prompt": {"type": "CLIPEncode", "inputs": {"clip": "base.clip"}, "params": {"text": "an elven castle"}},
+            "sized": {"type": "SDXLSizeConditioning", "inputs": {"conditioning": "prompt.conditioning"},
+                      "params": {"original_width": 1024, "original_height": 1024}},
+            "prompt_r": {"type": "CLIPEncode", "inputs": {"clip": "refiner.clip"}, "params": {"text": "an elven castle"}},
+            "empty": {"type": "EmptyLatent", "params": {"width": 64, "height": 64}},
+            "t2i": {"type": "Sampler", "inputs": {"model": "base.model", "positive": "sized.conditioning",
+                                                  "latent": "empty.latent"},
+                    "params": {"seed": 1, "steps": 4, "guidance_scale": 5.0, "scheduler": "dpmpp_2m_karras",
+                               "denoising_end": 0.75}},
+            "refine": {"type": "Sampler", "inputs": {"model": "refiner.model", "positive": "prompt_r.conditioning",
+                                                     "latent": "t2i.latent"},
+                       "params": {"seed": 2, "steps": 4, "guidance_scale": 5.0, "scheduler": "dpmpp_2m_karras",
+                                  "denoising_start": 0.75}},
+            "decode": {"type": "VAEDecode", "inputs": {"vae": "base.vae", "latent": "refine.latent"}},
+        },
+    }
+
+
+def test_base_refiner_handoff_workflow(tiny_xl, tmp_path):
+    workflow = handoff_workflow(tiny_xl.base, tiny_xl.refiner)
+    engine = Engine()
+    result = engine.run(workflow, targets=["decode", "t2i", "refine"], out_dir=tmp_path)
+    image = result.outputs["decode"]["image"]
+    assert image.shape == (1, 3, 64, 64) and 0 <= image.min() and image.max() <= 1
+    half, done = result.outputs["t2i"]["latent"].samples, result.outputs["refine"]["latent"].samples
+    assert (half - done).abs().max() > 1e-3
+    # changing the refiner's seed reruns only the refiner stage
+    again = engine.run(workflow, targets=["decode"], overrides={"refine.seed": 3}, out_dir=tmp_path)
+    assert again.status["t2i"] == "cached" and again.status["refine"] == "ran"
+    # start >= end is caught at validation
+    bad = copy.deepcopy(workflow)
+    bad["nodes"]["refine"]["params"]["denoising_end"] = 0.5
+    with pytest.raises(WorkflowInvalid, match="below denoising_end"):
+        engine.compile(bad)
