@@ -15,7 +15,8 @@ The arithmetic is diffusers' (``load_ip_adapter`` + ``set_ip_adapter_scale`` + `
 - the adapter's weights become diffusers modules through diffusers' own converters
   (``UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers`` /
   ``_convert_ip_adapter_attn_to_diffusers``): an image projection and ``IPAdapterAttnProcessor2_0``
-  cross-attention processors with ``scale``;
+  cross-attention processors with ``scale``, built once per UNet and adapter and shared by every
+  ApplyIPAdapter that uses them (each sets its own scale when applied);
 - those are installed on the shared UNet only while a sampler runs with this MODEL (``IPAdapterPatch.applied``)
   and the UNet's own processors and ``encoder_hid_proj`` are put back afterwards, even on error or interrupt;
 - the images are encoded once, when the node runs: each image of the IMAGE batch goes to 8 bits and
@@ -37,6 +38,7 @@ import contextlib
 import json
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -312,8 +314,11 @@ _LOAD_LOCK = threading.Lock()
 
 
 def clear_loaded_adapters() -> None:
+    """Forget loaded adapters and the modules built from them (the next load reads the files again)."""
     with _LOAD_LOCK:
         _LOADED.clear()
+    with _MODULES_LOCK:
+        _MODULES.clear()
 
 
 def _identity(path: Path, folder: Path) -> tuple:
@@ -354,31 +359,55 @@ class AdapterImages:
     negative: torch.Tensor  # the unconditional side's
 
 
+_MODULES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # unet -> {adapters: modules}
+_MODULES_LOCK = threading.Lock()
+
+
+def _low_cpu_mem_usage() -> bool:
+    """diffusers' default (no random init of the new modules) when accelerate is there to provide it."""
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def adapter_modules(unet, adapters: tuple[IPAdapterHandle, ...]) -> tuple[dict, Any]:
+    """diffusers' IP attention processors (cross-attention layers only) and image projection for ``adapters``
+    on ``unet``, made by diffusers' converters from the UNet as it is (unpatched).
+
+    Built once per UNet and adapter list and shared by every patch that uses them (the seed workflow applies
+    one adapter to new slices at each expansion); the scales are set by each patch when it is applied."""
+    with _MODULES_LOCK:
+        built = _MODULES.setdefault(unet, {})
+        if adapters not in built:
+            from diffusers.models.attention_processor import (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0,
+                                                              IPAdapterXFormersAttnProcessor)
+            from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+            states = [a.state_dict for a in adapters]
+            low_memory = _low_cpu_mem_usage()
+            ip_classes = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
+            converted = unet._convert_ip_adapter_attn_to_diffusers(states, low_cpu_mem_usage=low_memory)
+            # self-attention layers keep the UNet's own processors
+            processors = {name: proc for name, proc in converted.items() if isinstance(proc, ip_classes)}
+            for proc in processors.values():
+                proc.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
+            layers = [unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=low_memory)
+                      for state in states]
+            projection = MultiIPAdapterImageProjection(layers).to(device=unet.device, dtype=unet.dtype)
+            built[adapters] = (processors, projection.eval().requires_grad_(False))
+        return built[adapters]
+
+
 class IPAdapterPatch(ModelPatch):
     """One or more IP-Adapters on a UNet, installed only around a sampler run.
 
-    The diffusers modules (image projections, IP attention processors) are built once here, from the
-    UNet as it is (unpatched); ``applied`` swaps them in and restores the UNet's own afterwards."""
+    ``applied`` swaps diffusers' IP modules in (with this patch's scales) and restores the UNet's own
+    processors, ``encoder_hid_proj`` and config afterwards; ``condition`` adds the image embeds."""
 
     def __init__(self, unet, entries: list[AdapterImages]):
-        from diffusers.models.attention_processor import (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0,
-                                                          IPAdapterXFormersAttnProcessor)
-        from diffusers.models.embeddings import MultiIPAdapterImageProjection
-
         self.unet, self.entries = unet, list(entries)
-        states = [e.adapter.state_dict for e in self.entries]
-        ip_classes = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
-        converted = unet._convert_ip_adapter_attn_to_diffusers(states, low_cpu_mem_usage=False)
-        # only the cross-attention processors are replaced; self-attention keeps the UNet's own
-        self.processors = {name: proc for name, proc in converted.items() if isinstance(proc, ip_classes)}
-        scales = [float(e.scale) for e in self.entries]
-        for proc in self.processors.values():
-            proc.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
-            proc.scale = list(scales)  # what set_ip_adapter_scale does, per adapter
-        layers = [unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
-                  for state in states]
-        self.projection = MultiIPAdapterImageProjection(layers).to(device=unet.device, dtype=unet.dtype)
-        self.projection.eval().requires_grad_(False)
+        self.processors, self.projection = adapter_modules(unet, tuple(e.adapter for e in self.entries))
+        self.scales = [float(e.scale) for e in self.entries]
 
     @contextlib.contextmanager
     def applied(self, unet):
@@ -390,6 +419,8 @@ class IPAdapterPatch(ModelPatch):
                             "ApplyIPAdapter nodes (they combine) rather than patching the UNet by other means")
         original = unet.attn_processors  # a fresh dict of the processor objects in use
         hid_type = unet.config.encoder_hid_dim_type
+        for proc in self.processors.values():
+            proc.scale = list(self.scales)  # what set_ip_adapter_scale does, per adapter
         # processors first: an IP-Adapter Plus projection has attention layers of its own, which
         # set_attn_processor would otherwise count as the UNet's
         unet.set_attn_processor({**original, **self.processors})

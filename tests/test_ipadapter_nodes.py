@@ -115,6 +115,17 @@ def test_image_embeds_are_computed_once_and_the_inputs_are_not_modified(tiny, sl
     assert torch.count_nonzero(plain_entry.entries[0].negative) == 0  # plain: zeros, as diffusers
 
 
+def test_adapter_modules_are_built_once_per_unet_and_shared(tiny, slices):
+    """Each expansion of the seed workflow applies the same adapter to new slices: one set of modules."""
+    _, (model, _, _), adapters = tiny
+    adapter = load_ip_adapter(adapters.plain, adapters.encoder)
+    a = apply_ip_adapter(model, adapter, slices[:2], 0.1).patches[0]
+    b = apply_ip_adapter(model, adapter, slices[2:], 0.9).patches[0]
+    assert a.projection is b.projection and a.processors == b.processors
+    assert a.scales == [0.1] and b.scales == [0.9]
+    assert not torch.equal(a.entries[0].positive, b.entries[0].positive)
+
+
 # ---------------------------------------------------------------------------------------------- workflows
 
 def workflow(tiny, scale=0.1) -> dict:
