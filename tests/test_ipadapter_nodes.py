@@ -153,7 +153,7 @@ def workflow(tiny, scale=0.1) -> dict:
 
 def test_workflow_patched_and_plain_samplers_side_by_side(tiny, slices, tmp_path):
     _, (model, clip, _), adapters = tiny
-    engine = Engine()
+    engine = Engine(cache_dir=tmp_path / "cache")
     targets = ["plain", "with_ip"]
     first = engine.run(workflow(tiny), targets=targets, out_dir=tmp_path)
     assert set(first.status.values()) == {"ran"}
@@ -167,6 +167,10 @@ def test_workflow_patched_and_plain_samplers_side_by_side(tiny, slices, tmp_path
     assert second.ran() == {"apply", "with_ip"}
     assert second.status["ipa"] == "cached" and second.status["plain"] == "cached"
     assert not torch.equal(second.outputs["with_ip"]["latent"].samples, with_ip)
+    # adapters and patched models stay in memory; a new engine takes the sampled latents from the disk cache
+    fresh = Engine(cache_dir=tmp_path / "cache").run(workflow(tiny), targets=targets, out_dir=tmp_path)
+    assert fresh.status["with_ip"] == "cached" and fresh.status["apply"] == "skipped" and not fresh.ran()
+    assert torch.equal(fresh.outputs["with_ip"]["latent"].samples, with_ip)
 
 
 def issues_of(spec: dict) -> dict:
