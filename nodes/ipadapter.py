@@ -526,6 +526,7 @@ def apply_ip_adapter_node(
     model: Model,
     adapter: IPAdapter,
     image: Image,
+    ctx: RunContext,
     scale: Annotated[float, Field(ge=0, le=10, description="IP-Adapter scale (set_ip_adapter_scale); "
                                                            "the seed article uses 0.1")] = 1.0,
 ):
@@ -536,4 +537,8 @@ def apply_ip_adapter_node(
     The input MODEL is unchanged: the adapter is installed on the shared UNet only while a sampler runs
     with this MODEL. Chain two ApplyIPAdapter nodes to use two adapters. An adapter made for another
     model family fails here, before any sampling step."""
+    ctx.info.setdefault("ip_adapters", {})[ctx.node_id or "ip_adapter"] = {
+        "adapter": adapter.source, "scale": scale, "images": int(image.shape[0]),
+        "image_size": [int(image.shape[-1]), int(image.shape[-2])],
+    }
     return apply_ip_adapter(model, adapter, image, scale)
