@@ -1,6 +1,6 @@
 """Diffusion nodes against diffusers on the same model and settings, on CPU.
 
-    PYTHONPATH=. python benchmarks/diffusion.py [--repeat 5] [--steps 20] [--skip-sd15] [--sd15-dir DIR]
+    PYTHONPATH=. python benchmarks/diffusion.py [--repeat 5] [--steps 20] [--skip-sd15] [--skip-sdxl] [--sd15-dir DIR]
 
 Part 1, the tiny random SD 1.x model (tests/tiny_models.py), 64x64:
   - one Sampler stage (CLIPEncode + Sampler through the engine, fresh caches) vs one
@@ -14,6 +14,14 @@ Part 2, a randomly initialised checkpoint of the real SD 1.5 architecture (UNet 
 768-wide CLIP text encoder, configs written out in tests/tiny_models.py), as one fp32 single-file
 .safetensors, 64x64, 4 Euler steps: load time, s/step and peak RSS, each measured in a fresh process,
 for our nodes and for diffusers' from_single_file + pipeline, beside ComfyUI's published figures.
+
+Part 3, the tiny random SDXL model (tests/tiny_sdxl.py: two text encoders, text_time UNet), 64x64,
+DPM++ 2M Karras (the outpaint workflow's scheduler):
+  - one SDXL stage (CLIPEncode + Sampler through the engine, fresh caches) vs one
+    StableDiffusionXLPipeline call with output_type="latent"; the loop alone given embeddings;
+  - the base -> refiner hand-off (Sampler denoising_end 0.8, refiner Sampler denoising_start 0.8,
+    through the engine) vs StableDiffusionXLPipeline(denoising_end) + the refiner's
+    StableDiffusionXLImg2ImgPipeline(denoising_start), latents handed on.
 
 Times are the best of --repeat runs (the machine is shared), ours and diffusers' interleaved. CPU only (no GPU here).
 """
@@ -285,9 +293,94 @@ def sd15_part(folder: Path, steps: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- part 3
+
+def sdxl_part(repeat: int, steps: int) -> dict:
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from nodegraph.api import Engine
+    from nodes import denoise
+    from nodes.conditioning import encode_prompt
+    from nodes.latent import empty_latent
+    from nodes.models import inspect_checkpoint, load_checkpoint
+    from tests.tiny_sdxl import build_tiny_sdxl_set
+
+    tiny = build_tiny_sdxl_set()
+    (model, clip, vae), (r_model, r_clip, r_vae) = (load_checkpoint(inspect_checkpoint(str(p)))
+                                                    for p in (tiny.base, tiny.refiner))
+
+    def karras(config):
+        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, algorithm_type="dpmsolver++")
+
+    base = StableDiffusionXLPipeline(vae=vae.vae, text_encoder=clip.text_encoder, text_encoder_2=clip.text_encoder_2,
+                                     tokenizer=clip.tokenizer, tokenizer_2=clip.tokenizer_2, unet=model.unet,
+                                     scheduler=karras(model.scheduler_config))
+    refiner = StableDiffusionXLImg2ImgPipeline(vae=r_vae.vae, text_encoder=None, text_encoder_2=r_clip.text_encoder_2,
+                                               tokenizer=None, tokenizer_2=r_clip.tokenizer_2, unet=r_model.unet,
+                                               scheduler=karras(r_model.scheduler_config),
+                                               requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    size, sched = 64, "dpmpp_2m_karras"
+    common = {"seed": 7, "steps": steps, "scheduler": sched, "guidance_scale": 5.0}
+    stage = {"format": "nodegraph/1", "nodes": {
+        "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(tiny.base)}},
+        "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": PROMPT}},
+        "empty": {"type": "EmptyLatent", "params": {"width": size, "height": size}},
+        "t2i": {"type": "Sampler", "inputs": {"model": "ckpt.model", "positive": "pos.conditioning",
+                                               "latent": "empty.latent"}, "params": dict(common)},
+    }}
+    handoff = {"format": "nodegraph/1", "nodes": {
+        **stage["nodes"],
+        "t2i": {**stage["nodes"]["t2i"], "params": {**common, "denoising_end": 0.8}},
+        "ref": {"type": "LoadCheckpoint", "params": {"path": str(tiny.refiner)}},
+        "ref_pos": {"type": "CLIPEncode", "inputs": {"clip": "ref.clip"}, "params": {"text": PROMPT}},
+        "refine": {"type": "Sampler", "inputs": {"model": "ref.model", "positive": "ref_pos.conditioning",
+                                                  "latent": "t2i.latent"},
+                   "params": {**common, "seed": 8, "denoising_start": 0.8}},
+    }}
+    cond = encode_prompt(clip, PROMPT)
+    pe, ne, pp, npp = base.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True)
+
+    def ours_stage():
+        Engine().run(stage, targets=["t2i"], out_dir=tempfile.gettempdir())
+
+    def diffusers_stage():
+        base(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(7), output_type="latent")
+
+    def ours_loop():
+        denoise.sample(model, cond, None, empty_latent(size, size), seed=7, steps=steps, guidance_scale=5.0,
+                       scheduler=sched, strength=1.0)
+
+    def diffusers_loop():
+        base(prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npp,
+             num_inference_steps=steps, height=size, width=size, guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(7), output_type="latent")
+
+    def ours_handoff():
+        Engine().run(handoff, targets=["refine"], out_dir=tempfile.gettempdir())
+
+    def diffusers_handoff():
+        latents = base(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=5.0,
+                       denoising_end=0.8, generator=torch.Generator().manual_seed(7), output_type="latent").images
+        refiner(PROMPT, image=latents, num_inference_steps=steps, guidance_scale=5.0, denoising_start=0.8,
+                generator=torch.Generator().manual_seed(8), output_type="latent")
+
+    for fn in (ours_stage, diffusers_stage, ours_loop, diffusers_loop, ours_handoff, diffusers_handoff):
+        fn()  # warm-up
+    return {
+        "steps": steps, "size": size,
+        "stage": interleaved({"ours": ours_stage, "diffusers": diffusers_stage}, repeat),
+        "loop": interleaved({"ours": ours_loop, "diffusers": diffusers_loop}, repeat),
+        "handoff": interleaved({"ours": ours_handoff, "diffusers": diffusers_handoff}, repeat),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- report
 
-def report(tiny: dict | None, sd15: dict | None) -> str:
+def report(tiny: dict | None, sd15: dict | None, sdxl: dict | None = None) -> str:
     lines = []
     if tiny:
         s, l, c = tiny["stage"], tiny["loop"], tiny["chain"]
@@ -318,6 +411,17 @@ def report(tiny: dict | None, sd15: dict | None) -> str:
             f"  through the engine, a process's first run also hashes the file for the cache key: "
             f"{o['engine_hash_s']:.2f} s",
         ]
+    if sdxl:
+        ratio = lambda d: d["ours"] / d["diffusers"]  # noqa: E731
+        rows = [("one SDXL stage (CLIPEncode + Sampler via engine)", "stage"),
+                ("sampler loop alone (given embeddings)", "loop"),
+                ("base -> refiner hand-off (end/start 0.8)", "handoff")]
+        lines.append(f"tiny SDXL, CPU, {sdxl['size']}x{sdxl['size']}, {sdxl['steps']} DPM++ 2M Karras steps "
+                     "(best of runs)")
+        for title, key in rows:
+            d = sdxl[key]
+            lines.append(f"  {title:46s} ours {d['ours']:.3f} s  diffusers {d['diffusers']:.3f} s  "
+                         f"ratio {ratio(d):.3f}x")
     lines.append("No GPU was available: every figure is CPU.")
     return "\n".join(lines)
 
@@ -329,6 +433,7 @@ def main() -> None:
     parser.add_argument("--sd15-steps", type=int, default=4)
     parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--skip-sdxl", action="store_true")
     parser.add_argument("--sd15-dir", default=os.path.join(tempfile.gettempdir(), "nodegraph-sd15-random"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--build-sd15", help=argparse.SUPPRESS)
@@ -345,10 +450,11 @@ def main() -> None:
         return
     quiet()
     tiny = None if args.skip_tiny else tiny_part(args.repeat, args.steps)
+    sdxl = None if args.skip_sdxl else sdxl_part(args.repeat, args.steps)
     sd15 = None if args.skip_sd15 else sd15_part(Path(args.sd15_dir), args.sd15_steps)
     if args.json:
-        print(json.dumps({"tiny": tiny, "sd15": sd15}, indent=2))
-    print(report(tiny, sd15))
+        print(json.dumps({"tiny": tiny, "sd15": sd15, "sdxl": sdxl}, indent=2))
+    print(report(tiny, sd15, sdxl))
 
 
 if __name__ == "__main__":
