@@ -49,6 +49,35 @@ def test_family_detection(tiny_xl):
     assert clip.force_zeros_for_empty_prompt and vae.force_upcast and model.is_sdxl
 
 
+def test_single_file_gives_the_folder_weights(tiny_xl, xl):
+    info = inspect_checkpoint(str(tiny_xl.base_file))  # the sidecar <stem>.config/ folder is found
+    assert info.kind == "file" and info.label == "SDXL" and info.config_dir == tiny_xl.base_file.with_suffix(".config")
+    model, clip, vae = load_checkpoint(info)
+    pairs = [(model.unet, xl[0].unet), (vae.vae, xl[2].vae), (clip.text_encoder, xl[1].text_encoder),
+             (clip.text_encoder_2, xl[1].text_encoder_2)]
+    for ours, theirs in pairs:
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert clip.force_zeros_for_empty_prompt
+    assert inspect_checkpoint(str(tiny_xl.inpaint_file)).label == "SDXL inpainting"
+
+
+def test_single_file_config_problems(tiny_xl, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    lonely = tmp_path / "lonely-xl.safetensors"
+    shutil.copy(tiny_xl.base_file, lonely)
+    with pytest.raises(NodeError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+        inspect_checkpoint(str(lonely))
+    # an SD 1.x config for an SDXL file, or a base config for an inpainting file, is caught before loading
+    sd_config = build_tiny_models().sd15_file_config
+    with pytest.raises(NodeError, match="missing text_encoder_2/config.json, tokenizer_2/"):
+        inspect_checkpoint(str(lonely), config=str(sd_config))
+    with pytest.raises(NodeError, match="9"):
+        inspect_checkpoint(str(tiny_xl.inpaint_file), config=str(tiny_xl.base_file.with_suffix(".config")))
+
+
 def run_load(path, tmp_path):
     workflow = {"format": "nodegraph/1", "nodes": {"ckpt": {"type": "LoadCheckpoint", "params": {"path": str(path)}}}}
     return Engine().run(workflow, targets=["ckpt"], out_dir=tmp_path)

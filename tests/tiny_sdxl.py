@@ -14,7 +14,11 @@ The components have SDXL's structure at toy sizes:
 - SDXL base's scheduler config (Euler, ``timestep_spacing="leading"``).
 
 ``build_tiny_sdxl(root, in_channels)`` writes the diffusers folder layout;
-``build_tiny_sdxl_refiner(root)`` a refiner (second encoder only, aesthetic-score conditioning).
+``build_tiny_sdxl_refiner(root)`` a refiner (second encoder only, aesthetic-score conditioning);
+``build_sdxl_single_file(path, ...)`` the original (SGM) single-file layout: ``model.diffusion_model.*``,
+``first_stage_model.*``, ``conditioner.embedders.0.transformer.*`` (CLIP) and
+``conditioner.embedders.1.model.*`` (OpenCLIP: fused ``in_proj`` attention, transposed ``text_projection``),
+with a weightless config folder ``<stem>.config/`` beside it.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_models import TINY_VAE, vocab_size, write_tokenizer
+from tests.tiny_models import TINY_VAE, _unet_to_original, _vae_to_original, vocab_size, write_tokenizer
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
 SDXL_SCHEDULER = {
@@ -175,6 +179,72 @@ def build_tiny_sdxl_refiner(root: Path, seed: int = 2) -> Path:
     return write_sdxl_folder(Path(root), make_sdxl_components(4, seed, refiner=True))
 
 
+# ---------------------------------------------------------------------------------------------- single file
+
+def _sdxl_unet_to_original(unet) -> dict:
+    """SDXL UNet keys -> ``model.diffusion_model.*``: the SD layout plus the added embedding (``label_emb.0``)."""
+    state = dict(unet.state_dict())
+    added = {k: state.pop(k) for k in list(state) if k.startswith("add_embedding.")}
+    out = _unet_to_original(state, unet.config)
+    for key, value in added.items():
+        layer = {"linear_1": "0", "linear_2": "2"}[key.split(".")[1]]
+        out[f"model.diffusion_model.label_emb.0.{layer}.{key.split('.')[-1]}"] = value
+    return out
+
+
+def _open_clip_layout(encoder, prefix: str) -> dict:
+    """CLIPTextModelWithProjection keys -> OpenCLIP's (the inverse of diffusers' convert_open_clip_checkpoint)."""
+    sd = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {
+        prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": sd.pop("final_layer_norm.bias"),
+        prefix + "text_projection": sd.pop("text_projection.weight").T.contiguous(),
+    }
+    sd.pop("embeddings.position_ids", None)
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in range(encoder.config.num_hidden_layers):
+        block = f"encoder.layers.{i}."
+        target = f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{block}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
+            for old, new in names.items():
+                out[f"{target}{new}.{kind}"] = sd.pop(f"{block}{old}.{kind}")
+    if sd:
+        raise KeyError(f"unconverted text encoder keys: {sorted(sd)}")
+    return out
+
+
+def to_sgm_layout(components: dict) -> dict:
+    """One state dict in the original SDXL single-file layout (base, inpainting or refiner)."""
+    state = _sdxl_unet_to_original(components["unet"])
+    state.update(_vae_to_original(components["vae"].state_dict(), components["vae"].config))
+    if components["text_encoder"] is not None:
+        for key, value in components["text_encoder"].state_dict().items():
+            key = key if key.startswith("text_model.") else "text_model." + key
+            state["conditioner.embedders.0.transformer." + key] = value
+        state.update(_open_clip_layout(components["text_encoder_2"], "conditioner.embedders.1.model."))
+    else:
+        state.update(_open_clip_layout(components["text_encoder_2"], "conditioner.embedders.0.model."))
+    return state
+
+
+def build_sdxl_single_file(path: Path, in_channels: int = 4, seed: int = 0, refiner: bool = False,
+                           dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+    """An original-layout SDXL ``.safetensors`` and its weightless config folder ``<stem>.config/``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    components = make_sdxl_components(in_channels, seed, refiner=refiner)
+    save_file({k: v.to(dtype).contiguous() for k, v in to_sgm_layout(components).items()}, str(path))
+    config_dir = write_sdxl_folder(path.with_suffix(".config"), components, with_weights=False)
+    return path, config_dir
+
+
 # ---------------------------------------------------------------------------------------------- the set
 
 @dataclass(frozen=True)
@@ -183,6 +253,8 @@ class TinySDXL:
     base: Path        # diffusers folder, 4-channel UNet
     inpaint: Path     # diffusers folder, 9-channel UNet
     refiner: Path     # diffusers folder, refiner
+    base_file: Path   # single file of the same weights as ``base`` (config folder: ``<stem>.config/``)
+    inpaint_file: Path  # single file of the same weights as ``inpaint``
 
 
 _LOCK = threading.Lock()
@@ -203,5 +275,7 @@ def build_tiny_sdxl_set(root: Path | None = None) -> TinySDXL:
                 build_tiny_sdxl(base / "tiny-sdxl", 4, seed=0),
                 build_tiny_sdxl(base / "tiny-sdxl-inpaint", 9, seed=1),
                 build_tiny_sdxl_refiner(base / "tiny-sdxl-refiner"),
+                build_sdxl_single_file(base / "single" / "tiny-sdxl.safetensors", 4, seed=0)[0],
+                build_sdxl_single_file(base / "single" / "tiny-sdxl-inpaint.safetensors", 9, seed=1)[0],
             )
         return _BUILT[key]
