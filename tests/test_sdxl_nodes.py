@@ -150,6 +150,25 @@ def test_handoff_misuse(xl):
         denoise.sample(model, encode_prompt(clip, "x"), None, empty_latent(64, 64), **KW, denoising_end=0.1)
 
 
+def test_partial_inpainting_result_keeps_its_conditioning(tiny_xl):
+    """Sampler with denoising_end on an inpainting model hands the mask and masked latents on; a normal
+    model continuing it with denoising_start ignores them."""
+    from nodegraph.context import RunContext
+    from nodes.latent import inpaint_conditioning
+    from nodes.sampling import sampler_node
+
+    model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.inpaint)))
+    latent = inpaint_conditioning(vae, photo(), torch.ones(1, 1, 64, 64))
+    params = dict(seed=1, steps=3, guidance_scale=5.0, scheduler="euler")
+    half = sampler_node(model, encode_prompt(clip, "x"), latent, RunContext(), denoising_end=0.5, **params)
+    assert half.has_inpaint_conditioning and torch.equal(half.inpaint_mask, latent.inpaint_mask)
+    full = sampler_node(model, encode_prompt(clip, "x"), latent, RunContext(), **params)
+    assert not full.has_inpaint_conditioning
+    base, base_clip, _ = load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
+    done = sampler_node(base, encode_prompt(base_clip, "x"), half, RunContext(), denoising_start=0.5, **params)
+    assert done.samples.shape == half.samples.shape and not done.has_inpaint_conditioning
+
+
 # ---------------------------------------------------------------------------------------------- VAE, sizes
 
 def test_float16_vae_runs_in_float32_and_stays_float16(tiny_xl):
