@@ -413,14 +413,14 @@ def report(tiny: dict | None, sd15: dict | None, sdxl: dict | None = None) -> st
         ]
     if sdxl:
         ratio = lambda d: d["ours"] / d["diffusers"]  # noqa: E731
-        rows = [("one SDXL stage (CLIPEncode + Sampler via engine)", "stage"),
+        rows = [("one stage  (CLIPEncode + Sampler via engine)", "stage"),
                 ("sampler loop alone (given embeddings)", "loop"),
                 ("base -> refiner hand-off (end/start 0.8)", "handoff")]
         lines.append(f"tiny SDXL, CPU, {sdxl['size']}x{sdxl['size']}, {sdxl['steps']} DPM++ 2M Karras steps "
                      "(best of runs)")
         for title, key in rows:
             d = sdxl[key]
-            lines.append(f"  {title:46s} ours {d['ours']:.3f} s  diffusers {d['diffusers']:.3f} s  "
+            lines.append(f"  {title:45s} ours {d['ours']:.3f} s  diffusers {d['diffusers']:.3f} s  "
                          f"ratio {ratio(d):.3f}x")
     lines.append("No GPU was available: every figure is CPU.")
     return "\n".join(lines)
