@@ -37,6 +37,7 @@ import torch
 
 from nodegraph.errors import NodeError
 
+from .models import FAMILY_LABELS, sdxl_time_id_count
 from .schedulers import make_scheduler
 
 Progress = Callable[[int, int], None]
@@ -82,9 +83,6 @@ def _batched(value, batch: int, device, dtype, what: str):
     return value
 
 
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
-
-
 def is_sdxl_unet(unet) -> bool:
     """SDXL's UNet takes pooled text embeds and time ids (``addition_embed_type="text_time"``)."""
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
@@ -102,13 +100,6 @@ def _check_fits(unet, conditioning, side: str) -> None:
                         "prompt with this checkpoint's clip")
 
 
-def time_id_count(unet, pooled_dim: int) -> int:
-    """6 time ids (original size, crop, target size) for SDXL base/inpainting, 5 (aesthetic score in place
-    of the target size) for the refiner: what the UNet's added embedding takes besides the pooled embeds."""
-    config = unet.config
-    return (int(config.projection_class_embeddings_input_dim) - pooled_dim) // int(config.addition_time_embed_dim)
-
-
 def sdxl_time_ids(unet, pooled_dim: int, pixel_size: Optional[tuple[int, int]], size: dict,
                   negative_size: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' ``_get_add_time_ids`` (positive, negative), each (1, 5 or 6).
@@ -118,7 +109,7 @@ def sdxl_time_ids(unet, pooled_dim: int, pixel_size: Optional[tuple[int, int]], 
     defaults to (0, 0), as there)."""
     if pixel_size is None:
         raise NodeError("SDXL needs the sampled image size for its time ids")
-    count = time_id_count(unet, pooled_dim)
+    count = sdxl_time_id_count(dict(unet.config), pooled_dim)
     if count not in (5, 6):
         raise NodeError(f"the model's added embedding takes {unet.config.projection_class_embeddings_input_dim} inputs, "
                         f"which does not fit time ids of {unet.config.addition_time_embed_dim} plus the pooled "
