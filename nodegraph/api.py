@@ -10,7 +10,9 @@ One Engine keeps its memory cache between runs, so a rerun recomputes only what 
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +29,7 @@ from .workflow import Workflow, load_workflow
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_DIR_ENV = "NODEGRAPH_CACHE_DIR"
+VALIDATED_GRAPHS = 16  # how many validated workflows an engine remembers
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -66,6 +69,7 @@ class Engine:
         cache_dir = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or None
         self.disk = DiskCache(cache_dir) if cache_dir else None
         self.memory = MemoryCache(memory_budget)
+        self._graphs: OrderedDict[str, Graph] = OrderedDict()  # validated workflows, by content
 
     def load(self, source: str | Path | Workflow | dict) -> Workflow:
         """A Workflow from a path (JSON, or a PNG that SaveImage wrote), a dict or a Workflow."""
@@ -78,12 +82,27 @@ class Engine:
         return load_workflow(source)
 
     def compile(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> Graph:
-        """Load, apply overrides and validate; raises WorkflowInvalid listing every problem."""
+        """Load, apply overrides and validate; raises WorkflowInvalid listing every problem.
+
+        A workflow already validated by this engine (same content, folder and targets, its
+        files still there) is not validated again: a server or notebook rerunning one
+        workflow pays for its checks once.
+        """
         with gc_paused():
             workflow = self.load(source)
             if overrides:
                 workflow = workflow.with_overrides(overrides)
-            return build_graph(workflow, self.registry, targets)
+            digest = hashlib.sha256(
+                f"{workflow.base_dir}|{targets}|{workflow.model_dump_json()}".encode()).hexdigest()
+            graph = self._graphs.get(digest)
+            if graph is not None and all(Path(p).exists() for n in graph.nodes.values() for p in n.paths.values()):
+                self._graphs.move_to_end(digest)
+                return graph
+            graph = build_graph(workflow, self.registry, targets)
+            self._graphs[digest] = graph
+            while len(self._graphs) > VALIDATED_GRAPHS:
+                self._graphs.popitem(last=False)
+            return graph
 
     def validate(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> list[Issue]:
         """Every problem in the workflow; an empty list means it is valid."""

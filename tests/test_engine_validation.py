@@ -145,3 +145,20 @@ def test_run_refuses_an_invalid_workflow_before_running_anything(stub_registry, 
         Engine(registry=stub_registry).run(wf(s=SRC, a={"type": "StubAdd", "inputs": {"a": "s.x"}, "params": {"amount": -1}},
                                               o={"type": "StubSink", "inputs": {"a": "a.x"}}))
     assert sum(calls.values()) == 0
+
+
+def test_an_engine_validates_a_workflow_once_but_notices_missing_files(stub_registry, tmp_path):
+    from nodegraph.errors import WorkflowInvalid
+
+    (tmp_path / "n.txt").write_text("1")
+    path = tmp_path / "wf.json"
+    path.write_text('{"format": "nodegraph/1", "nodes": {"r": {"type": "StubReadFile", "params": {"path": "n.txt"}},'
+                    ' "o": {"type": "StubSink", "inputs": {"a": "r.x"}}}}')
+    engine = Engine(registry=stub_registry)
+    first = engine.compile(path)
+    assert engine.compile(path) is first
+    assert engine.compile(path, overrides={"r.path": "n.txt"}) is first  # same content after the override
+    (tmp_path / "n.txt").unlink()
+    with pytest.raises(WorkflowInvalid) as info:
+        engine.compile(path)
+    assert info.value.issues[0].code == "missing_file"
