@@ -67,7 +67,6 @@ def ours(base, adapters, size: int, times: int, steps: int):
 def article(base, adapters, size: int, times: int, steps: int):
     """The seed article's script, on the same models."""
     import cv2
-    import numpy as np
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 

@@ -18,7 +18,7 @@ import inspect
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Iterable, Literal, Union
 
 from pydantic import TypeAdapter, ValidationError

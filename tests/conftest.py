@@ -26,3 +26,54 @@ def stub_registry():
 @pytest.fixture
 def calls(stub_registry):
     return sys.modules["nodegraph_plugins.stub_nodes"].CALLS
+
+
+# Tiny randomly initialised checkpoints, built offline once per test session.
+
+@pytest.fixture(scope="session")
+def tiny():
+    from tests.tiny_models import build_tiny_models
+
+    return build_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def sd(tiny):
+    from nodes.models import inspect_checkpoint, load_checkpoint
+
+    return load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
+
+
+@pytest.fixture(scope="session")
+def sd_inpaint(tiny):
+    from nodes.models import inspect_checkpoint, load_checkpoint
+
+    return load_checkpoint(inspect_checkpoint(str(tiny.sd15_inpaint)))
+
+
+@pytest.fixture(scope="session")
+def tiny_xl():
+    from tests.tiny_sdxl import build_tiny_sdxl_set
+
+    return build_tiny_sdxl_set()
+
+
+@pytest.fixture(scope="session")
+def xl(tiny_xl):
+    from nodes.models import inspect_checkpoint, load_checkpoint
+
+    return load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
+
+
+@pytest.fixture(scope="session")
+def xl_inpaint(tiny_xl):
+    from nodes.models import inspect_checkpoint, load_checkpoint
+
+    return load_checkpoint(inspect_checkpoint(str(tiny_xl.inpaint)))
+
+
+@pytest.fixture(scope="session")
+def refiner(tiny_xl):
+    from nodes.models import inspect_checkpoint, load_checkpoint
+
+    return load_checkpoint(inspect_checkpoint(str(tiny_xl.refiner)))

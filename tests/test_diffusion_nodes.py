@@ -16,19 +16,8 @@ from nodes.conditioning import PromptEmbeds, clip_encode, encode_prompt
 from nodes.latent import Latents, decode_latents, empty_latent, encode_pixels, inpaint_conditioning
 from nodes.models import inspect_checkpoint, load_checkpoint, load_checkpoint_node, path_problem
 from nodes.sampling import latent_blend_sampler_node, sampler_node
-from tests.tiny_models import build_tiny_models
 
 LONG = " ".join(["castle"] * 30)  # about 90 byte-level tokens with the tiny vocab: longer than 77
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    return build_tiny_models()
-
-
-@pytest.fixture(scope="module")
-def sd(tiny):
-    return load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
 
 
 def ctx(**kw):

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from nodes import denoise
 from nodes.conditioning import encode_prompt
 from nodes.latent import Latents, empty_latent, encode_pixels, inpaint_conditioning
-from nodes.models import inspect_checkpoint, load_checkpoint
-from tests.tiny_models import build_tiny_models
 
 TOL = 1e-4
 PROMPT = "a stone castle on a hill and the sea"
@@ -28,21 +26,6 @@ SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
 }
 TWO = ["euler", "dpmpp_2m_karras"]
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    return build_tiny_models()
-
-
-@pytest.fixture(scope="module")
-def sd(tiny):
-    return load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
-
-
-@pytest.fixture(scope="module")
-def sd_inpaint(tiny):
-    return load_checkpoint(inspect_checkpoint(str(tiny.sd15_inpaint)))
 
 
 def diffusers_scheduler(name, config):

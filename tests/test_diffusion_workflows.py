@@ -12,16 +12,10 @@ from PIL import Image
 
 from nodegraph.api import Engine
 from nodegraph.errors import NodeFailed, WorkflowInvalid
-from tests.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 CHAIN = WORKFLOWS / "txt2img_inpaint_img2img.json"
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    return build_tiny_models()
 
 
 def tiny_overrides(name: str, tiny) -> dict:

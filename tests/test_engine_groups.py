@@ -1,5 +1,4 @@
 """Node groups with `repeat`: expansion, feedback, validation inside groups, caching per repetition."""
-import torch
 
 from nodegraph.api import Engine
 

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from nodes.mask import mask_blur, mask_grow, mask_invert, mask_threshold
 from tests.imaging import as_mask, random_masks, to_u8

@@ -17,19 +17,8 @@ from nodes.latent import Latents, decode_latents, empty_latent, encode_pixels
 from nodes.models import inspect_checkpoint, load_checkpoint
 from tests.test_diffusion_parity import photo
 from tests.tiny_models import build_tiny_models
-from tests.tiny_sdxl import build_tiny_sdxl_set
 
 KW = dict(seed=0, steps=2, guidance_scale=5.0, scheduler="euler", strength=1.0)
-
-
-@pytest.fixture(scope="session")
-def tiny_xl():
-    return build_tiny_sdxl_set()
-
-
-@pytest.fixture(scope="module")
-def xl(tiny_xl):
-    return load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -40,7 +29,7 @@ def test_family_detection(tiny_xl):
     for path, (family, channels, label) in expected.items():
         info = inspect_checkpoint(str(path))
         assert (info.family, info.in_channels, info.label) == (family, channels, label)
-        assert f"Stable Diffusion XL" in info.describe() and f"({label})" in info.describe()
+        assert "Stable Diffusion XL" in info.describe() and f"({label})" in info.describe()
     model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.refiner)))
     assert clip.text_encoder is None and clip.text_encoder_2 is not None and not clip.force_zeros_for_empty_prompt
     model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))

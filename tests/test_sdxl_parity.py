@@ -14,33 +14,11 @@ import torch.nn.functional as F
 from nodes import denoise
 from nodes.conditioning import encode_prompt, with_size
 from nodes.latent import Latents, empty_latent, encode_pixels, inpaint_conditioning
-from nodes.models import inspect_checkpoint, load_checkpoint
 from tests.test_diffusion_parity import assert_close, centre_mask, diffusers_scheduler, photo
-from tests.tiny_sdxl import build_tiny_sdxl_set
 
 PROMPT = "a stone castle on a hill and the sea"
 NEGATIVE = "blurry"
 TWO = ["euler", "dpmpp_2m_karras"]
-
-
-@pytest.fixture(scope="session")
-def tiny_xl():
-    return build_tiny_sdxl_set()
-
-
-@pytest.fixture(scope="module")
-def xl(tiny_xl):
-    return load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
-
-
-@pytest.fixture(scope="module")
-def xl_inpaint(tiny_xl):
-    return load_checkpoint(inspect_checkpoint(str(tiny_xl.inpaint)))
-
-
-@pytest.fixture(scope="module")
-def refiner(tiny_xl):
-    return load_checkpoint(inspect_checkpoint(str(tiny_xl.refiner)))
 
 
 def pipeline(cls_name, handles, scheduler, **config):
