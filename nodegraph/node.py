@@ -169,7 +169,8 @@ def node(
     ``output=True`` marks an output node (SaveImage and the like): running a
     workflow runs its output nodes and what they need.
     ``check(params)`` may yield ``(field, message)`` for cross-field problems; it
-    gets the literal params only (linked ones are checked when they arrive).
+    gets every param known before the run (literals and defaults): a param fed by a
+    link is absent, so a check that needs it must skip.
     ``reference`` names the independent implementation the node matches.
     """
     if not type_name[:1].isupper() or not type_name.replace("_", "").isalnum():

@@ -183,7 +183,10 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
             canonical[name] = input_spec.default
 
     if definition.check is not None:
-        for field_name, message in definition.check(dict(params)):
+        # Everything known before the run: literals and defaults; a param fed by a link is absent.
+        known = {name: s.default for name, s in definition.inputs.items()
+                 if not s.is_socket and not s.required and name not in spec.inputs}
+        for field_name, message in definition.check({**known, **params}):
             kind = definition.inputs[field_name].kind if field_name in definition.inputs else None
             has = field_name in spec.params
             issue("invalid_param", message, field=field_name, kind=kind,

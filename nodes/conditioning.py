@@ -238,7 +238,9 @@ def clip_encode(
 
 def _check_size_params(params: dict):
     for kind in ("original", "target"):
-        width, height = params.get(f"{kind}_width", 0), params.get(f"{kind}_height", 0)
+        if f"{kind}_width" not in params or f"{kind}_height" not in params:
+            continue  # one comes through a link
+        width, height = params[f"{kind}_width"], params[f"{kind}_height"]
         if isinstance(width, int) and isinstance(height, int) and bool(width) != bool(height):
             yield f"{kind}_{'height' if width else 'width'}", (f"set both {kind}_width and {kind}_height, or leave "
                                                               "both 0 for the sampled size")

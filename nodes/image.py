@@ -133,10 +133,12 @@ def image_grid(images: torch.Tensor, rows: int = 0, cols: int = 0) -> torch.Tens
 # --------------------------------------------------------------------------- nodes
 
 def _check_resize(params: dict):
-    width, height, long_side = (params.get(k, 0) for k in ("width", "height", "long_side"))
+    if not {"width", "height", "long_side"} <= set(params):
+        return  # some come through links
+    width, height, long_side = (params[k] for k in ("width", "height", "long_side"))
     if long_side and (width or height):
         yield "long_side", "give either long_side or width/height, not both"
-    if not (long_side or width or height) and {"width", "height", "long_side"} <= set(params):
+    if not (long_side or width or height):
         yield "width", "give width, height or long_side (all are 0)"
 
 

@@ -163,11 +163,9 @@ def merge_tile(panorama: torch.Tensor, tile: torch.Tensor, offset: int, directio
 # --------------------------------------------------------------------------- nodes
 
 def _check_expand(params: dict):
-    expand, max_size = params.get("expand_pixels"), params.get("max_size")
-    if expand is None:
-        expand = 256
-    if max_size is None:
-        max_size = 1024
+    if "expand_pixels" not in params or "max_size" not in params:
+        return  # one comes through a link: checked when it arrives
+    expand, max_size = params["expand_pixels"], params["max_size"]
     if max_size and expand >= max_size:
         yield "expand_pixels", f"must be smaller than max_size ({max_size}); raise max_size or set it to 0 (no limit)"
 

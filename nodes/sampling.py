@@ -33,7 +33,9 @@ DenoisingEnd = Annotated[float, Field(gt=0, le=1, description="hand-off: stop at
 
 
 def _check_fractions(params: dict):
-    start, end = params.get("denoising_start", 0.0), params.get("denoising_end", 1.0)
+    if "denoising_start" not in params or "denoising_end" not in params:
+        return  # one comes through a link
+    start, end = params["denoising_start"], params["denoising_end"]
     if isinstance(start, (int, float)) and isinstance(end, (int, float)) and 0 < start and end < 1 and start >= end:
         yield "denoising_start", f"must be below denoising_end ({end})"
 

@@ -162,3 +162,20 @@ def test_an_engine_validates_a_workflow_once_but_notices_missing_files(stub_regi
     with pytest.raises(WorkflowInvalid) as info:
         engine.compile(path)
     assert info.value.issues[0].code == "missing_file"
+
+
+def test_cross_field_checks_see_defaults_but_not_linked_params(stub_registry):
+    from nodegraph.workflow import WorkflowBuilder
+
+    b = WorkflowBuilder()
+    img = b.add("LoadImage", id="s", path="nowhere.png")
+    b.add("ImageResize", id="r", image=img["image"])  # all sizes 0 by default: refused
+    assert [(i.code, i.node_id, i.field) for i in Engine(registry=stub_registry).validate(b.build(), targets=["r"])
+            if i.code == "invalid_param"] == [("invalid_param", "r", "width")]
+    wf = {"format": "nodegraph/1", "nodes": {
+        "size": {"type": "Int", "params": {"value": 4096}},
+        "e": {"type": "ExpandCanvas", "inputs": {"image": "x.image", "max_size": "size.value"},
+              "params": {"expand_pixels": 2000}},
+        "x": {"type": "LoadImage", "params": {"path": "nowhere.png"}}}}
+    issues = Engine(registry=stub_registry).validate(wf, targets=["e"])
+    assert [(i.code, i.node_id) for i in issues] == [("missing_file", "x")]  # no false max_size complaint

@@ -21,7 +21,7 @@ def workflow(node_type: str, params: dict, inputs: dict | None = None) -> dict:
 
 @pytest.mark.parametrize("node_type,params,field,words", [
     ("ImageResize", {"long_side": 64, "width": 32}, "long_side", "not both"),
-    ("ImageResize", {"resample": "cubic"}, "resample", "lanczos"),
+    ("ImageResize", {"resample": "cubic", "width": 32}, "resample", "lanczos"),
     ("ExpandCanvas", {"expand_pixels": 512, "max_size": 512}, "expand_pixels", "smaller than max_size"),
     ("ExpandCanvas", {"fill_color": [0, 0, 300]}, "fill_color", "255"),
     ("ExpandCanvas", {"direction": "up"}, "direction", "left"),
