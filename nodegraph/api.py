@@ -23,6 +23,7 @@ from .context import InterruptFlag, ProgressListener, RunContext
 from .errors import Issue, NodegraphError, WorkflowInvalid
 from .executor import RunResult, execute
 from .gcpause import gc_paused
+from .groups import GROUP_INPUT
 from .registry import Registry, default_registry
 from .validate import Graph, build_graph
 from .workflow import Workflow, load_workflow
@@ -93,7 +94,7 @@ class Engine:
             if overrides:
                 workflow = workflow.with_overrides(overrides)
             digest = hashlib.sha256(
-                f"{workflow.base_dir}|{targets}|{workflow.model_dump_json()}".encode()).hexdigest()
+                f"{workflow.base_dir}|{targets}|{workflow.model_dump_json(fallback=_tagged)}".encode()).hexdigest()
             graph = self._graphs.get(digest)
             if graph is not None and all(Path(p).exists() for n in graph.nodes.values() for p in n.paths.values()):
                 self._graphs.move_to_end(digest)
@@ -144,13 +145,21 @@ class Engine:
         return execute(graph, ctx, self.memory, self.disk)
 
 
+def _tagged(value: Any) -> str:
+    """A non-JSON value in the content digest, kept apart from any string."""
+    return f"<{type(value).__qualname__}:{value!r}>"
+
+
 def workflow_as_run(graph: Graph) -> dict:
     """The workflow with overrides applied and file params made absolute, to embed in outputs."""
     data = graph.workflow.model_dump(mode="json", exclude_none=True)
     for node_id, node in graph.nodes.items():
-        if not node.paths:
-            continue
         origin = graph.origins.get(node_id)
-        spec = data["groups"][origin.group]["nodes"][origin.inner] if origin else data["nodes"][node_id]
-        spec.setdefault("params", {}).update(node.paths)
+        for name, path in node.paths.items():
+            spec = data["groups"][origin.group]["nodes"][origin.inner] if origin else data["nodes"][node_id]
+            source, _, port = spec.get("inputs", {}).get(name, "").partition(".")
+            if origin and source == GROUP_INPUT:  # the path is a literal on the group instance
+                spec = data["nodes"][origin.instance]
+                name = port
+            spec.setdefault("params", {})[name] = path
     return data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from .errors import NodegraphError
 from .serialize import NotStorable, flatten, from_metadata, to_metadata, unflatten
 
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
 
 
 def value_nbytes(value: Any) -> int:
-    """Approximate memory held by a node output (tensors and module parameters)."""
+    """Approximate memory held by a node output: its tensors, not the weights of models it refers to."""
     total = 0
     stack = [value]
     seen: set[int] = set()
@@ -34,7 +36,7 @@ def value_nbytes(value: Any) -> int:
         if isinstance(item, torch.Tensor):
             total += item.element_size() * item.nelement()
         elif isinstance(item, torch.nn.Module):
-            total += sum(p.element_size() * p.nelement() for p in item.parameters())
+            continue  # model weights are shared and held by their loader: evicting frees nothing
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
@@ -88,6 +90,9 @@ class DiskCache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
+        if self.root.exists() and not self.root.is_dir():
+            raise NodegraphError(f"--cache-dir {self.root}: that is a file, not a folder; name a folder")
+        self.write_error: OSError | None = None  # the first failure to write; later writes are skipped
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -111,16 +116,24 @@ class DiskCache:
             structure, tensors = flatten(outputs)
         except NotStorable:
             return False
+        if self.write_error is not None:
+            return False
         # clone: views of one storage (batch slices) cannot be saved side by side
         tensors = {name: t.cpu().clone() for name, t in tensors.items()}
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+            os.close(fd)
             save_file(tensors, tmp, metadata=to_metadata(structure))
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as exc:  # full disk, read-only folder: the run goes on without storing
+            self.write_error = exc
+            warnings.warn(f"disk cache {self.root}: cannot write ({exc.strerror or exc}); "
+                          "results of this run are not stored", UserWarning, stacklevel=2)
+            return False
+        finally:
+            if tmp is not None:  # gone after a successful replace; a leftover after any failure
+                Path(tmp).unlink(missing_ok=True)
         return True

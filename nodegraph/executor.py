@@ -20,7 +20,7 @@ from .cache import DiskCache, MemoryCache
 from .context import RunContext
 from .errors import Interrupted, NodeError, NodeFailed
 from .gcpause import gc_paused, gc_resumed
-from .keys import node_key, path_fingerprint
+from .keys import library_versions, node_key, path_fingerprint
 from .validate import Graph, GraphNode
 
 RAN, CACHED, SKIPPED, FAILED, INTERRUPTED = "ran", "cached", "skipped", "failed", "interrupted"
@@ -117,7 +117,7 @@ def _needed_in_order(graph: Graph) -> list[str]:
 
 
 def _keys(graph: Graph, order: list[str], ctx: RunContext) -> dict[str, str]:
-    salt = f"{ctx.device}|{ctx.dtype}"
+    salt = f"{ctx.device}|{ctx.dtype}|{library_versions()}"
     keys: dict[str, str] = {}
     for node_id in order:
         node = graph.nodes[node_id]

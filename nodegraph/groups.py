@@ -18,6 +18,7 @@ GROUP_PREFIX = "group:"
 GROUP_INPUT = "in"  # inside a group, "in.<name>" links to the group's input <name>
 ITERATION = "iteration"
 REPEAT = "repeat"
+MAX_REPEAT = 1000
 _FLAT_ID = re.compile(r"^(?P<instance>[A-Za-z0-9_-]+)\[(?P<k>\d+)\]/(?P<inner>.+)$")
 
 
@@ -124,8 +125,8 @@ def _check_instance(node_id: str, spec: NodeSpec, workflow: Workflow, issues: li
         issue("bad_repeat", "repeat must be a literal: it sets the workflow's shape before anything runs",
               field=REPEAT, kind="param")
         ok = False
-    elif not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
-        issue("bad_repeat", "must be a whole number >= 1", field=REPEAT, kind="param", value=repeat)
+    elif not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
+        issue("bad_repeat", f"must be a whole number from 1 to {MAX_REPEAT}", field=REPEAT, kind="param", value=repeat)
         ok = False
     for field in [*spec.inputs, *spec.params]:
         if field != REPEAT and field not in group.inputs:

@@ -1,6 +1,7 @@
 """Cache keys: what a node's output depends on, hashed. Never the node id.
 
-key = hash(type, version, device, dtype, literal params (validated, defaults filled in),
+key = hash(type, version, device, dtype, library versions,
+           literal params (validated, defaults filled in),
            for each link: input name + source key + output name,
            content hash of each file the node reads)
 
@@ -9,13 +10,29 @@ the number of nodes however long the chain.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from importlib import metadata
 from pathlib import Path
 
 from .validate import GraphNode
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
+_LIBRARIES = ("nodegraph", "torch", "diffusers", "transformers", "opencv-python-headless", "pillow")
+
+
+@functools.cache
+def library_versions() -> str:
+    """Versions of the libraries whose arithmetic node outputs depend on: part of every key, so
+    an upgrade does not serve results made by the old versions from the disk cache."""
+    found = []
+    for name in _LIBRARIES:
+        try:
+            found.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name}=?")
+    return ",".join(found)
 
 
 def node_key(node: GraphNode, parent_keys: dict[str, str], run_salt: str, files: dict[str, str]) -> str:

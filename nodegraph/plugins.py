@@ -5,6 +5,7 @@ error, and every other plugin still loads.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
@@ -60,7 +61,8 @@ def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
 
 def _load_file_plugin(registry: Registry, name: str, init_file: Path, shown: Path) -> None:
     origin = f"plugin '{name}' ({shown})"
-    module_name = f"nodegraph_plugins.{name}"
+    # Two folders may both hold a util.py: the module name carries the path's hash.
+    module_name = f"nodegraph_plugins.{name}_{hashlib.sha256(str(shown.resolve()).encode()).hexdigest()[:8]}"
     if module_name in sys.modules:  # the same folder loaded again into a new registry
         registry.add_module(module_name, origin)
         return

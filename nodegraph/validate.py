@@ -68,8 +68,8 @@ def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | Non
             issues.append(Issue("unknown_type", _unknown_type_message(spec.type, registry), node_id=node_id, field="type"))
             continue
         if spec.type in registry.clashes:
-            origins = " and ".join(registry.clashes[spec.type])
-            issues.append(Issue("ambiguous_type", f"node type '{spec.type}' is registered by {origins}; "
+            registered_by = " and ".join(registry.clashes[spec.type])
+            issues.append(Issue("ambiguous_type", f"node type '{spec.type}' is registered by {registered_by}; "
                                 "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
         compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues)
         nodes[node_id] = compiled
@@ -130,6 +130,10 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
         if source is None:
             issue("missing_node", f"links to node '{source_id}', which is not in the workflow", field=name, kind="input")
             continue
+        if input_spec.path is not None:
+            issue("linked_path", "file params must be literal (give the path in params, or with --set): the file's "
+                  "content goes into the cache key before anything runs", field=name, kind="param")
+            continue
         links[name] = (source_id, output)
         source_def = registry.get(source.type)
         if source_def is None:
@@ -164,6 +168,10 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
         except ValidationError as exc:
             reason = "; ".join(_pydantic_reason(e) for e in exc.errors())
             issue("invalid_param", reason, field=name, kind="param", value=value)
+            continue
+        except (TypeError, ValueError):  # not JSON at all (an object given through the Python API)
+            issue("invalid_param", f"a {type(value).__name__} is not a JSON value; give a number, string, "
+                  "boolean, list or object", field=name, kind="param", value=value)
             continue
         if input_spec.path is not None and isinstance(params[name], str):
             resolved = _resolve_path(params[name], input_spec, base_dir)

@@ -93,12 +93,11 @@ class Workflow(BaseModel):
             if not dot or not name:
                 problems.append(Issue("bad_override", f"--set '{target}': write NODE.PARAM=VALUE"))
             elif node_id not in nodes:
-                problems.append(Issue("bad_override", f"--set '{target}': no node '{shown}' in the workflow",
-                                      node_id=shown))
+                problems.append(Issue("bad_override", f"--set '{target}': no node '{shown}' in the workflow"))
             else:
                 spec = nodes[node_id]
                 spec.inputs.pop(name, None)
-                spec.params[name] = value
+                spec.params[name] = os.fspath(value) if isinstance(value, os.PathLike) else value
         if problems:
             raise WorkflowInvalid(problems)
         return copy

@@ -26,7 +26,7 @@ def telea_fill(image: torch.Tensor, mask: torch.Tensor, radius: float = 3.0, met
     check_same_size(image, mask)
     image, mask = match_batches(image, mask, names=("image", "mask"))
     flag = cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS
-    hard = mask >= 0.5
+    hard = (mask >= 0.5).to(image.device)  # the mask may come from the CPU, the image from the GPU
     rgb = to_uint8(image)
     holes = hard[:, 0].cpu().numpy().astype(np.uint8) * 255
     filled = []

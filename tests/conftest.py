@@ -7,6 +7,11 @@ REPO = Path(__file__).resolve().parent.parent
 STUB_PLUGINS = REPO / "tests" / "stub_plugins"
 
 
+def stub_module():
+    """The loaded stub plugin module (its name carries a hash of its path)."""
+    return next(m for name, m in sys.modules.items() if name.startswith("nodegraph_plugins.stub_nodes_"))
+
+
 @pytest.fixture
 def stub_registry():
     """The built-in nodes plus the stub nodes, with call counters reset."""
@@ -17,7 +22,7 @@ def stub_registry():
     registry.load_builtins()
     load_plugin_dirs(registry, [STUB_PLUGINS])
     assert not registry.problems, registry.problems
-    stubs = sys.modules["nodegraph_plugins.stub_nodes"]
+    stubs = stub_module()
     stubs.CALLS.clear()
     stubs.SUNK.clear()
     return registry
@@ -25,7 +30,7 @@ def stub_registry():
 
 @pytest.fixture
 def calls(stub_registry):
-    return sys.modules["nodegraph_plugins.stub_nodes"].CALLS
+    return stub_module().CALLS
 
 
 # Tiny randomly initialised checkpoints, built offline once per test session.

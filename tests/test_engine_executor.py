@@ -244,3 +244,21 @@ def test_int_math_derives_a_size(stub_registry):
     assert engine.run(wf, targets=["pad"]).outputs["pad"]["value"] == 341
     with pytest.raises(NodeFailed, match="floordiv by b = 0"):
         engine.run(wf, targets=["pad"], overrides={"pad.op": "floordiv", "pad.b": 0})
+
+
+def test_unwritable_disk_cache_warns_and_the_run_goes_on(stub_registry, calls, tmp_path, monkeypatch):
+    from nodegraph import cache
+    from nodegraph.errors import NodegraphError
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "save_file", disk_full)
+    engine = Engine(registry=stub_registry, cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match="No space left on device"):
+        result = engine.run(chain())
+    assert result.status["sink"] == "ran" and result.outputs["sink"]["x"].tolist() == [5.0, 5.0]
+    assert not list((tmp_path / "cache").rglob("*.safetensors")) and not list((tmp_path / "cache").rglob(".tmp-*"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NodegraphError, match="is a file"):
+        Engine(registry=stub_registry, cache_dir=tmp_path / "afile")

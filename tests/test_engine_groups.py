@@ -92,3 +92,29 @@ def test_set_reaches_nodes_inside_a_group(stub_registry, calls):
     with pytest.raises(WorkflowInvalid) as info:
         engine.compile(workflow(), overrides={"group:grow/ghost.steps": 2})
     assert "no node 'group:grow/ghost'" in str(info.value)
+
+
+def test_repeat_has_an_upper_bound(stub_registry):
+    issues = Engine(registry=stub_registry).validate(workflow(repeat=100_000))
+    assert [(i.code, i.field) for i in issues] == [("bad_repeat", "repeat")] and "1 to 1000" in issues[0].message
+
+
+def test_embedded_workflow_keeps_file_paths_given_to_a_group_instance(stub_registry, tmp_path):
+    from nodegraph.api import workflow_as_run
+
+    (tmp_path / "n.txt").write_text("2")
+    data = {"format": "nodegraph/1", "groups": {"read": {
+        "inputs": {"file": "STRING"}, "outputs": {"x": "r.x"},
+        "nodes": {"r": {"type": "StubReadFile", "inputs": {"path": "in.file"}}}}},
+        "nodes": {"g": {"type": "group:read", "params": {"file": "n.txt"}},
+                  "o": {"type": "StubSink", "inputs": {"a": "g.x"}}}}
+    path = tmp_path / "wf.json"
+    path.write_text(__import__("json").dumps(data))
+    engine = Engine(registry=stub_registry)
+    as_run = workflow_as_run(engine.compile(path))
+    assert as_run["nodes"]["g"]["params"]["file"] == str((tmp_path / "n.txt").resolve())
+    assert not as_run["groups"]["read"]["nodes"]["r"]["params"]
+    from nodegraph.workflow import parse_workflow
+
+    elsewhere = parse_workflow(as_run, base_dir=tmp_path / "other")
+    assert engine.run(elsewhere).outputs["o"]["x"].tolist() == [2.0, 2.0]

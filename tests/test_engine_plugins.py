@@ -133,3 +133,11 @@ def test_plugin_folder_from_environment_and_missing_folder_warning(tmp_path):
     assert done.returncode == 0
     assert "EnvNode v1" in done.stdout and "plugin 'envplug'" in done.stdout
     assert "plugin folder" in done.stderr and "nowhere" in done.stderr
+
+
+def test_same_file_name_in_two_folders_loads_both(tmp_path):
+    first = write_plugins(tmp_path / "a", {"util.py": GOOD.format(name="FromFolderA")})
+    second = write_plugins(tmp_path / "b", {"util.py": GOOD.format(name="FromFolderB")})
+    registry = Registry()
+    load_plugin_dirs(registry, [first, second])
+    assert "FromFolderA" in registry and "FromFolderB" in registry and not registry.problems

@@ -179,3 +179,19 @@ def test_cross_field_checks_see_defaults_but_not_linked_params(stub_registry):
         "x": {"type": "LoadImage", "params": {"path": "nowhere.png"}}}}
     issues = Engine(registry=stub_registry).validate(wf, targets=["e"])
     assert [(i.code, i.node_id) for i in issues] == [("missing_file", "x")]  # no false max_size complaint
+
+
+def test_file_params_cannot_be_linked(stub_registry):
+    issue = only(stub_registry, wf(p={"type": "String", "params": {"value": "n.txt"}},
+                                   s={"type": "StubReadFile", "inputs": {"path": "p.value"}}, o=SINK))
+    assert (issue.code, issue.node_id, issue.field) == ("linked_path", "s", "path")
+
+
+def test_python_values_that_are_not_json_are_reported(stub_registry, tmp_path):
+    import datetime
+
+    issue = only(stub_registry, wf(s={"type": "StubSource", "params": {"value": datetime.date(2026, 1, 1)}}, o=SINK))
+    assert (issue.code, issue.field) == ("invalid_param", "value") and "date is not a JSON value" in issue.message
+    (tmp_path / "n.txt").write_text("1")
+    workflow = wf(s={"type": "StubReadFile", "params": {"path": "x"}}, o=SINK)
+    assert problems(stub_registry, workflow, overrides={"s.path": tmp_path / "n.txt"}) == []
