@@ -74,13 +74,20 @@ def _encode_ids(clip, ids: torch.Tensor, attention: torch.Tensor, clip_skip: int
     return embeds.to(dtype=encoder.dtype, device=device).clone()  # a normal tensor outside inference mode
 
 
-def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate",
-                warn=None) -> torch.Tensor:
-    """Prompt -> (1, 77*k, D) embeddings, the arithmetic of diffusers' ``encode_prompt``."""
-    tokenizer = clip.tokenizer
+def token_rows(tokenizer, text: str, long_prompt: str = "truncate", warn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, (k, 77) each: one row cut at 77 tokens as diffusers does (``warn``
+    is told what was cut), or with ``long_prompt="chunk"`` 75-token windows each wrapped in BOS/EOS."""
     max_length = tokenizer.model_max_length
     if long_prompt == "chunk":
-        return _encode_chunks(clip, text, clip_skip)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        window = max_length - 2
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows, masks = [], []
+        for chunk in [ids[i:i + window] for i in range(0, len(ids), window)] or [[]]:
+            row = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
+            masks.append([1] * len(row) + [0] * (max_length - len(row)))
+            rows.append(row + [pad] * (max_length - len(row)))
+        return torch.tensor(rows), torch.tensor(masks)
     inputs = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     untruncated = tokenizer(text, padding="longest", return_tensors="pt").input_ids
     if untruncated.shape[-1] >= inputs.input_ids.shape[-1] and not torch.equal(inputs.input_ids, untruncated):
@@ -88,22 +95,14 @@ def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncat
         if warn is not None:
             warn(f"the prompt is longer than CLIP's {max_length} tokens and was truncated; removed: {removed!r} "
                  "(set long_prompt='chunk' to keep it)")
-    return _encode_ids(clip, inputs.input_ids, inputs.attention_mask, clip_skip)
+    return inputs.input_ids, inputs.attention_mask
 
 
-def _encode_chunks(clip, text: str, clip_skip: int) -> torch.Tensor:
-    tokenizer = clip.tokenizer
-    window = tokenizer.model_max_length - 2
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    chunks = [ids[i:i + window] for i in range(0, len(ids), window)] or [[]]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    rows, masks = [], []
-    for chunk in chunks:
-        row = [bos] + chunk + [eos]
-        masks.append([1] * len(row) + [0] * (window + 2 - len(row)))
-        rows.append(row + [pad] * (window + 2 - len(row)))
-    embeds = _encode_ids(clip, torch.tensor(rows), torch.tensor(masks), clip_skip)  # (k, 77, D)
+def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate",
+                warn=None) -> torch.Tensor:
+    """Prompt -> (1, 77*k, D) embeddings, the arithmetic of diffusers' ``encode_prompt``."""
+    ids, attention = token_rows(clip.tokenizer, text, long_prompt, warn)
+    embeds = _encode_ids(clip, ids, attention, clip_skip)  # (k, 77, D)
     return embeds.reshape(1, -1, embeds.shape[-1])
 
 
@@ -120,32 +119,6 @@ def _sdxl_encoder_output(encoder, ids: torch.Tensor, clip_skip: int) -> tuple[to
     return hidden.clone(), (pooled.clone() if pooled is not None else None)
 
 
-def _sdxl_ids(tokenizer, text: str, long_prompt: str, warn) -> torch.Tensor:
-    """Token ids (k, 77) of one prompt for one SDXL tokenizer: truncated (diffusers) or in 75-token chunks."""
-    max_length = tokenizer.model_max_length
-    if long_prompt == "chunk":
-        window = max_length - 2
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        chunks = [ids[i:i + window] for i in range(0, len(ids), window)] or [[]]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        rows = [[tokenizer.bos_token_id] + c + [tokenizer.eos_token_id] for c in chunks]
-        return torch.tensor([r + [pad] * (max_length - len(r)) for r in rows])
-    inputs = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    untruncated = tokenizer(text, padding="longest", return_tensors="pt").input_ids
-    if untruncated.shape[-1] >= inputs.input_ids.shape[-1] and not torch.equal(inputs.input_ids, untruncated):
-        removed = tokenizer.batch_decode(untruncated[:, max_length - 1:-1])[0]
-        if warn is not None:
-            warn(f"the prompt is longer than CLIP's {max_length} tokens and was truncated; removed: {removed!r} "
-                 "(set long_prompt='chunk' to keep it)")
-    return inputs.input_ids
-
-
-def _empty_chunk(tokenizer) -> list[int]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    row = [tokenizer.bos_token_id, tokenizer.eos_token_id]
-    return row + [pad] * (tokenizer.model_max_length - 2)
-
-
 def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: int = 0,
                      long_prompt: str = "truncate", warn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt -> ((1, 77*k, D1 + D2) embeddings, (1, P) pooled), StableDiffusionXLPipeline.encode_prompt.
@@ -154,10 +127,11 @@ def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: i
     empty windows); the pooled embedding is the first window's, as ComfyUI does."""
     prompts = [text, text_2 or text] if clip.text_encoder is not None else [text_2 or text]
     pairs = clip.encoders
-    ids = [_sdxl_ids(tok, p, long_prompt, warn if i == 0 else None) for i, ((tok, _), p) in
+    ids = [token_rows(tok, p, long_prompt, warn if i == 0 else None)[0] for i, ((tok, _), p) in
            enumerate(zip(pairs, prompts))]
     count = max(i.shape[0] for i in ids)
-    ids = [torch.cat([i, torch.tensor([_empty_chunk(tok)] * (count - i.shape[0]), dtype=i.dtype)])
+    # the encoder with fewer windows gets empty ones: the ids of "" in one window
+    ids = [torch.cat([i, token_rows(tok, "", "chunk")[0].repeat(count - i.shape[0], 1).to(i.dtype)])
            if i.shape[0] < count else i for i, (tok, _) in zip(ids, pairs)]
     hidden, pooled = [], None
     for chunk_ids, (_, encoder) in zip(ids, pairs):

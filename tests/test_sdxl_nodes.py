@@ -232,3 +232,17 @@ def test_base_refiner_handoff_workflow(tiny_xl, tmp_path):
     bad["nodes"]["refine"]["params"]["denoising_end"] = 0.5
     with pytest.raises(WorkflowInvalid, match="below denoising_end"):
         engine.compile(bad)
+
+
+def test_sdxl_chunked_prompt_pads_the_shorter_encoder_with_empty_windows(xl):
+    from nodes.conditioning import encode_text_sdxl
+
+    _, clip, _ = xl
+    long = " ".join(["castle"] * 30)  # two 75-token windows for the first encoder
+    embeds, _ = encode_text_sdxl(clip, long, "a castle", long_prompt="chunk")
+    assert embeds.shape[1] == 2 * 77
+    width_1 = clip.text_encoder.config.hidden_size
+    short, _ = encode_text_sdxl(clip, "a castle", "a castle", long_prompt="chunk")
+    empty, _ = encode_text_sdxl(clip, "", "", long_prompt="chunk")
+    assert torch.equal(embeds[:, :77, width_1:], short[:, :, width_1:])  # the second encoder's own window
+    assert torch.equal(embeds[:, 77:, width_1:], empty[:, :, width_1:])  # then an empty one
