@@ -51,6 +51,7 @@ from nodegraph.errors import NodeError
 from nodegraph.node import node
 from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 
+from ._loading import LoadedOnce, files_identity, safetensors_shapes
 from ._pixels import check_image, to_pil
 from .denoise import ModelPatch, UNetConditioning
 from .models import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
@@ -117,23 +118,13 @@ def adapter_path_problem(path: str) -> str | None:
     return None
 
 
-def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
-
-
 def inspect_adapter(path: str | Path) -> AdapterInfo:
     """Kind and widths of an IP-Adapter file (diffusers' converter's rules), without loading weights."""
     path = Path(path)
     problem = adapter_path_problem(str(path))
     if problem:
         raise NodeError(problem)
-    shapes = _shapes(path)
+    shapes = safetensors_shapes(path)
     proj = {k[len("image_proj."):]: s for k, s in shapes.items() if k.startswith("image_proj.")}
     ip = {k[len("ip_adapter."):]: s for k, s in shapes.items() if k.startswith("ip_adapter.")}
     if not proj or not ip:
@@ -309,21 +300,18 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
-_LOADED: dict[tuple, IPAdapterHandle] = {}
-_LOAD_LOCK = threading.Lock()
+_LOADED = LoadedOnce()  # (identity, dtype, device) -> IPAdapterHandle
 
 
 def clear_loaded_adapters() -> None:
     """Forget loaded adapters and the modules built from them (the next load reads the files again)."""
-    with _LOAD_LOCK:
-        _LOADED.clear()
+    _LOADED.clear()
     with _MODULES_LOCK:
         _MODULES.clear()
 
 
 def _identity(path: Path, folder: Path) -> tuple:
-    files = [path] + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
-    return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return files_identity([path] + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")))
 
 
 def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dtype = torch.float32,
@@ -334,17 +322,17 @@ def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dt
     if problem:
         raise NodeError(problem)
     device = torch.device(device)
-    key = (_identity(info.path, encoder_info.path), str(dtype), str(device))
-    with _LOAD_LOCK:
-        if key not in _LOADED:
-            from transformers import CLIPVisionModelWithProjection
 
-            encoder = CLIPVisionModelWithProjection.from_pretrained(
-                str(encoder_info.path), dtype=dtype, use_safetensors=True, local_files_only=True)
-            encoder.to(device).eval().requires_grad_(False)
-            processor = _image_processor(encoder_info.path, encoder_info.image_size)
-            _LOADED[key] = IPAdapterHandle(info, encoder_info, _read_state_dict(info.path), encoder, processor)
-        return _LOADED[key]
+    def load() -> IPAdapterHandle:
+        from transformers import CLIPVisionModelWithProjection
+
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            str(encoder_info.path), dtype=dtype, use_safetensors=True, local_files_only=True)
+        encoder.to(device).eval().requires_grad_(False)
+        processor = _image_processor(encoder_info.path, encoder_info.image_size)
+        return IPAdapterHandle(info, encoder_info, _read_state_dict(info.path), encoder, processor)
+
+    return _LOADED.get((_identity(info.path, encoder_info.path), str(dtype), str(device)), load)
 
 
 # ---------------------------------------------------------------------------------------------- the patch

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -43,6 +42,8 @@ from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph.node import node
 from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
+
+from ._loading import LoadedOnce, files_identity, safetensors_shapes
 
 log = logging.getLogger("nodegraph.models")
 
@@ -195,7 +196,7 @@ class VaeHandle:
         ``vae.to(float32)`` and back, so nodes sharing the handle never see it change."""
         if not (self.force_upcast and self.vae.dtype == torch.float16):
             return self.vae
-        with _LOAD_LOCK:
+        with _LOADED.lock:
             if "float32" not in self.memo:
                 import copy
 
@@ -342,24 +343,12 @@ def inspect_folder(folder: Path, hub_id: str | None = None) -> CheckpointInfo:
     return CheckpointInfo("folder", folder, family, int(unet_config.get("in_channels", 4)), hub_id=hub_id)
 
 
-def _safetensors_header(path: Path) -> tuple[set[str], dict[str, list[int]]]:
-    from safetensors import safe_open
-
-    wanted = ("model.diffusion_model.input_blocks.0.0.weight",)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-            shapes = {k: list(handle.get_slice(k).get_shape()) for k in wanted if k in keys}
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
-    return keys, shapes
-
-
 def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
     problem = path_problem(str(path))
     if problem:
         raise NodeError(problem)
-    keys, shapes = _safetensors_header(path)
+    shapes = safetensors_shapes(path)
+    keys = set(shapes)
     if "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
         raise NodeError(f"{path.name} is not a Stable Diffusion 1.x/2.x/XL single-file checkpoint (no "
                         "model.diffusion_model.* UNet weights); give a full checkpoint or a diffusers folder")
@@ -480,35 +469,30 @@ def inspect_checkpoint(path: str, config: str | None = None, workflow_dir: Path 
 
 # ---------------------------------------------------------------------------------------------- loading
 
-_LOADED: dict[tuple, tuple[ModelHandle, ClipHandle, VaeHandle]] = {}
-_LOAD_LOCK = threading.Lock()
+_LOADED = LoadedOnce()  # (identity, dtype, device) -> (MODEL, CLIP, VAE) handles
 
 
 def clear_loaded_models() -> None:
     """Forget every loaded checkpoint (the next LoadCheckpoint reloads from disk)."""
-    with _LOAD_LOCK:
-        _LOADED.clear()
+    _LOADED.clear()
 
 
 def _identity(info: CheckpointInfo) -> tuple:
     """What makes two loads the same checkpoint: the resolved files with their sizes and mtimes."""
     if info.kind == "file":
-        stat = info.path.stat()
-        return (str(info.path.resolve()), stat.st_size, stat.st_mtime_ns, str(info.config_dir.resolve()))
-    weights = sorted(info.path.glob("*/*.safetensors"))
-    return (str(info.path.resolve()),) + tuple((str(w), w.stat().st_size, w.stat().st_mtime_ns) for w in weights)
+        return files_identity([info.path]) + (str(info.config_dir.resolve()),)
+    return (str(info.path.resolve()),) + files_identity(sorted(info.path.glob("*/*.safetensors")))
 
 
 def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> tuple[ModelHandle, ClipHandle, VaeHandle]:
     """Load (once per process, dtype and device) and wrap the components of an inspected checkpoint."""
     device = torch.device(device)
-    key = (_identity(info), str(dtype), str(device))
-    with _LOAD_LOCK:
-        if key not in _LOADED:
-            components = _load_folder(info.path, dtype) if info.kind == "folder" else _load_file(info, dtype)
-            _LOADED[key] = _wrap(info, components, device)
-        return _LOADED[key]
+    def load():
+        components = _load_folder(info.path, dtype) if info.kind == "folder" else _load_file(info, dtype)
+        return _wrap(info, components, device)
+
+    return _LOADED.get((_identity(info), str(dtype), str(device)), load)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
