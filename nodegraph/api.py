@@ -21,7 +21,7 @@ import torch
 from .cache import DEFAULT_MEMORY_BUDGET, DiskCache, MemoryCache
 from .context import InterruptFlag, ProgressListener, RunContext
 from .errors import Issue, NodegraphError, WorkflowInvalid
-from .executor import RunResult, execute
+from .executor import Facts, RunResult, execute
 from .gcpause import gc_paused
 from .groups import GROUP_INPUT
 from .registry import Registry, default_registry
@@ -70,6 +70,7 @@ class Engine:
         cache_dir = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or None
         self.disk = DiskCache(cache_dir) if cache_dir else None
         self.memory = MemoryCache(memory_budget)
+        self.facts = Facts(self.disk)
         self._graphs: OrderedDict[str, Graph] = OrderedDict()  # validated workflows, by content
 
     def load(self, source: str | Path | Workflow | dict) -> Workflow:
@@ -142,7 +143,7 @@ class Engine:
             interrupt=interrupt or InterruptFlag(),
             listeners=listeners,
         )
-        return execute(graph, ctx, self.memory, self.disk)
+        return execute(graph, ctx, self.memory, self.disk, self.facts)
 
 
 def _tagged(value: Any) -> str:

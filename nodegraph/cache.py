@@ -6,6 +6,7 @@ on the GPU stay there). The disk cache stores safetensors files, written atomica
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -19,6 +20,7 @@ from safetensors import safe_open
 
 from .errors import NodegraphError
 from .serialize import NotStorable, flatten, from_metadata, to_metadata, unflatten
+from .workflow import write_text_atomic
 
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
 
@@ -96,6 +98,21 @@ class DiskCache:
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+    def get_facts(self, key: str) -> dict[str, Any] | None:
+        """The manifest facts recorded with a node's result (kept even for results not storable)."""
+        try:
+            return json.loads(self._path(key).with_suffix(".facts.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put_facts(self, key: str, facts: dict[str, Any]) -> None:
+        if self.write_error is not None:
+            return
+        try:
+            write_text_atomic(self._path(key).with_suffix(".facts.json"), json.dumps(facts, default=str))
+        except OSError as exc:
+            self.write_error = exc
 
     def get(self, key: str, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         path = self._path(key)

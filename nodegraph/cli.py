@@ -154,9 +154,7 @@ def _run(registry, args) -> int:
     from .context import InterruptFlag
     from .errors import Interrupted, NodeFailed, WorkflowInvalid
 
-    engine = Engine(registry=registry, cache_dir=None if args.no_cache else args.cache_dir)
-    if args.no_cache:
-        engine.disk = None
+    engine = Engine(registry=registry, cache_dir="" if args.no_cache else args.cache_dir)  # "": no disk cache
     flag = InterruptFlag()
     bars = ProgressBars(enabled=not args.json)
     try:

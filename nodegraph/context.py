@@ -58,6 +58,7 @@ class RunContext:
     node_type: str = ""
     files: list[Path] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # per-run facts nodes add to (seeds, model ids)
+    recorded: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> facts of this run
     _workflow: dict | None = field(default=None, repr=False)
 
     @property
@@ -78,6 +79,18 @@ class RunContext:
         for listener in self.listeners:
             listener(event)
         self.check_interrupt()
+
+    def record(self, section: str, value: Any) -> None:
+        """A fact about this node's work for the run manifest (a seed, a model id): shown in
+        ``info[section][node id]``, and remembered with the node's cached result so that a
+        rerun served from the cache still reports it."""
+        self.info.setdefault(section, {})[self.node_id] = value
+        self.recorded.setdefault(self.node_id, {})[section] = value
+
+    def replay(self, facts: dict[str, Any]) -> None:
+        """Facts recorded when a cached result was made, shown under the current node id."""
+        for section, value in facts.items():
+            self.info.setdefault(section, {})[self.node_id] = value
 
     def record_file(self, path: Path) -> None:
         """Note a file this run wrote, for the run result."""

@@ -63,17 +63,43 @@ class RunResult:
         }
 
 
-def execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None = None) -> RunResult:
+class Facts:
+    """Manifest facts (seeds, model ids) recorded by nodes, by cache key, so that results
+    served from a cache, and the ancestors they cut off, still report them."""
+
+    def __init__(self, disk: DiskCache | None = None):
+        self.disk = disk
+        self.memory: dict[str, dict] = {}
+
+    def get(self, key: str) -> dict | None:
+        facts = self.memory.get(key)
+        if facts is None and self.disk is not None:
+            facts = self.disk.get_facts(key)
+        return facts
+
+    def put(self, key: str, facts: dict) -> None:
+        self.memory[key] = facts
+        if self.disk is not None:
+            self.disk.put_facts(key, facts)
+
+
+def execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None = None,
+            facts: Facts | None = None) -> RunResult:
     with gc_paused():
-        return _execute(graph, ctx, memory, disk)
+        return _execute(graph, ctx, memory, disk, facts or Facts(disk))
 
 
-def _execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None) -> RunResult:
+def _execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None, facts: Facts) -> RunResult:
     start = time.perf_counter()
     result = RunResult(node_types={i: n.definition.type_name for i, n in graph.nodes.items()})
     order = _needed_in_order(graph)
     keys = _keys(graph, order, ctx)
     values, to_run = _plan(graph, order, keys, memory, disk, ctx, result)
+    if facts.memory or facts.disk is not None:
+        for node_id in order:  # what the cached and cut-off nodes recorded when they ran
+            if node_id not in to_run and (known := facts.get(keys[node_id])):
+                ctx.node_id = node_id
+                ctx.replay(known)
     ctx.files = result.files
     try:
         for node_id in order:
@@ -85,9 +111,14 @@ def _execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache
             if twin is not None:  # an identical node (same key) already ran earlier in this run
                 values[node_id] = twin
                 result.nodes[node_id] = NodeStatus(CACHED)
+                if known := facts.get(keys[node_id]):
+                    ctx.replay(known)
                 continue
             outputs = _run_node(node, values, ctx, result)
             values[node_id] = outputs
+            own = ctx.recorded.pop(node_id, None)
+            if own and node.definition.cacheable:
+                facts.put(keys[node_id], own)
             if node.definition.cacheable:
                 memory.put(keys[node_id], outputs)
                 if disk is not None and not node.definition.output:

@@ -500,10 +500,10 @@ def load_ip_adapter_node(
     adapter whose widths do not fit the encoder is reported at validation. dtype "auto" follows --dtype."""
     torch_dtype = ctx.dtype if dtype == "auto" else getattr(torch, dtype)
     handle = load_ip_adapter(path, image_encoder, torch_dtype, ctx.device)
-    ctx.info.setdefault("models", {})[ctx.node_id or "ip_adapter"] = {
+    ctx.record("models", {
         "source": handle.source, "image_encoder": str(handle.encoder_info.path), "kind": handle.info.kind,
         "dtype": str(torch_dtype).removeprefix("torch."), "description": handle.info.describe(),
-    }
+    })
     log.info("LoadIPAdapter: %s", handle.info.describe())
     return handle
 
@@ -525,8 +525,8 @@ def apply_ip_adapter_node(
     The input MODEL is unchanged: the adapter is installed on the shared UNet only while a sampler runs
     with this MODEL. Chain two ApplyIPAdapter nodes to use two adapters. An adapter made for another
     model family fails here, before any sampling step."""
-    ctx.info.setdefault("ip_adapters", {})[ctx.node_id or "ip_adapter"] = {
+    ctx.record("ip_adapters", {
         "adapter": adapter.source, "scale": scale, "images": int(image.shape[0]),
         "image_size": [int(image.shape[-1]), int(image.shape[-2])],
-    }
+    })
     return apply_ip_adapter(model, adapter, image, scale)

@@ -603,9 +603,9 @@ def load_checkpoint_node(
     info = inspect_checkpoint(path, config or None, ctx.workflow_dir)
     torch_dtype = ctx.dtype if dtype == "auto" else getattr(torch, dtype)
     model, clip, vae = load_checkpoint(info, torch_dtype, ctx.device)
-    ctx.info.setdefault("models", {})[ctx.node_id or "checkpoint"] = {
+    ctx.record("models", {
         "source": model.source, "family": info.family, "kind": info.label, "inpainting": info.inpainting,
         "dtype": str(torch_dtype).removeprefix("torch."), "description": info.describe(),
-    }
+    })
     log.info("LoadCheckpoint: %s", info.describe())
     return {"model": model, "clip": clip, "vae": vae}

@@ -41,7 +41,7 @@ def _check_fractions(params: dict):
 
 
 def _record(ctx: RunContext, **facts) -> None:
-    ctx.info.setdefault("samplers", {})[ctx.node_id or ctx.node_type] = facts
+    ctx.record("samplers", facts)
 
 
 @node("Sampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,

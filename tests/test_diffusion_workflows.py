@@ -168,3 +168,17 @@ def test_latents_and_conditioning_come_back_from_the_disk_cache(tiny, tmp_path):
     same = Engine(cache_dir=tmp_path / "cache").run(CHAIN, overrides=base, out_dir=tmp_path / "3")
     assert "i2i" not in same.ran()
     assert np.array_equal(saved(same), saved(first))
+
+
+def test_manifest_names_seeds_and_model_when_results_come_from_the_cache(tiny, tmp_path):
+    """Only SaveImage reruns here, and the checkpoint is not even loaded; the PNG's manifest still
+    names the sampler's seed and the model, as recorded when they ran."""
+    workflow = WORKFLOWS / "inpaint_base_model.json"
+    overrides = {**tiny_overrides("inpaint_base_model.json", tiny), "inpaint.seed": 5}
+    Engine(cache_dir=tmp_path / "cache").run(workflow, overrides=overrides, out_dir=tmp_path / "1")
+    later = Engine(cache_dir=tmp_path / "cache").run(workflow, overrides=overrides, out_dir=tmp_path / "2")
+    assert later.ran() == {"save"} and later.status["ckpt"] == "skipped"
+    with Image.open(later.files[0]) as image:
+        manifest = json.loads(image.info["nodegraph.manifest"])
+    assert manifest["info"]["samplers"]["inpaint"]["seed"] == 5
+    assert manifest["info"]["models"]["ckpt"]["source"].endswith(Path(str(tiny.sd15)).name)
