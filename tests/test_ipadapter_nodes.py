@@ -13,21 +13,18 @@ from nodes.conditioning import encode_prompt
 from nodes.io import load_image_file
 from nodes.ipadapter import apply_ip_adapter, inspect_adapter, load_ip_adapter, unet_fit_problem
 from nodes.latent import empty_latent
-from nodes.models import inspect_checkpoint, load_checkpoint
 from nodes.outpaint import square_slices
 from tests.tiny_ipadapter import TINY_VISION, build_image_encoder, build_ip_adapter, build_tiny_ipadapters
-from tests.tiny_models import TINY_UNET, build_diffusers_folder
+from tests.tiny_models import TINY_UNET
 
 DATA = Path(__file__).parent / "data"
 PHOTO = DATA / "chelsea_128.png"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ipadapter-nodes")
-    folder = build_diffusers_folder(root / "tiny-sd15", seed=0)
-    handles = load_checkpoint(inspect_checkpoint(str(folder)))
-    return folder, handles, build_tiny_ipadapters(root / "adapters", handles[0].unet)
+def sd1_ip(tiny, sd, tmp_path_factory):
+    """The session's tiny SD 1.x checkpoint with IP-Adapters that fit its UNet."""
+    return tiny.sd15, sd, build_tiny_ipadapters(tmp_path_factory.mktemp("ipadapter-nodes"), sd[0].unet)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +46,8 @@ def unet_state(unet):
 # ---------------------------------------------------------------------------------------------- restore
 
 @pytest.mark.parametrize("kind", ["plain", "plus"])
-def test_the_unpatched_model_is_unchanged_by_a_patched_run(tiny, slices, kind):
-    _, (model, clip, _), adapters = tiny
+def test_the_unpatched_model_is_unchanged_by_a_patched_run(sd1_ip, slices, kind):
+    _, (model, clip, _), adapters = sd1_ip
     before_state = unet_state(model.unet)
     before = sample(model, clip)
     patched = apply_ip_adapter(model, load_ip_adapter(getattr(adapters, kind), adapters.encoder), slices, 1.0)
@@ -63,8 +60,8 @@ def test_the_unpatched_model_is_unchanged_by_a_patched_run(tiny, slices, kind):
     assert (with_ip - before).abs().max() > 1e-2
 
 
-def test_the_unet_is_restored_when_a_patched_run_is_interrupted(tiny, slices):
-    _, (model, clip, _), adapters = tiny
+def test_the_unet_is_restored_when_a_patched_run_is_interrupted(sd1_ip, slices):
+    _, (model, clip, _), adapters = sd1_ip
     before_state = unet_state(model.unet)
     patched = apply_ip_adapter(model, load_ip_adapter(adapters.plus, adapters.encoder), slices, 1.0)
     seen = []
@@ -80,8 +77,8 @@ def test_the_unet_is_restored_when_a_patched_run_is_interrupted(tiny, slices):
     assert unet_state(model.unet) == before_state
 
 
-def test_scale_zero_samples_like_the_plain_model_and_scale_matters(tiny, slices):
-    _, (model, clip, _), adapters = tiny
+def test_scale_zero_samples_like_the_plain_model_and_scale_matters(sd1_ip, slices):
+    _, (model, clip, _), adapters = sd1_ip
     adapter = load_ip_adapter(adapters.plain, adapters.encoder)
     plain = sample(model, clip)
     off = sample(apply_ip_adapter(model, adapter, slices, 0.0), clip)
@@ -90,9 +87,9 @@ def test_scale_zero_samples_like_the_plain_model_and_scale_matters(tiny, slices)
     assert 1e-4 < (weak - plain).abs().max() < (strong - plain).abs().max()
 
 
-def test_every_slice_counts_and_their_order_does_not(tiny, slices):
+def test_every_slice_counts_and_their_order_does_not(sd1_ip, slices):
     """The UNet attends to the tokens of all the images together (attention is order-free over keys)."""
-    _, (model, clip, _), adapters = tiny
+    _, (model, clip, _), adapters = sd1_ip
     adapter = load_ip_adapter(adapters.plain, adapters.encoder)
     six = sample(apply_ip_adapter(model, adapter, slices, 1.0), clip)
     reordered = sample(apply_ip_adapter(model, adapter, slices.flip(0), 1.0), clip)
@@ -101,8 +98,8 @@ def test_every_slice_counts_and_their_order_does_not(tiny, slices):
     assert (six - five).abs().max() > 1e-3
 
 
-def test_image_embeds_are_computed_once_and_the_inputs_are_not_modified(tiny, slices):
-    _, (model, _, _), adapters = tiny
+def test_image_embeds_are_computed_once_and_the_inputs_are_not_modified(sd1_ip, slices):
+    _, (model, _, _), adapters = sd1_ip
     adapter = load_ip_adapter(adapters.plus, adapters.encoder)
     original = slices.clone()
     patch = apply_ip_adapter(model, adapter, slices, 0.5).patches[0]
@@ -115,9 +112,9 @@ def test_image_embeds_are_computed_once_and_the_inputs_are_not_modified(tiny, sl
     assert torch.count_nonzero(plain_entry.entries[0].negative) == 0  # plain: zeros, as diffusers
 
 
-def test_adapter_modules_are_built_once_per_unet_and_shared(tiny, slices):
+def test_adapter_modules_are_built_once_per_unet_and_shared(sd1_ip, slices):
     """Each expansion of the seed workflow applies the same adapter to new slices: one set of modules."""
-    _, (model, _, _), adapters = tiny
+    _, (model, _, _), adapters = sd1_ip
     adapter = load_ip_adapter(adapters.plain, adapters.encoder)
     a = apply_ip_adapter(model, adapter, slices[:2], 0.1).patches[0]
     b = apply_ip_adapter(model, adapter, slices[2:], 0.9).patches[0]
@@ -128,8 +125,8 @@ def test_adapter_modules_are_built_once_per_unet_and_shared(tiny, slices):
 
 # ---------------------------------------------------------------------------------------------- workflows
 
-def workflow(tiny, scale=0.1) -> dict:
-    folder, _, adapters = tiny
+def workflow(sd1_ip, scale=0.1) -> dict:
+    folder, _, adapters = sd1_ip
     return {
         "format": "nodegraph/1",
         "nodes": {
@@ -151,11 +148,11 @@ def workflow(tiny, scale=0.1) -> dict:
     }
 
 
-def test_workflow_patched_and_plain_samplers_side_by_side(tiny, slices, tmp_path):
-    _, (model, clip, _), adapters = tiny
+def test_workflow_patched_and_plain_samplers_side_by_side(sd1_ip, slices, tmp_path):
+    _, (model, clip, _), adapters = sd1_ip
     engine = Engine(cache_dir=tmp_path / "cache")
     targets = ["plain", "with_ip"]
-    first = engine.run(workflow(tiny), targets=targets, out_dir=tmp_path)
+    first = engine.run(workflow(sd1_ip), targets=targets, out_dir=tmp_path)
     assert set(first.status.values()) == {"ran"}
     plain = first.outputs["plain"]["latent"].samples
     with_ip = first.outputs["with_ip"]["latent"].samples
@@ -163,12 +160,12 @@ def test_workflow_patched_and_plain_samplers_side_by_side(tiny, slices, tmp_path
     direct = sample(apply_ip_adapter(model, load_ip_adapter(adapters.plus, adapters.encoder), slices, 0.1), clip)
     assert torch.allclose(with_ip, direct, atol=1e-6, rtol=0)
     # another scale reruns only ApplyIPAdapter and its sampler; the adapter and the plain branch are cached
-    second = engine.run(workflow(tiny, scale=0.7), targets=targets, out_dir=tmp_path)
+    second = engine.run(workflow(sd1_ip, scale=0.7), targets=targets, out_dir=tmp_path)
     assert second.ran() == {"apply", "with_ip"}
     assert second.status["ipa"] == "cached" and second.status["plain"] == "cached"
     assert not torch.equal(second.outputs["with_ip"]["latent"].samples, with_ip)
     # adapters and patched models stay in memory; a new engine takes the sampled latents from the disk cache
-    fresh = Engine(cache_dir=tmp_path / "cache").run(workflow(tiny), targets=targets, out_dir=tmp_path)
+    fresh = Engine(cache_dir=tmp_path / "cache").run(workflow(sd1_ip), targets=targets, out_dir=tmp_path)
     assert fresh.status["with_ip"] == "cached" and fresh.status["apply"] == "skipped" and not fresh.ran()
     assert torch.equal(fresh.outputs["with_ip"]["latent"].samples, with_ip)
 
@@ -179,53 +176,53 @@ def issues_of(spec: dict) -> dict:
     return {(i.node_id, i.field): i.message for i in err.value.issues}
 
 
-def with_params(tiny, **params) -> dict:
-    spec = workflow(tiny)
+def with_params(sd1_ip, **params) -> dict:
+    spec = workflow(sd1_ip)
     spec["nodes"]["ipa"]["params"].update(params)
     return spec
 
 
-def test_missing_image_encoder_folder_fails_validation(tiny, tmp_path):
-    found = issues_of(with_params(tiny, image_encoder=str(tmp_path / "no" / "image_encoder")))
+def test_missing_image_encoder_folder_fails_validation(sd1_ip, tmp_path):
+    found = issues_of(with_params(sd1_ip, image_encoder=str(tmp_path / "no" / "image_encoder")))
     assert "no such folder" in found[("ipa", "image_encoder")]
     empty = tmp_path / "empty_encoder"
     empty.mkdir()
-    assert "no config.json" in issues_of(with_params(tiny, image_encoder=str(empty)))[("ipa", "image_encoder")]
+    assert "no config.json" in issues_of(with_params(sd1_ip, image_encoder=str(empty)))[("ipa", "image_encoder")]
     pickled = tmp_path / "pickled_encoder"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    assert "pickle" in issues_of(with_params(tiny, image_encoder=str(pickled)))[("ipa", "image_encoder")]
+    assert "pickle" in issues_of(with_params(sd1_ip, image_encoder=str(pickled)))[("ipa", "image_encoder")]
 
 
-def test_pickled_or_foreign_adapter_files_fail_validation(tiny, tmp_path):
-    folder = tiny[0]
+def test_pickled_or_foreign_adapter_files_fail_validation(sd1_ip, tmp_path):
+    folder = sd1_ip[0]
     for name in ("ip-adapter_sd15.bin", "ip-adapter.pt"):
         (tmp_path / name).write_bytes(b"\x80\x04")
-        assert "pickle" in issues_of(with_params(tiny, path=str(tmp_path / name)))[("ipa", "path")]
+        assert "pickle" in issues_of(with_params(sd1_ip, path=str(tmp_path / name)))[("ipa", "path")]
     unet_weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    assert "not an IP-Adapter" in issues_of(with_params(tiny, path=str(unet_weights)))[("ipa", "path")]
+    assert "not an IP-Adapter" in issues_of(with_params(sd1_ip, path=str(unet_weights)))[("ipa", "path")]
     with pytest.raises(NodeError, match="pickle"):
-        load_ip_adapter(tmp_path / "ip-adapter.pt", tiny[2].encoder)
+        load_ip_adapter(tmp_path / "ip-adapter.pt", sd1_ip[2].encoder)
 
 
-def test_adapter_not_fitting_the_image_encoder_fails_validation(tiny, tmp_path):
+def test_adapter_not_fitting_the_image_encoder_fails_validation(sd1_ip, tmp_path):
     wide = build_image_encoder(tmp_path / "wide_encoder", projection_dim=40, hidden_size=48)
-    found = issues_of(with_params(tiny, image_encoder=str(wide)))
+    found = issues_of(with_params(sd1_ip, image_encoder=str(wide)))
     message = found[("ipa", "path")]
     assert "32" in message and "48" in message and "hidden_size" in message  # plus: hidden states
-    _, _, adapters = tiny
+    _, _, adapters = sd1_ip
     with pytest.raises(NodeError, match=r"24-wide image embeddings .* gives 40 \(projection_dim"):
         load_ip_adapter(adapters.plain, wide)
 
 
-def test_adapter_for_another_unet_fails_before_any_sampling_step(tiny, tmp_path):
-    _, (model, _, _), adapters = tiny
+def test_adapter_for_another_unet_fails_before_any_sampling_step(sd1_ip, tmp_path):
+    _, (model, _, _), adapters = sd1_ip
     from transformers import CLIPVisionConfig
 
     config = CLIPVisionConfig(**TINY_VISION)
     wrong = build_ip_adapter(tmp_path / "sdxl-like.safetensors", model.unet, config, "plain", cross_attention_dim=80)
-    spec = with_params(tiny, path=str(wrong))
+    spec = with_params(sd1_ip, path=str(wrong))
     events = []
     with pytest.raises(NodeFailed) as err:
         Engine().run(spec, targets=["with_ip"], out_dir=tmp_path, progress=events.append)
@@ -234,11 +231,11 @@ def test_adapter_for_another_unet_fails_before_any_sampling_step(tiny, tmp_path)
     assert not [e for e in events if e.node_id == "with_ip"]
 
 
-def test_adapter_with_other_layers_does_not_fit(tiny, tmp_path):
+def test_adapter_with_other_layers_does_not_fit(sd1_ip, tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionConfig
 
-    _, (model, _, _), _ = tiny
+    _, (model, _, _), _ = sd1_ip
     deeper = UNet2DConditionModel(**{**TINY_UNET, "layers_per_block": 2})  # more cross-attention layers, same width
     path = build_ip_adapter(tmp_path / "deeper.safetensors", deeper, CLIPVisionConfig(**TINY_VISION), "plain")
     problem = unet_fit_problem(inspect_adapter(path), model.unet)

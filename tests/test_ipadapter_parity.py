@@ -18,26 +18,19 @@ from nodes.conditioning import encode_prompt
 from nodes.io import load_image_file
 from nodes.ipadapter import apply_ip_adapter, load_ip_adapter
 from nodes.latent import empty_latent
-from nodes.models import inspect_checkpoint, load_checkpoint
 from nodes.outpaint import square_slices
+from tests.test_diffusion_parity import diffusers_scheduler
 from tests.tiny_ipadapter import build_tiny_ipadapters
-from tests.tiny_models import build_diffusers_folder
 
 TOL = 1e-4
 DATA = Path(__file__).parent / "data"
 PROMPT = "a cat on a rug"
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
-}
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ipadapter-sd1")
-    folder = build_diffusers_folder(root / "tiny-sd15", seed=0)
-    handles = load_checkpoint(inspect_checkpoint(str(folder)))
-    return folder, handles, build_tiny_ipadapters(root / "adapters", handles[0].unet)
+def sd1(tiny, sd, tmp_path_factory):
+    """The session's tiny SD 1.x checkpoint with IP-Adapters that fit its UNet."""
+    return tiny.sd15, sd, build_tiny_ipadapters(tmp_path_factory.mktemp("ipadapter-sd1"), sd[0].unet)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +50,10 @@ def sd1_pipeline(folder: Path, handles, scheduler: str, encoder: Path, preproces
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     model, clip, vae = handles
-    cls, kwargs = SCHEDULERS[scheduler]
     unet = diffusers.UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae.vae, text_encoder=clip.text_encoder, tokenizer=clip.tokenizer, unet=unet,
-        scheduler=getattr(diffusers, cls).from_config(model.scheduler_config, **kwargs), safety_checker=None,
+        scheduler=diffusers_scheduler(scheduler, model.scheduler_config), safety_checker=None,
         # without a feature extractor load_ip_adapter makes CLIP's default at the encoder's image size
         feature_extractor=CLIPImageProcessor.from_pretrained(str(encoder)) if preprocessor else None,
         image_encoder=CLIPVisionModelWithProjection.from_pretrained(str(encoder)), requires_safety_checker=False)

@@ -18,39 +18,25 @@ from nodes.conditioning import encode_prompt
 from nodes.io import load_image_file
 from nodes.ipadapter import apply_ip_adapter, load_ip_adapter
 from nodes.latent import Latents, empty_latent, encode_pixels
-from nodes.models import inspect_checkpoint, load_checkpoint
 from nodes.outpaint import square_slices
+from tests.test_diffusion_parity import diffusers_scheduler
 from tests.tiny_ipadapter import build_tiny_ipadapters
-from tests.tiny_sdxl import build_tiny_sdxl
 
 TOL = 1e-4
 DATA = Path(__file__).parent / "data"
 PROMPT = "a cat on a rug"
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
-}
 
 
 @pytest.fixture(scope="module")
-def xl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ipadapter-sdxl")
-    folder = build_tiny_sdxl(root / "tiny-sdxl")
-    handles = load_checkpoint(inspect_checkpoint(str(folder)))
-    return folder, handles, build_tiny_ipadapters(root / "adapters", handles[0].unet, seed=3)
+def xl_ip(tiny_xl, xl, tmp_path_factory):
+    """The session's tiny SDXL checkpoint with IP-Adapters that fit its UNet."""
+    return tiny_xl.base, xl, build_tiny_ipadapters(tmp_path_factory.mktemp("ipadapter-sdxl"), xl[0].unet, seed=3)
 
 
 @pytest.fixture(scope="module")
 def slices():
     image, _ = load_image_file(DATA / "chelsea_128.png")
     return square_slices(image, 2, 3, "grid")
-
-
-def make_scheduler(name: str, config: dict):
-    import diffusers
-
-    cls, kwargs = SCHEDULERS[name]
-    return getattr(diffusers, cls).from_config(config, **kwargs)
 
 
 def xl_pipeline(folder: Path, handles, scheduler: str, adapters, kind: str, scale: float):
@@ -62,7 +48,7 @@ def xl_pipeline(folder: Path, handles, scheduler: str, adapters, kind: str, scal
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=vae.vae, text_encoder=clip.text_encoder, text_encoder_2=clip.text_encoder_2, tokenizer=clip.tokenizer,
         tokenizer_2=clip.tokenizer_2, unet=diffusers.UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet"),
-        scheduler=make_scheduler(scheduler, model.scheduler_config),
+        scheduler=diffusers_scheduler(scheduler, model.scheduler_config),
         feature_extractor=CLIPImageProcessor.from_pretrained(str(adapters.encoder)),
         image_encoder=CLIPVisionModelWithProjection.from_pretrained(str(adapters.encoder)))
     pipe.set_progress_bar_config(disable=True)
@@ -83,8 +69,8 @@ def assert_close(ours, ref):
     ("plus", "dpmpp_2m_karras", 0.1),  # the seed article's adapter kind, scheduler and scale
     ("plain", "euler", 0.8),
 ])
-def test_sdxl_text2img_with_slices_matches_pipeline(xl, slices, kind, scheduler, scale):
-    folder, handles, adapters = xl
+def test_sdxl_text2img_with_slices_matches_pipeline(xl_ip, slices, kind, scheduler, scale):
+    folder, handles, adapters = xl_ip
     model, clip, _ = handles
     patched = apply_ip_adapter(model, load_ip_adapter(getattr(adapters, kind), adapters.encoder), slices, scale)
     pos = encode_prompt(clip, PROMPT)
@@ -99,8 +85,8 @@ def test_sdxl_text2img_with_slices_matches_pipeline(xl, slices, kind, scheduler,
     assert (plain - ours).abs().max() > 1e-3
 
 
-def test_sdxl_negative_prompt_and_batch_match_pipeline(xl, slices):
-    folder, handles, adapters = xl
+def test_sdxl_negative_prompt_and_batch_match_pipeline(xl_ip, slices):
+    folder, handles, adapters = xl_ip
     model, clip, _ = handles
     patched = apply_ip_adapter(model, load_ip_adapter(adapters.plus, adapters.encoder), slices[1:5], 0.5)
     ours = denoise.sample(patched, encode_prompt(clip, PROMPT), encode_prompt(clip, "blurry"), empty_latent(64, 64, 2),
@@ -112,9 +98,9 @@ def test_sdxl_negative_prompt_and_batch_match_pipeline(xl, slices):
     assert_close(ours, ref)
 
 
-def test_sdxl_differential_with_ip_adapter_matches_plain_loop(xl, slices):
+def test_sdxl_differential_with_ip_adapter_matches_plain_loop(xl_ip, slices):
     """Seed article 002's generate_image: differential img2img, strength 1, guidance 4, IP-Adapter Plus at 0.1."""
-    folder, handles, adapters = xl
+    folder, handles, adapters = xl_ip
     model, clip, vae = handles
     image = F.interpolate(load_image_file(DATA / "chelsea_128.png")[0], size=(64, 64), mode="bilinear")
     x0 = encode_pixels(vae, image.clamp(0, 1))
@@ -135,7 +121,7 @@ def test_sdxl_differential_with_ip_adapter_matches_plain_loop(xl, slices):
     added = {"text_embeds": torch.cat([negative_pooled, pooled]),
              "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2), "image_embeds": embeds}
     cond = torch.cat([negative, prompt_embeds])
-    scheduler, noiser = (make_scheduler("dpmpp_2m_karras", model.scheduler_config) for _ in range(2))
+    scheduler, noiser = (diffusers_scheduler("dpmpp_2m_karras", model.scheduler_config) for _ in range(2))
     scheduler.set_timesteps(steps)
     noiser.set_timesteps(steps)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(13))
