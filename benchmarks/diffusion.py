@@ -86,10 +86,10 @@ def tiny_part(repeat: int, steps: int) -> dict:
                            StableDiffusionPipeline)
 
     from nodegraph.api import Engine
-    from nodes import denoise
-    from nodes.conditioning import encode_prompt
-    from nodes.latent import empty_latent
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes import denoise
+    from nodegraph.nodes.conditioning import encode_prompt
+    from nodegraph.nodes.latent import empty_latent
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
     from tests.tiny_models import build_tiny_models
 
     tiny = build_tiny_models()
@@ -204,10 +204,10 @@ def sd15_ours(path: str, steps: int) -> dict:
     import torch
 
     from nodegraph.context import RunContext
-    from nodes.conditioning import clip_encode
-    from nodes.latent import empty_latent, vae_decode_node
-    from nodes.models import load_checkpoint_node
-    from nodes.sampling import sampler_node
+    from nodegraph.nodes.conditioning import clip_encode
+    from nodegraph.nodes.latent import empty_latent, vae_decode_node
+    from nodegraph.nodes.models import load_checkpoint_node
+    from nodegraph.nodes.sampling import sampler_node
     from diffusers import StableDiffusionPipeline  # noqa: F401  what LoadCheckpoint imports on first use
     imports = time.perf_counter() - started
     ctx = RunContext()
@@ -300,10 +300,10 @@ def sdxl_part(repeat: int, steps: int) -> dict:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from nodegraph.api import Engine
-    from nodes import denoise
-    from nodes.conditioning import encode_prompt
-    from nodes.latent import empty_latent
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes import denoise
+    from nodegraph.nodes.conditioning import encode_prompt
+    from nodegraph.nodes.latent import empty_latent
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
     from tests.tiny_sdxl import build_tiny_sdxl_set
 
     tiny = build_tiny_sdxl_set()

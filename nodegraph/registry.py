@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .errors import PluginError
 from .node import DEFINED, NodeDef
 
-BUILTIN_PACKAGE = "nodes"
+BUILTIN_PACKAGE = "nodegraph.nodes"
 
 
 @dataclass

@@ -44,14 +44,14 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def sd(tiny):
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     return load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
 
 
 @pytest.fixture(scope="session")
 def sd_inpaint(tiny):
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     return load_checkpoint(inspect_checkpoint(str(tiny.sd15_inpaint)))
 
@@ -65,20 +65,20 @@ def tiny_xl():
 
 @pytest.fixture(scope="session")
 def xl(tiny_xl):
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     return load_checkpoint(inspect_checkpoint(str(tiny_xl.base)))
 
 
 @pytest.fixture(scope="session")
 def xl_inpaint(tiny_xl):
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     return load_checkpoint(inspect_checkpoint(str(tiny_xl.inpaint)))
 
 
 @pytest.fixture(scope="session")
 def refiner(tiny_xl):
-    from nodes.models import inspect_checkpoint, load_checkpoint
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     return load_checkpoint(inspect_checkpoint(str(tiny_xl.refiner)))

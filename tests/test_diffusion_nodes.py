@@ -11,11 +11,11 @@ import torch
 from nodegraph.context import RunContext
 from nodegraph.errors import Interrupted, NodeError
 from nodegraph.serialize import flatten, unflatten
-from nodes import denoise
-from nodes.conditioning import PromptEmbeds, clip_encode, encode_prompt
-from nodes.latent import Latents, decode_latents, empty_latent, encode_pixels, inpaint_conditioning
-from nodes.models import inspect_checkpoint, load_checkpoint, load_checkpoint_node, path_problem
-from nodes.sampling import latent_blend_sampler_node, sampler_node
+from nodegraph.nodes import denoise
+from nodegraph.nodes.conditioning import PromptEmbeds, clip_encode, encode_prompt
+from nodegraph.nodes.latent import Latents, decode_latents, empty_latent, encode_pixels, inpaint_conditioning
+from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint, load_checkpoint_node, path_problem
+from nodegraph.nodes.sampling import latent_blend_sampler_node, sampler_node
 
 LONG = " ".join(["castle"] * 30)  # about 90 byte-level tokens with the tiny vocab: longer than 77
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nodes import denoise
-from nodes.conditioning import encode_prompt
-from nodes.latent import Latents, empty_latent, encode_pixels, inpaint_conditioning
+from nodegraph.nodes import denoise
+from nodegraph.nodes.conditioning import encode_prompt
+from nodegraph.nodes.latent import Latents, empty_latent, encode_pixels, inpaint_conditioning
 
 TOL = 1e-4
 PROMPT = "a stone castle on a hill and the sea"

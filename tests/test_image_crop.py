@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from nodegraph.errors import NodeError
-from nodes.crop import CropRegion, crop_region, crop_to_mask_node, overlay_node, paste_crop
+from nodegraph.nodes.crop import CropRegion, crop_region, crop_to_mask_node, overlay_node, paste_crop
 from tests.imaging import PHOTOS, as_image, as_mask, photo_array, random_masks, to_u8
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nodegraph.errors import NodeError
-from nodes.fill import telea_fill_node
+from nodegraph.nodes.fill import telea_fill_node
 from tests.imaging import PHOTOS, as_image, as_mask, photo_array, random_masks, to_u8
 
 

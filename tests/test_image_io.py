@@ -14,7 +14,7 @@ from PIL import Image
 
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodes.io import load_image, load_mask, prefix_problem, save_image
+from nodegraph.nodes.io import load_image, load_mask, prefix_problem, save_image
 from tests.imaging import DATA, as_image, photo_array, to_u8
 
 
@@ -176,7 +176,7 @@ def test_existing_files_are_never_overwritten(tmp_path):
 
 def test_link_refuses_a_name_that_appears_meanwhile(tmp_path, monkeypatch):
     # Another writer takes the chosen name between the scan and the rename: the next number is used.
-    import nodes.io as io
+    import nodegraph.nodes.io as io
 
     ctx = context(tmp_path)
     (tmp_path / "out").mkdir()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from nodegraph.errors import NodeError
-from nodes.image import image_batch, image_grid_node, image_resize, mask_resize, target_size
+from nodegraph.nodes.image import image_batch, image_grid_node, image_resize, mask_resize, target_size
 from tests.imaging import PHOTOS, as_image, as_mask, photo_array, random_masks, to_u8
 
 
@@ -104,6 +104,6 @@ def test_batch_joins_and_refuses_other_sizes():
 
 
 def test_image_size_reports_width_and_height():
-    from nodes.image import image_size
+    from nodegraph.nodes.image import image_size
 
     assert image_size(torch.zeros(2, 3, 40, 72)) == (72, 40)

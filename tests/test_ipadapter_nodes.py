@@ -8,12 +8,12 @@ import torch
 
 from nodegraph.api import Engine
 from nodegraph.errors import Interrupted, NodeError, NodeFailed, WorkflowInvalid
-from nodes import denoise
-from nodes.conditioning import encode_prompt
-from nodes.io import load_image_file
-from nodes.ipadapter import apply_ip_adapter, inspect_adapter, load_ip_adapter, unet_fit_problem
-from nodes.latent import empty_latent
-from nodes.outpaint import square_slices
+from nodegraph.nodes import denoise
+from nodegraph.nodes.conditioning import encode_prompt
+from nodegraph.nodes.io import load_image_file
+from nodegraph.nodes.ipadapter import apply_ip_adapter, inspect_adapter, load_ip_adapter, unet_fit_problem
+from nodegraph.nodes.latent import empty_latent
+from nodegraph.nodes.outpaint import square_slices
 from tests.tiny_ipadapter import TINY_VISION, build_image_encoder, build_ip_adapter, build_tiny_ipadapters
 from tests.tiny_models import TINY_UNET
 

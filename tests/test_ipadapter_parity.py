@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodes import denoise
-from nodes._pixels import to_pil
-from nodes.conditioning import encode_prompt
-from nodes.io import load_image_file
-from nodes.ipadapter import apply_ip_adapter, load_ip_adapter
-from nodes.latent import empty_latent
-from nodes.outpaint import square_slices
+from nodegraph.nodes import denoise
+from nodegraph.nodes._pixels import to_pil
+from nodegraph.nodes.conditioning import encode_prompt
+from nodegraph.nodes.io import load_image_file
+from nodegraph.nodes.ipadapter import apply_ip_adapter, load_ip_adapter
+from nodegraph.nodes.latent import empty_latent
+from nodegraph.nodes.outpaint import square_slices
 from tests.test_diffusion_parity import diffusers_scheduler
 from tests.tiny_ipadapter import build_tiny_ipadapters
 

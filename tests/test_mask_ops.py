@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nodes.mask import mask_blur, mask_grow, mask_invert, mask_threshold
+from nodegraph.nodes.mask import mask_blur, mask_grow, mask_invert, mask_threshold
 from tests.imaging import as_mask, random_masks, to_u8
 
 H, W = 48, 64

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nodegraph.errors import NodeError
-from nodes.outpaint import expand_canvas_node, merge, slice_for_ip_adapter
+from nodegraph.nodes.outpaint import expand_canvas_node, merge, slice_for_ip_adapter
 from tests.imaging import PHOTOS, as_image, photo_array, to_u8
 
 

@@ -11,10 +11,10 @@ import torch
 
 from nodegraph.api import Engine
 from nodegraph.errors import NodeError, WorkflowInvalid
-from nodes import denoise
-from nodes.conditioning import encode_prompt, sdxl_size_conditioning
-from nodes.latent import Latents, decode_latents, empty_latent, encode_pixels
-from nodes.models import inspect_checkpoint, load_checkpoint
+from nodegraph.nodes import denoise
+from nodegraph.nodes.conditioning import encode_prompt, sdxl_size_conditioning
+from nodegraph.nodes.latent import Latents, decode_latents, empty_latent, encode_pixels
+from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 from tests.test_diffusion_parity import photo
 from tests.tiny_models import build_tiny_models
 
@@ -143,8 +143,8 @@ def test_partial_inpainting_result_keeps_its_conditioning(tiny_xl):
     """Sampler with denoising_end on an inpainting model hands the mask and masked latents on; a normal
     model continuing it with denoising_start ignores them."""
     from nodegraph.context import RunContext
-    from nodes.latent import inpaint_conditioning
-    from nodes.sampling import sampler_node
+    from nodegraph.nodes.latent import inpaint_conditioning
+    from nodegraph.nodes.sampling import sampler_node
 
     model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny_xl.inpaint)))
     latent = inpaint_conditioning(vae, photo(), torch.ones(1, 1, 64, 64))
@@ -235,7 +235,7 @@ def test_base_refiner_handoff_workflow(tiny_xl, tmp_path):
 
 
 def test_sdxl_chunked_prompt_pads_the_shorter_encoder_with_empty_windows(xl):
-    from nodes.conditioning import encode_text_sdxl
+    from nodegraph.nodes.conditioning import encode_text_sdxl
 
     _, clip, _ = xl
     long = " ".join(["castle"] * 30)  # two 75-token windows for the first encoder

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nodes import denoise
-from nodes.conditioning import encode_prompt, with_size
-from nodes.latent import Latents, empty_latent, encode_pixels, inpaint_conditioning
+from nodegraph.nodes import denoise
+from nodegraph.nodes.conditioning import encode_prompt, with_size
+from nodegraph.nodes.latent import Latents, empty_latent, encode_pixels, inpaint_conditioning
 from tests.test_diffusion_parity import assert_close, centre_mask, diffusers_scheduler, photo
 
 PROMPT = "a stone castle on a hill and the sea"
