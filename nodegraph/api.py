@@ -1,110 +1,150 @@
-"""The Python API: load, validate and run workflows without the CLI.
+"""The Python API: load, validate and run workflows without the CLI (see docs/api.md).
 
     from nodegraph.api import Engine
-    engine = Engine(cache_dir="~/.cache/nodegraph")      # cache_dir optional
+    engine = Engine()                                        # built-ins + installed plugins, disk cache on
     result = engine.run("workflows/outpaint_telea.json", overrides={"load.path": "me.png"}, out_dir="out")
     result.status            # {"load": "ran", ...}
     result.outputs["save"]   # output values of output nodes (or targets)
 
-One Engine keeps its memory cache between runs, so a rerun recomputes only what changed.
+One Engine keeps its caches and loaded models between runs, so a rerun recomputes only what
+changed; several threads may run workflows on one Engine at once.
 """
 from __future__ import annotations
 
 import hashlib
-import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .cache import DEFAULT_MEMORY_BUDGET, DiskCache, MemoryCache
-from .context import InterruptFlag, ProgressListener, RunContext
+from .cache import DEFAULT_MEMORY_BUDGET, DiskCache, Facts, MemoryCache, default_cache_dir, default_cache_size
+from .context import InterruptFlag, ProgressListener, RunConfig, default_temp_dir
 from .errors import Issue, NodegraphError, WorkflowInvalid
-from .executor import Facts, RunResult, execute
+from .executor import RunResult, execute
 from .gcpause import gc_paused
-from .groups import GROUP_INPUT
-from .registry import Registry, default_registry
+from .groups import flat_params_owner
+from .limits import Limits
+from .registry import Registry
 from .validate import Graph, build_graph
-from .workflow import Workflow, load_workflow
+from .workflow import Workflow, load_workflow, read_workflow
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CACHE_DIR_ENV = "NODEGRAPH_CACHE_DIR"
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 VALIDATED_GRAPHS = 16  # how many validated workflows an engine remembers
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without a GPU is a usage error."""
+def resolve_device(name: Any = None):
+    """A torch.device: 'auto' (or None) picks CUDA when present; 'cuda' without a GPU is a usage error."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     name = name or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NodegraphError("--device cuda: no CUDA GPU is available to torch; use --device cpu")
+        raise NodegraphError(f"--device {name}: no CUDA GPU is available to torch; use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError as exc:
         raise NodegraphError(f"--device {name}: {exc}") from None
 
 
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(name: Any = None, auto: Any = None):
+    """A torch.dtype from "float32" | "float16" | "bfloat16" (or a torch.dtype); "auto" (or None) is ``auto``,
+    else float32. The one parser of dtype names, for the CLI and for nodes' dtype params."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
-    if (name or "float32") not in DTYPES:
-        raise NodegraphError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name or "float32"]
+    if name in (None, "auto"):
+        return auto if auto is not None else torch.float32
+    if name not in DTYPE_NAMES:
+        raise NodegraphError(f"dtype {name!r}: choose one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 class Engine:
-    """Node registry + caches; runs any number of workflows."""
+    """Node registry + caches; runs any number of workflows, from any number of threads.
+
+    ``cache_dir``: the disk cache folder; None uses $NODEGRAPH_CACHE_DIR or the user's cache folder,
+    False turns the disk cache off. ``cache_size``: its limit in bytes (or "10GiB"); least recently used
+    results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels)."""
 
     def __init__(
         self,
         registry: Registry | None = None,
         plugin_dirs: list[str] | None = None,
-        cache_dir: str | Path | None = None,
+        cache_dir: str | Path | None | bool = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        cache_size: int | str | None = None,
+        limits: Limits | None = None,
     ):
-        self.registry = registry or default_registry(plugin_dirs)
-        cache_dir = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or None
-        self.disk = DiskCache(cache_dir) if cache_dir else None
+        if registry is None:
+            from .plugins import default_registry
+
+            registry = default_registry(plugin_dirs)
+        self.registry = registry
+        if cache_dir is None or cache_dir is True:
+            cache_dir = default_cache_dir()
+        from .cache import parse_size
+
+        size = parse_size(cache_size) if cache_size is not None else default_cache_size()
+        self.disk = DiskCache(cache_dir, size) if cache_dir not in (False, "", None) else None
         self.memory = MemoryCache(memory_budget)
         self.facts = Facts(self.disk)
+        self.limits = limits or Limits()
         self._graphs: OrderedDict[str, Graph] = OrderedDict()  # validated workflows, by content
+        self._lock = threading.Lock()
 
     def load(self, source: str | Path | Workflow | dict) -> Workflow:
-        """A Workflow from a path (JSON, or a PNG that SaveImage wrote), a dict or a Workflow."""
+        """A Workflow from a path (JSON, or a PNG that SaveImage wrote), a dict or a Workflow. Structural
+        problems are kept in ``workflow.problems`` and reported by validation with the rest."""
         if isinstance(source, Workflow):
             return source
         if isinstance(source, dict):
-            from .workflow import parse_workflow
-
-            return parse_workflow(source, base_dir=Path.cwd())
-        return load_workflow(source)
+            return read_workflow(source, base_dir=Path.cwd())
+        return load_workflow(source, strict=False)
 
     def compile(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> Graph:
         """Load, apply overrides and validate; raises WorkflowInvalid listing every problem.
 
-        A workflow already validated by this engine (same content, folder and targets, its
-        files still there) is not validated again: a server or notebook rerunning one
-        workflow pays for its checks once.
-        """
+        A workflow already validated by this engine (same content, overrides, folder and targets, its
+        files still there) is not validated again: a server or notebook rerunning one workflow pays for
+        its checks once."""
         with gc_paused():
-            workflow = self.load(source)
-            if overrides:
-                workflow = workflow.with_overrides(overrides)
-            digest = hashlib.sha256(
-                f"{workflow.base_dir}|{targets}|{workflow.model_dump_json(fallback=_tagged)}".encode()).hexdigest()
+            digest = _digest(source, overrides, targets)
+            graph = self._remembered(digest)
+            if graph is None:
+                workflow = self.load(source)
+                if overrides:
+                    workflow = workflow.with_overrides(overrides)
+                # the same content reached another way (an override that changes nothing, say)
+                content = _workflow_digest(workflow, targets)
+                graph = self._remembered(content)
+                if graph is None:
+                    graph = build_graph(workflow, self.registry, targets, self.limits)
+                self._remember(content, graph)
+            self._remember(digest, graph)
+            return graph
+
+    def _remembered(self, digest: str | None) -> Graph | None:
+        if digest is None:
+            return None
+        with self._lock:
             graph = self._graphs.get(digest)
-            if graph is not None and all(Path(p).exists() for n in graph.nodes.values() for p in n.paths.values()):
+            if graph is not None:
                 self._graphs.move_to_end(digest)
-                return graph
-            graph = build_graph(workflow, self.registry, targets)
+        if graph is not None and all(Path(p).exists() for n in graph.nodes.values() for p in n.paths.values()):
+            return graph
+        return None
+
+    def _remember(self, digest: str | None, graph: Graph) -> None:
+        if digest is None:
+            return
+        with self._lock:
             self._graphs[digest] = graph
             while len(self._graphs) > VALIDATED_GRAPHS:
                 self._graphs.popitem(last=False)
-            return graph
 
     def validate(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> list[Issue]:
         """Every problem in the workflow; an empty list means it is valid."""
@@ -120,47 +160,70 @@ class Engine:
         overrides: dict[str, Any] | None = None,
         out_dir: str | Path = "output",
         targets: list[str] | None = None,
-        device: str | torch.device | None = "cpu",
-        dtype: str | torch.dtype | None = "float32",
+        device: Any = "auto",
+        dtype: Any = "float32",
         progress: ProgressListener | list[ProgressListener] | None = None,
         interrupt: InterruptFlag | None = None,
+        temp_dir: str | Path | None = None,
     ) -> RunResult:
         """Validate, then run the output nodes (or ``targets``) and what they need.
 
-        Raises WorkflowInvalid before anything runs, NodeFailed when a node raises
-        (finished nodes stay cached), Interrupted when ``interrupt`` is set.
-        """
+        Raises WorkflowInvalid before anything runs, NodeFailed when a node raises (finished nodes stay
+        cached), Interrupted when ``interrupt`` is set; both carry the partial result as ``.result``."""
         graph = self.compile(source, overrides, targets)
         listeners = progress if isinstance(progress, list) else [progress] if progress else []
-        base_dir = graph.workflow.base_dir or Path.cwd()
-        ctx = RunContext(
+        config = RunConfig(
             device=resolve_device(device),
             dtype=resolve_dtype(dtype),
             out_dir=Path(out_dir),
-            workflow_dir=base_dir,
-            workflow_factory=lambda: workflow_as_run(graph),
+            temp_dir=Path(temp_dir) if temp_dir is not None else default_temp_dir(),
+            workflow_dir=graph.workflow.base_dir or Path.cwd(),
             node_versions={n.definition.type_name: n.definition.version for n in graph.nodes.values()},
             interrupt=interrupt or InterruptFlag(),
-            listeners=listeners,
+            listeners=tuple(listeners),
+            limits=self.limits,
+            workflow_factory=lambda drawn=None: workflow_as_run(graph, drawn),
         )
-        return execute(graph, ctx, self.memory, self.disk, self.facts)
+        return execute(graph, config, self.memory, self.disk, self.facts)
 
 
-def _tagged(value: Any) -> str:
-    """A non-JSON value in the content digest, kept apart from any string."""
-    return f"<{type(value).__qualname__}:{value!r}>"
+def _digest(source, overrides, targets) -> str | None:
+    """A content digest of what compile() is given; None when there is nothing stable to hash."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            content = path.read_bytes()
+        except OSError:
+            return None  # load reports it
+        where = str(path.resolve().parent)
+    elif isinstance(source, dict):
+        content, where = repr(source).encode(), str(Path.cwd())
+    elif isinstance(source, Workflow):
+        content, where = repr(source.model_dump(mode="python", by_alias=True)).encode(), str(source.base_dir)
+    else:
+        return None
+    digest = hashlib.sha256(content)
+    digest.update(f"|{where}|{targets!r}|{sorted((overrides or {}).items(), key=lambda kv: kv[0])!r}".encode())
+    return digest.hexdigest()
 
 
-def workflow_as_run(graph: Graph) -> dict:
-    """The workflow with overrides applied and file params made absolute, to embed in outputs."""
-    data = graph.workflow.model_dump(mode="json", exclude_none=True)
+def _workflow_digest(workflow: Workflow, targets) -> str:
+    """The content of a loaded workflow (repr keeps NaN, inf and -inf apart), its folder and targets."""
+    content = repr((workflow.model_dump(mode="python", by_alias=True), str(workflow.base_dir), targets,
+                    [str(i) for i in workflow.problems]))
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def workflow_as_run(graph: Graph, drawn: dict[str, dict] | None = None) -> dict:
+    """The workflow with overrides applied, file params made absolute and params drawn at random given
+    their values, to embed in outputs (rerunning it makes the same result)."""
+    data = graph.workflow.model_dump(mode="json", by_alias=True, exclude_none=True)
     for node_id, node in graph.nodes.items():
         origin = graph.origins.get(node_id)
         for name, path in node.paths.items():
-            spec = data["groups"][origin.group]["nodes"][origin.inner] if origin else data["nodes"][node_id]
-            source, _, port = spec.get("inputs", {}).get(name, "").partition(".")
-            if origin and source == GROUP_INPUT:  # the path is a literal on the group instance
-                spec = data["nodes"][origin.instance]
-                name = port
-            spec.setdefault("params", {})[name] = path
+            spec, param = flat_params_owner(data, origin, node_id, name)
+            spec.setdefault("params", {})[param] = path
+        for name, value in (drawn or {}).get(node_id, {}).items():
+            spec, param = flat_params_owner(data, origin, node_id, name)
+            spec.setdefault("params", {})[param] = value
     return data

@@ -1,32 +1,72 @@
-"""Where node outputs are kept between runs: an LRU memory cache and a disk cache.
+"""Where node outputs are kept between runs: an LRU memory cache and a size-limited disk cache.
 
-Both are keyed by content (see keys.py), never by node id. The memory cache keeps
-values as they are, so tensors stay on the device they were made on (latents made
-on the GPU stay there). The disk cache stores safetensors files, written atomically.
+Both are keyed by content (see keys.py), never by node id. The memory cache keeps values as
+they are, so tensors stay on the device they were made on. The disk cache stores safetensors
+files (no pickle) written atomically, each with a digest of its tensors that is checked on
+every read: a damaged or altered entry is recomputed, never served. It evicts the least
+recently used entries beyond its size limit. Manifest facts (seeds, model ids) live beside
+the results they describe, so results served from a cache still report them.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import re
+import struct
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
-
+from .atomic import TEMP_SUFFIX, atomic_path, clean_stale_temps, write_text_atomic
 from .errors import NodegraphError
 from .serialize import NotStorable, flatten, from_metadata, to_metadata, unflatten
-from .workflow import write_text_atomic
 
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
+DEFAULT_DISK_BUDGET = 10 * 1024**3
+CACHE_DIR_ENV, CACHE_SIZE_ENV = "NODEGRAPH_CACHE_DIR", "NODEGRAPH_CACHE_SIZE"
+OFF = ("off", "none", "no", "0")
+ENTRY = re.compile(r"^[0-9a-f]{64}\.(safetensors|facts\.json)$")
+DIGEST_KEY = "nodegraph.digest"
+_FACTS_KEPT = 100_000
+
+
+def default_cache_dir() -> Path | None:
+    """$NODEGRAPH_CACHE_DIR ("off" turns the disk cache off), else the user's cache folder."""
+    value = os.environ.get(CACHE_DIR_ENV)
+    if value is not None and value.strip().lower() in OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("nodegraph")) / "results"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "10GiB", "500MB", "2G" or a plain number."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if match is None:
+        raise NodegraphError(f"cache size '{text}': write a size such as 10GiB, 500MB or 2000000000")
+    number, unit, binary = float(match[1]), match[2].upper(), match[3]
+    base = 1024 if binary or not unit else 1000
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+def default_cache_size() -> int:
+    value = os.environ.get(CACHE_SIZE_ENV)
+    return parse_size(value) if value else DEFAULT_DISK_BUDGET
 
 
 def value_nbytes(value: Any) -> int:
     """Approximate memory held by a node output: its tensors, not the weights of models it refers to."""
+    import torch
+
     total = 0
     stack = [value]
     seen: set[int] = set()
@@ -49,11 +89,12 @@ def value_nbytes(value: Any) -> int:
 
 
 class MemoryCache:
-    """Least-recently-used cache of node outputs with a byte budget."""
+    """Least-recently-used cache of node outputs with a byte budget; safe to share between threads."""
 
     def __init__(self, budget_bytes: int = DEFAULT_MEMORY_BUDGET):
         self.budget_bytes = budget_bytes
         self._items: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._lock = threading.Lock()
         self.used_bytes = 0
 
     def __contains__(self, key: str) -> bool:
@@ -63,94 +104,267 @@ class MemoryCache:
         return len(self._items)
 
     def get(self, key: str) -> dict[str, Any] | None:
-        entry = self._items.get(key)
-        if entry is None:
-            return None
-        self._items.move_to_end(key)
-        return entry[0]
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                return None
+            self._items.move_to_end(key)
+            return entry[0]
 
     def put(self, key: str, outputs: dict[str, Any]) -> None:
         size = value_nbytes(outputs)
         if size > self.budget_bytes:
             return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.used_bytes -= old[1]
-        self._items[key] = (outputs, size)
-        self.used_bytes += size
-        while self.used_bytes > self.budget_bytes and self._items:
-            _, (_, evicted) = self._items.popitem(last=False)
-            self.used_bytes -= evicted
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.used_bytes -= old[1]
+            self._items[key] = (outputs, size)
+            self.used_bytes += size
+            while self.used_bytes > self.budget_bytes and self._items:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self.used_bytes -= evicted
 
     def clear(self) -> None:
-        self._items.clear()
-        self.used_bytes = 0
+        with self._lock:
+            self._items.clear()
+            self.used_bytes = 0
+
+
+def save_file(tensors: dict, path: str, metadata: dict[str, str]) -> None:
+    """safetensors' writer, imported on first use (torch is not needed to validate a workflow)."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, path, metadata=metadata)
+
+
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], bytes]:
+    """(metadata, the whole file) of a safetensors file; ValueError when the header is not one."""
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError("too short")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise ValueError("header runs past the end")
+    header = json.loads(data[8:8 + size])
+    return header.get("__metadata__") or {}, data
 
 
 class DiskCache:
-    """Node outputs as safetensors files under ``root``; unreadable entries count as misses."""
+    """Node outputs as safetensors files under ``root``, at most ``max_bytes`` in all (least recently used
+    entries go first); entries that do not read back whole count as misses and are removed."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, max_bytes: int = DEFAULT_DISK_BUDGET):
         self.root = Path(root).expanduser()
         if self.root.exists() and not self.root.is_dir():
-            raise NodegraphError(f"--cache-dir {self.root}: that is a file, not a folder; name a folder")
-        self.write_error: OSError | None = None  # the first failure to write; later writes are skipped
+            raise NodegraphError(f"cache folder {self.root}: that is a file, not a folder; name a folder")
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._used: int | None = None  # bytes in the folder, counted on the first write
+        self._warned: set[str] = set()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get_facts(self, key: str) -> dict[str, Any] | None:
-        """The manifest facts recorded with a node's result (kept even for results not storable)."""
-        try:
-            return json.loads(self._path(key).with_suffix(".facts.json").read_text())
-        except (OSError, ValueError):
-            return None
+    # ------------------------------------------------------------------ results
 
-    def put_facts(self, key: str, facts: dict[str, Any]) -> None:
-        if self.write_error is not None:
-            return
-        try:
-            write_text_atomic(self._path(key).with_suffix(".facts.json"), json.dumps(facts, default=str))
-        except OSError as exc:
-            self.write_error = exc
+    def get(self, key: str, device: Any = "cpu") -> dict[str, Any] | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
-    def get(self, key: str, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         path = self._path(key)
-        if not path.is_file():
-            return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                structure = from_metadata(handle.metadata())
-            tensors = load_file(str(path), device=str(device))
-            value = unflatten(structure, tensors)
-        except Exception:  # corrupt, truncated or foreign file: recompute and overwrite
+            metadata, data = _read_safetensors(path)
+        except FileNotFoundError:
             return None
-        return value if isinstance(value, dict) else None
+        except (OSError, ValueError) as exc:  # unreadable, truncated, not JSON
+            return self._discard(path, exc)
+        try:
+            tensors = load(data)
+            if metadata.get(DIGEST_KEY) != tensors_digest(tensors):
+                return self._discard(path, ValueError("digest mismatch"))
+            if str(device) != "cpu":
+                tensors = {name: t.to(device) for name, t in tensors.items()}
+            value = unflatten(from_metadata(metadata), tensors)
+        except (SafetensorError, ValueError, KeyError, TypeError, NotStorable) as exc:
+            return self._discard(path, exc)
+        if not isinstance(value, dict):
+            return self._discard(path, ValueError("not a dict of outputs"))
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used
+        return value
+
+    def _discard(self, path: Path, reason: Exception) -> None:
+        """A damaged entry: removed, so the node runs again and writes a good one."""
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
 
     def put(self, key: str, outputs: dict[str, Any]) -> bool:
-        """Store outputs; returns False (and stores nothing) if they hold a non-storable value."""
+        """Store outputs; returns False (and stores nothing) if they hold a non-storable value or the write fails."""
         try:
             structure, tensors = flatten(outputs)
         except NotStorable:
             return False
-        if self.write_error is not None:
-            return False
         # clone: views of one storage (batch slices) cannot be saved side by side
-        tensors = {name: t.cpu().clone() for name, t in tensors.items()}
+        tensors = {name: t.detach().cpu().clone() for name, t in tensors.items()}
+        metadata = {**to_metadata(structure), DIGEST_KEY: tensors_digest(tensors)}
         path = self._path(key)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            save_file(tensors, tmp, metadata=to_metadata(structure))
-            os.replace(tmp, path)
-        except OSError as exc:  # full disk, read-only folder: the run goes on without storing
-            self.write_error = exc
-            warnings.warn(f"disk cache {self.root}: cannot write ({exc.strerror or exc}); "
-                          "results of this run are not stored", UserWarning, stacklevel=2)
+            self._prepare_folder(path.parent)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+            size = path.stat().st_size
+        except Exception as exc:  # full disk, file-size limit, read-only folder, a value safetensors refuses
+            self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
+                                     "on without storing it")
             return False
-        finally:
-            if tmp is not None:  # gone after a successful replace; a leftover after any failure
-                Path(tmp).unlink(missing_ok=True)
+        self._account(size)
         return True
+
+    # ------------------------------------------------------------------ facts
+
+    def get_facts(self, key: str) -> dict[str, Any] | None:
+        """The manifest facts recorded with a node's result (kept even for results not storable)."""
+        try:
+            facts = json.loads(self._path(key).with_suffix(".facts.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return facts if isinstance(facts, dict) else None
+
+    def put_facts(self, key: str, facts: dict[str, Any]) -> None:
+        path = self._path(key).with_suffix(".facts.json")
+        try:
+            self._prepare_folder(path.parent)
+            write_text_atomic(path, json.dumps(facts, default=str))
+            size = path.stat().st_size
+        except Exception as exc:  # as in put: a cache that cannot be written never stops a run
+            self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
+                                     "on without storing it")
+            return
+        self._account(size)
+
+    # ------------------------------------------------------------------ size
+
+    def _prepare_folder(self, folder: Path) -> None:
+        if not self.root.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # https://bford.info/cachedir/: backup tools skip the folder
+                (self.root / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n"
+                                                        "# nodegraph's cache of node results\n")
+        clean_stale_temps(self.root, depth=1)
+
+    def _account(self, size: int) -> None:
+        with self._lock:
+            if self._used is None:
+                self._used = sum(s for _, s, _ in self.entries())
+            else:
+                self._used += size
+            if self._used > self.max_bytes:
+                self._used = self._evict(int(self.max_bytes * 0.9))
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """(path, bytes, last use) of every entry file."""
+        found = []
+        try:
+            folders = [p for p in self.root.iterdir() if len(p.name) == 2 and p.is_dir()]
+        except OSError:
+            return []
+        for folder in folders:
+            with contextlib.suppress(OSError), os.scandir(folder) as it:
+                for entry in it:
+                    if ENTRY.match(entry.name):
+                        with contextlib.suppress(OSError):
+                            info = entry.stat()
+                            found.append((Path(entry.path), info.st_size, info.st_mtime))
+        return found
+
+    def _evict(self, target: int) -> int:
+        """Remove least recently used entries until at most ``target`` bytes remain; returns what remains."""
+        entries = sorted(self.entries(), key=lambda e: e[2])
+        total = sum(size for _, size, _ in entries)
+        for path, size, _ in entries:
+            if total <= target:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
+        return total
+
+    def info(self) -> dict[str, Any]:
+        entries = self.entries()
+        return {"folder": str(self.root), "entries": sum(1 for p, _, _ in entries if p.suffix == ".safetensors"),
+                "bytes": sum(size for _, size, _ in entries), "limit_bytes": self.max_bytes}
+
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Evict down to ``max_bytes`` (default: the limit); returns the bytes removed."""
+        with self._lock:
+            before = sum(size for _, size, _ in self.entries())
+            self._used = self._evict(self.max_bytes if max_bytes is None else max_bytes)
+            return before - self._used
+
+    def clear(self) -> int:
+        """Remove every entry and temporary file (nothing else in the folder); returns the files removed."""
+        removed = 0
+        with self._lock:
+            for path, _, _ in self.entries():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+            for tmp in self.root.glob(f"*/*{TEMP_SUFFIX}"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            self._used = 0
+        return removed
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        with self._lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Facts:
+    """Manifest facts (seeds, model ids) recorded by nodes, by cache key, so that results served from a
+    cache, and the ancestors they cut off, still report them."""
+
+    def __init__(self, disk: DiskCache | None = None):
+        self.disk = disk
+        self.memory: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            facts = self.memory.get(key)
+        if facts is None and self.disk is not None:
+            facts = self.disk.get_facts(key)
+        return facts
+
+    def put(self, key: str, facts: dict) -> None:
+        with self._lock:
+            self.memory[key] = facts
+            self.memory.move_to_end(key)
+            while len(self.memory) > _FACTS_KEPT:
+                self.memory.popitem(last=False)
+        if self.disk is not None:
+            self.disk.put_facts(key, facts)

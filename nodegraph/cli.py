@@ -1,16 +1,20 @@
-"""`nodegraph run | validate | nodes | schema` (DESIGN §4).
+"""`nodegraph run | validate | nodes | schema | cache` (docs/design.md §3.2).
 
 Exit status: 0 success, 1 a node failed at run time, 2 invalid workflow or usage,
-130 interrupted. User errors print one line each, never a traceback (unless --debug).
+130 interrupted (Ctrl-C or SIGTERM). User errors print one line each, never a traceback
+(unless --debug). With --json, exactly one JSON document goes to stdout whatever
+happens; everything else (progress, warnings, what nodes print) goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Any, Iterator
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -20,28 +24,54 @@ class UsageError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so --json can still answer."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """NODE.PARAM=VALUE pairs; values parse as JSON where they can, else stay strings."""
+    from .errors import short_repr
+
     overrides: dict[str, Any] = {}
     for item in items:
         target, eq, text = item.partition("=")
         if not eq or "." not in target:
-            raise UsageError(f"--set '{item}': write NODE.PARAM=VALUE, e.g. --set sampler.seed=7")
+            raise UsageError(f"--set '{short_repr(item)}': write NODE.PARAM=VALUE, e.g. --set sampler.seed=7")
         try:
             overrides[target] = json.loads(text)
         except json.JSONDecodeError:
             overrides[target] = text
+        except (ValueError, RecursionError):  # an integer of thousands of digits, nesting past Python's limit
+            raise UsageError(f"--set '{short_repr(target)}': the value is too long or too deeply nested to be a "
+                             "param") from None
     return overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nodegraph", description="Run and check diffusion node-graph workflows.")
+    from .versions import version
+
+    parser = _Parser(prog="nodegraph", description="Run and check diffusion node-graph workflows.")
+    parser.add_argument("--version", action="version", version=f"nodegraph {version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     def plugins(p: argparse.ArgumentParser) -> None:
         p.add_argument("--plugins", action="append", default=[], metavar="DIR",
                        help="a folder of plugin modules (repeatable; also $NODEGRAPH_PLUGINS)")
+
+    def cache_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", metavar="DIR", help="disk cache folder (default: $NODEGRAPH_CACHE_DIR, else the "
+                       "user's cache folder)")
+        p.add_argument("--cache-size", metavar="SIZE", help="disk cache limit, e.g. 10GiB (default; also "
+                       "$NODEGRAPH_CACHE_SIZE); least recently used results go first")
+
+    def limits(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-nodes", type=int, metavar="N", help="most nodes after group expansion (default 100000)")
+        p.add_argument("--max-pixels", type=int, metavar="N", help="most pixels (width x height x batch) a node may "
+                       "decode or create (default 33554432)")
 
     run = sub.add_parser("run", help="run a workflow (JSON, or a PNG saved by SaveImage)")
     run.add_argument("workflow")
@@ -49,20 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="output", metavar="DIR", help="folder for output files (default: ./output)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    cache = run.add_mutually_exclusive_group()
-    cache.add_argument("--cache-dir", metavar="DIR", help="persistent cache folder (also $NODEGRAPH_CACHE_DIR)")
-    cache.add_argument("--no-cache", action="store_true", help="no disk cache, even if $NODEGRAPH_CACHE_DIR is set")
+    cache_options(run)
+    run.add_argument("--no-cache", action="store_true", help="no disk cache for this run")
     run.add_argument("--target", action="append", default=[], metavar="NODE", help="run only this node and its inputs")
     run.add_argument("--json", action="store_true", help="print one machine-readable result")
+    limits(run)
     plugins(run)
 
     validate = sub.add_parser("validate", help="check a workflow; every error at once")
     validate.add_argument("workflow")
     validate.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE")
     validate.add_argument("--json", action="store_true")
+    limits(validate)
     plugins(validate)
 
     nodes = sub.add_parser("nodes", help="list node types with their inputs, params and outputs")
+    nodes.add_argument("type", nargs="?", help="show only this node type")
     fmt = nodes.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--markdown", action="store_true", help="the node reference (docs/nodes.md)")
@@ -70,146 +102,260 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of workflow files")
     plugins(schema)
+
+    cache = sub.add_parser("cache", help="the disk cache: info, prune (to its limit) or clear")
+    cache.add_argument("action", choices=["info", "prune", "clear"])
+    cache_options(cache)
+    cache.add_argument("--json", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    with _json_stdout(as_json) as emit, _one_line_warnings():
+        code, document = _main(argv)
+        if as_json:  # a listing is a list; every other answer says ok and exit
+            emit(document if isinstance(document, list) else {"ok": code == EXIT_OK, "exit": code, **(document or {})})
+    return code
+
+
+def _main(argv: list[str]) -> tuple[int, dict | None]:
+    from .errors import NodegraphError
+
+    debug = "--debug" in argv
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
-        return int(exc.code or 0)
-    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version print and exit 0
+            return int(exc.code or 0), None
+        if args.command is None:
+            parser.print_help()
+            return EXIT_OK, None
         return _dispatch(args)
     except UsageError as exc:
-        print(f"nodegraph: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except Exception as exc:
-        from .errors import NodegraphError
-
-        if args.debug or not isinstance(exc, NodegraphError):
+        return _error(f"{exc}", EXIT_INVALID)
+    except KeyboardInterrupt as exc:
+        return _error(str(exc) or "interrupted", EXIT_INTERRUPTED)
+    except NodegraphError as exc:
+        if debug:
             raise
-        print(f"nodegraph: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return _error(str(exc), EXIT_INVALID)
+    except Exception as exc:  # a bug, not a user error: the traceback helps whoever reports it
+        if debug:
+            raise
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        return _error(f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILED)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    from .registry import default_registry
+def _error(message: str, code: int) -> tuple[int, dict]:
+    print(f"nodegraph: {message}", file=sys.stderr)
+    return code, {"error": message}
+
+
+def _registry(args):
+    from .plugins import default_registry
 
     registry = default_registry(args.plugins)
+    fatal = [p for p in registry.problems if p.fatal]
     for problem in registry.problems:
-        print(f"nodegraph: warning: {problem}", file=sys.stderr)
+        if not problem.fatal:
+            print(f"nodegraph: warning: {problem}", file=sys.stderr)
+    if fatal:
+        raise UsageError("; ".join(str(p) for p in fatal))
+    return registry
+
+
+def _dispatch(args: argparse.Namespace) -> tuple[int, dict | None]:
+    if args.command == "cache":
+        return _cache(args)
+    registry = _registry(args)
     if args.command == "nodes":
         return _nodes(registry, args)
     if args.command == "schema":
         from .schema import workflow_schema
 
         print(json.dumps(workflow_schema(registry), indent=2))
-        return EXIT_OK
+        return EXIT_OK, None
     if args.command == "validate":
         return _validate(registry, args)
     return _run(registry, args)
 
 
-def _nodes(registry, args) -> int:
+def _nodes(registry, args) -> tuple[int, dict | None]:
+    from .docs import nodes_markdown, nodes_text
+
+    definitions = registry.sorted_types()
+    if args.type:
+        definitions = [d for d in definitions if d.type_name == args.type]
+        if not definitions:
+            import difflib
+
+            close = difflib.get_close_matches(args.type, list(registry.types), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; run `nodegraph nodes` for the list"
+            raise UsageError(f"no node type '{args.type}'{hint}")
     if args.json:
-        print(json.dumps([d.to_dict() for d in registry.sorted_types()], indent=2))
-    elif args.markdown:
-        from .docs import nodes_markdown
-
-        print(nodes_markdown(registry), end="")
-    else:
-        from .docs import nodes_text
-
-        print(nodes_text(registry), end="")
-    return EXIT_OK
+        return EXIT_OK, [d.to_dict() for d in definitions]
+    print(nodes_markdown(registry) if args.markdown else nodes_text(definitions), end="")
+    return EXIT_OK, None
 
 
-def _print_invalid(exc, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps({"ok": False, "exit": EXIT_INVALID, "errors": [i.to_dict() for i in exc.issues]}, indent=2))
-    else:
-        print(str(exc), file=sys.stderr)
-    return EXIT_INVALID
+def _limits(args):
+    from .limits import Limits
+
+    given = {k: v for k, v in (("max_nodes", args.max_nodes), ("max_pixels", args.max_pixels)) if v is not None}
+    for name, value in given.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    return Limits(**given)
 
 
-def _validate(registry, args) -> int:
+def _invalid(exc) -> tuple[int, dict]:
+    print(str(exc), file=sys.stderr)
+    return EXIT_INVALID, {"errors": [i.to_dict() for i in exc.issues]}
+
+
+def _validate(registry, args) -> tuple[int, dict | None]:
     from .api import Engine
     from .errors import WorkflowInvalid
 
-    engine = Engine(registry=registry)
+    engine = Engine(registry=registry, cache_dir=False, limits=_limits(args))
     try:
         graph = engine.compile(args.workflow, parse_set(args.set))
     except WorkflowInvalid as exc:
-        return _print_invalid(exc, args.json)
-    if args.json:
-        print(json.dumps({"ok": True, "exit": EXIT_OK, "nodes": len(graph.nodes), "outputs": graph.outputs}))
-    else:
+        return _invalid(exc)
+    if not args.json:
         print(f"{args.workflow}: valid ({len(graph.nodes)} nodes, outputs: {', '.join(graph.outputs)})")
-    return EXIT_OK
+    return EXIT_OK, {"nodes": len(graph.nodes), "outputs": graph.outputs}
 
 
-def _run(registry, args) -> int:
+def _disk_cache_choice(args):
+    if getattr(args, "no_cache", False):
+        return False
+    return args.cache_dir  # None: the default folder
+
+
+def _run(registry, args) -> tuple[int, dict | None]:
     from .api import Engine
     from .context import InterruptFlag
     from .errors import Interrupted, NodeFailed, WorkflowInvalid
 
-    engine = Engine(registry=registry, cache_dir="" if args.no_cache else args.cache_dir)  # "": no disk cache
+    overrides = parse_set(args.set)
+    engine = Engine(registry=registry, cache_dir=_disk_cache_choice(args), cache_size=args.cache_size,
+                    limits=_limits(args))
     flag = InterruptFlag()
     bars = ProgressBars(enabled=not args.json)
     try:
-        with _interrupt_on_sigint(flag):
-            result = engine.run(args.workflow, overrides=parse_set(args.set), out_dir=args.out,
-                                targets=args.target or None, device=args.device, dtype=args.dtype,
-                                progress=bars, interrupt=flag)
+        with _stop_on_signals(flag):
+            result = engine.run(args.workflow, overrides=overrides, out_dir=args.out, targets=args.target or None,
+                                device=args.device, dtype=args.dtype, progress=bars, interrupt=flag)
     except WorkflowInvalid as exc:
-        return _print_invalid(exc, args.json)
+        return _invalid(exc)
     except NodeFailed as exc:
         if args.debug:
             raise
-        return _report_failure(exc.result, str(exc), EXIT_FAILED, args.json)
-    except Interrupted as exc:
-        return _report_failure(exc.result, f"{exc}; nothing half-written was kept", EXIT_INTERRUPTED, args.json)
+        return _failure(exc.result, str(exc), EXIT_FAILED)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        return _failure(getattr(exc, "result", None), f"{exc or 'interrupted'}; nothing half-written was kept",
+                        EXIT_INTERRUPTED)
     finally:
         bars.close()
-    if args.json:
-        print(json.dumps({**result.to_dict(), "exit": EXIT_OK}, indent=2))
-    else:
+    if not args.json:
         counts = {s: sum(1 for v in result.status.values() if v == s) for s in ("ran", "cached", "skipped")}
         print(f"done in {result.seconds:.2f}s: {counts['ran']} ran, {counts['cached']} cached, "
               f"{counts['skipped']} not needed", file=sys.stderr)
         for path in result.files:
             print(path)
-    return EXIT_OK
+    return EXIT_OK, result.to_dict()
 
 
-def _report_failure(result, message: str, code: int, as_json: bool) -> int:
-    if as_json:
-        body = result.to_dict() if result is not None else {}
-        print(json.dumps({**body, "ok": False, "exit": code, "error": message}, indent=2))
-    else:
-        print(f"nodegraph: {message}", file=sys.stderr)
-    return code
+def _failure(result, message: str, code: int) -> tuple[int, dict]:
+    print(f"nodegraph: {message}", file=sys.stderr)
+    body = result.to_dict() if result is not None else {}
+    return code, {**body, "ok": False, "error": message}
+
+
+def _cache(args) -> tuple[int, dict | None]:
+    from .cache import DiskCache, default_cache_dir, default_cache_size, parse_size
+
+    folder = args.cache_dir or default_cache_dir()
+    if folder is None:
+        raise UsageError("the disk cache is off ($NODEGRAPH_CACHE_DIR=off); name a folder with --cache-dir")
+    cache = DiskCache(folder, parse_size(args.cache_size) if args.cache_size else default_cache_size())
+    if args.action == "prune":
+        removed = cache.prune()
+        print(f"removed {removed:,} bytes", file=sys.stderr)
+    elif args.action == "clear":
+        removed = cache.clear()
+        print(f"removed {removed:,} files", file=sys.stderr)
+    info = cache.info()
+    if not args.json:
+        print(f"{info['folder']}: {info['entries']:,} results, {info['bytes']:,} bytes of {info['limit_bytes']:,}")
+    return EXIT_OK, {"cache": info}
 
 
 @contextlib.contextmanager
-def _interrupt_on_sigint(flag) -> Iterator[None]:
-    """First Ctrl-C: stop at the next node or sampler step. Second: stop now."""
+def _json_stdout(enabled: bool) -> Iterator:
+    """With --json, file descriptor 1 points at stderr while the command works (so prints from nodes, plugins
+    and libraries cannot corrupt the document), and ``emit`` writes the one document to the real stdout."""
+    if not enabled:
+        yield lambda document: None
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield lambda document: os.write(saved, (json.dumps(document, indent=2, default=str) + "\n").encode())
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings as one line each ("nodegraph: warning: node 'pos' (CLIPEncode): ..."), not Python's
+    file:line report with a source line."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"nodegraph: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag) -> Iterator[None]:
+    """First Ctrl-C or SIGTERM: stop at the next node or sampler step. Second: stop now (and if the node
+    swallows that, the run still stops after it: the flag stays set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
         if flag.is_set():
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("interrupted")
         flag.set()
-        print("\nnodegraph: stopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nnodegraph: {name}: stopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A file-size limit (ulimit -f) must fail the write that crosses it, not kill the process: the disk
+    # cache then warns and the run goes on.
+    if hasattr(signal, "SIGXFSZ"):
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class ProgressBars:
@@ -239,5 +385,15 @@ class ProgressBars:
             bar.close()
 
 
+def entry() -> None:
+    """The console script: Ctrl-C while starting up is one line, not a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("nodegraph: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

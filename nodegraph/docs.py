@@ -26,9 +26,12 @@ def _param_line(spec: InputSpec) -> str:
     return f"{spec.name}: {spec.type_name} ({default}{', ' + bounds if bounds else ''})"
 
 
-def nodes_text(registry: Registry) -> str:
+def nodes_text(definitions: Registry | list[NodeDef]) -> str:
+    """The `nodegraph nodes` listing of a registry's node types (or of some of them)."""
+    if isinstance(definitions, Registry):
+        definitions = definitions.sorted_types()
     lines = []
-    for d in registry.sorted_types():
+    for d in definitions:
         origin = "" if d.origin == "builtin" else f"  [{d.origin}]"
         lines.append(f"{d.type_name} v{d.version}  ({d.category}){origin}")
         lines.append(f"    {d.description}")

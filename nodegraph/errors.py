@@ -32,7 +32,7 @@ class Issue:
         if self.field is not None:
             label = f"{self.kind} '{self.field}'" if self.kind else f"'{self.field}'"
             if self.has_value:
-                label += f" = {_short_repr(self.value)}"
+                label += f" = {short_repr(self.value)}"
             where.append(label)
         return ": ".join(where + [self.message])
 
@@ -47,10 +47,15 @@ class Issue:
         }
 
 
-def _short_repr(value: object) -> str:
-    text = value if isinstance(value, (int, float, bool)) or value is None else repr(value)
-    text = str(text)
-    return text if len(text) <= 60 else text[:57] + "..."
+def short_repr(value: object, limit: int = 60) -> str:
+    """A value for a message: never huge, never an error itself (a 5,000-digit integer, a deep list)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        text = str(value) if isinstance(value, (int, float, bool)) or value is None else repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class WorkflowInvalid(NodegraphError):
@@ -100,7 +105,12 @@ class Interrupted(NodegraphError):
 
 
 class PluginError(NodegraphError):
-    """A plugin failed to load or clashed with another; names the plugin."""
+    """A plugin failed to load or clashed with another; names the plugin. ``fatal``: it tried to end the
+    process (sys.exit or another BaseException while loading), so nothing should run."""
+
+    def __init__(self, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class NodeDefinitionError(NodegraphError):

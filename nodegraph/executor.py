@@ -4,26 +4,34 @@ with results from the memory or disk cache wherever the cache key matches.
 Planning walks the needed nodes backwards: a node whose key is cached is served
 from the cache and its ancestors are not needed at all ("skipped"); otherwise it
 runs and its inputs become needed. Everything is iterative, so a chain of any
-length works, and the cost per node is constant.
+length works, and the cost per node is constant. A node's outputs are let go as
+soon as the last node that needs them has run (the memory cache keeps what fits
+its budget). A run never reports success after an interrupt.
 """
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from .cache import DiskCache, MemoryCache
-from .context import RunContext
+from .cache import DiskCache, Facts, MemoryCache
+from .context import RunConfig, RunContext, RunRecord
 from .errors import Interrupted, NodeError, NodeFailed
+from .files import identity, path_fingerprint
 from .gcpause import gc_paused, gc_resumed
-from .keys import library_versions, node_key, path_fingerprint
+from .keys import canonical_params, node_key, output_salt, run_salt
+from .limits import limits_in_force
+from .node import ParamProblem
 from .validate import Graph, GraphNode
 
 RAN, CACHED, SKIPPED, FAILED, INTERRUPTED = "ran", "cached", "skipped", "failed", "interrupted"
+RANDOM_SEEDS = "random"  # manifest section for params drawn at random
 
 
 @dataclass
@@ -35,13 +43,15 @@ class NodeStatus:
 
 @dataclass
 class RunResult:
-    """What a run did: per-node status and seconds, output values and files written."""
+    """What a run did: per-node status and seconds, output values, files written, manifest facts, warnings."""
 
     nodes: dict[str, NodeStatus] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     node_types: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> dict[str, str]:
@@ -50,9 +60,13 @@ class RunResult:
     def ran(self) -> set[str]:
         return {node_id for node_id, s in self.nodes.items() if s.status == RAN}
 
+    @property
+    def ok(self) -> bool:
+        return all(s.status in (RAN, CACHED, SKIPPED) for s in self.nodes.values())
+
     def to_dict(self) -> dict:
         return {
-            "ok": all(s.status in (RAN, CACHED, SKIPPED) for s in self.nodes.values()),
+            "ok": self.ok,
             "seconds": round(self.seconds, 4),
             "nodes": {
                 node_id: {"type": self.node_types.get(node_id), "status": s.status, "seconds": round(s.seconds, 4),
@@ -60,77 +74,89 @@ class RunResult:
                 for node_id, s in self.nodes.items()
             },
             "files": [str(f) for f in self.files],
+            "info": self.info,
+            "warnings": list(self.warnings),
         }
 
 
-class Facts:
-    """Manifest facts (seeds, model ids) recorded by nodes, by cache key, so that results
-    served from a cache, and the ancestors they cut off, still report them."""
-
-    def __init__(self, disk: DiskCache | None = None):
-        self.disk = disk
-        self.memory: dict[str, dict] = {}
-
-    def get(self, key: str) -> dict | None:
-        facts = self.memory.get(key)
-        if facts is None and self.disk is not None:
-            facts = self.disk.get_facts(key)
-        return facts
-
-    def put(self, key: str, facts: dict) -> None:
-        self.memory[key] = facts
-        if self.disk is not None:
-            self.disk.put_facts(key, facts)
+@dataclass
+class _Plan:
+    order: list[str]
+    keys: dict[str, str]
+    params: dict[str, dict]  # node id -> params of this run, where they differ from the graph's ("random")
+    identities: dict[str, dict[str, tuple]]  # node id -> param -> identity of the file when it was hashed
 
 
-def execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None = None,
+def execute(graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCache | None = None,
             facts: Facts | None = None) -> RunResult:
-    with gc_paused():
-        return _execute(graph, ctx, memory, disk, facts or Facts(disk))
-
-
-def _execute(graph: Graph, ctx: RunContext, memory: MemoryCache, disk: DiskCache | None, facts: Facts) -> RunResult:
+    """Run ``graph`` with ``config``; raises NodeFailed or Interrupted carrying the partial result."""
+    facts = facts or Facts(disk)
+    record = RunRecord()
+    result = RunResult(node_types={i: n.definition.type_name for i, n in graph.nodes.items()},
+                       files=record.files, info=record.info, warnings=record.warnings)
     start = time.perf_counter()
-    result = RunResult(node_types={i: n.definition.type_name for i, n in graph.nodes.items()})
-    order = _needed_in_order(graph)
-    keys = _keys(graph, order, ctx)
-    values, to_run = _plan(graph, order, keys, memory, disk, ctx, result)
-    if facts.memory or facts.disk is not None:
-        for node_id in order:  # what the cached and cut-off nodes recorded when they ran
-            if node_id not in to_run and (known := facts.get(keys[node_id])):
-                ctx.node_id = node_id
-                ctx.replay(known)
-    ctx.files = result.files
     try:
-        for node_id in order:
+        with limits_in_force(config.limits):
+            _execute(graph, config, record, result, memory, disk, facts)
+    finally:
+        result.seconds = time.perf_counter() - start
+        order = {node_id: i for i, node_id in enumerate(graph.order)}
+        result.nodes = dict(sorted(result.nodes.items(), key=lambda item: order.get(item[0], 0)))
+    return result
+
+
+def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, memory, disk, facts) -> None:
+    with gc_paused():
+        plan = _plan_keys(graph, config, record)
+        values, to_run = _plan(graph, plan, memory, disk, config, result)
+        if facts.memory or facts.disk is not None:
+            for node_id in plan.order:  # what the cached and cut-off nodes recorded when they ran
+                if node_id not in to_run and (known := facts.get(plan.keys[node_id])):
+                    RunContext(config, record, node_id).replay(known)
+        uses = _uses(graph, to_run)
+    keep = set(graph.outputs)
+    tainted: set[str] = set()
+    try:
+        for node_id in plan.order:
             if node_id not in to_run:
                 continue
-            ctx.check_interrupt()
+            _check_interrupt(config, node_id, graph)
             node = graph.nodes[node_id]
-            twin = memory.get(keys[node_id]) if node.definition.cacheable else None
+            key = plan.keys[node_id]
+            cacheable = node.definition.cacheable
+            twin = memory.get(key) if cacheable else None
             if twin is not None:  # an identical node (same key) already ran earlier in this run
                 values[node_id] = twin
                 result.nodes[node_id] = NodeStatus(CACHED)
-                if known := facts.get(keys[node_id]):
-                    ctx.replay(known)
-                continue
-            outputs = _run_node(node, values, ctx, result)
-            values[node_id] = outputs
-            own = ctx.recorded.pop(node_id, None)
-            if own and node.definition.cacheable:
-                facts.put(keys[node_id], own)
-            if node.definition.cacheable:
-                memory.put(keys[node_id], outputs)
-                if disk is not None and not node.definition.output:
-                    disk.put(keys[node_id], outputs)
+                if known := facts.get(key):
+                    RunContext(config, record, node_id).replay(known)
+            else:
+                params = plan.params.get(node_id, node.params)
+                values[node_id] = outputs = _run_node(node, params, values, config, record, result)
+                if _changed_while_read(node, plan, tainted):
+                    tainted.add(node_id)
+                own = record.recorded.pop(node_id, None)
+                if cacheable and node_id not in tainted:
+                    if own:
+                        facts.put(key, own)
+                    memory.put(key, outputs)
+                    if disk is not None and not node.definition.output:
+                        disk.put(key, outputs)
+            for src in {src for src, _ in node.links.values()}:
+                uses[src] -= 1
+                if uses[src] == 0 and src not in keep:
+                    values.pop(src, None)  # nothing later needs it: free it now
+        _check_interrupt(config, None, graph)  # a stop asked for during the last node is still a stop
     except Interrupted as exc:
         exc.result = result
         raise
-    finally:
-        result.seconds = time.perf_counter() - start
-        result.nodes = {n: result.nodes[n] for n in order if n in result.nodes}  # dependency order
     result.outputs = {node_id: values[node_id] for node_id in graph.outputs if node_id in values}
-    return result
+
+
+def _check_interrupt(config: RunConfig, node_id: str | None, graph: Graph) -> None:
+    if config.interrupt.is_set():
+        where = f" before node '{node_id}' ({graph.nodes[node_id].definition.type_name})" if node_id else ""
+        raise Interrupted(f"interrupted{where}")
 
 
 def _needed_in_order(graph: Graph) -> list[str]:
@@ -147,39 +173,79 @@ def _needed_in_order(graph: Graph) -> list[str]:
     return [node_id for node_id in graph.order if node_id in needed]
 
 
-def _keys(graph: Graph, order: list[str], ctx: RunContext) -> dict[str, str]:
-    salt = f"{ctx.device}|{ctx.dtype}|{library_versions()}"
+def _plan_keys(graph: Graph, config: RunConfig, record: RunRecord) -> _Plan:
+    order = _needed_in_order(graph)
+    salt = run_salt(config.device, config.dtype)
     keys: dict[str, str] = {}
+    params: dict[str, dict] = {}
+    identities: dict[str, dict[str, tuple]] = {}
     for node_id in order:
         node = graph.nodes[node_id]
         definition = node.definition
         if not definition.cacheable:
             keys[node_id] = uuid.uuid4().hex  # fresh every run, so everything after it reruns too
             continue
-        files = {name: path_fingerprint(path) for name, path in node.paths.items()}
-        # Output nodes write into the run's folder: the same node into another folder is other work.
-        run_salt = f"{salt}|{ctx.out_dir.resolve()}" if definition.output else salt
-        keys[node_id] = node_key(node, {src: keys[src] for src, _ in node.links.values()}, run_salt, files)
-    return keys
+        canonical = node.canonical
+        if node.randomized:
+            drawn = {name: secrets.randbelow(2**63) for name in node.randomized}
+            params[node_id] = {**node.params, **drawn}
+            canonical = canonical_params({**_canonical_values(node), **drawn})
+            record.drawn[node_id] = drawn
+            RunContext(config, record, node_id).record(RANDOM_SEEDS, drawn)
+        files = {}
+        if node.paths:
+            identities[node_id] = {name: identity(path) for name, path in node.paths.items() if Path(path).exists()}
+            files = {name: path_fingerprint(path) for name, path in node.paths.items()}
+        node_salt = output_salt(salt, config.out_dir) if definition.output else salt
+        links = [(name, keys[src], output) for name, (src, output) in node.links.items()]
+        keys[node_id] = node_key(definition.type_name, definition.version, definition.code, canonical, links,
+                                 node_salt, files)
+    return _Plan(order, keys, params, identities)
 
 
-def _plan(graph, order, keys, memory, disk, ctx, result) -> tuple[dict[str, dict], set[str]]:
+def _canonical_values(node: GraphNode) -> dict:
+    """A node's literal params with defaults filled in, as in its canonical text."""
+    values = {name: spec.default for name, spec in node.definition.inputs.items()
+              if not spec.is_socket and name not in node.links}
+    values.update(node.params)
+    return values
+
+
+def _changed_while_read(node: GraphNode, plan: _Plan, tainted: set[str]) -> bool:
+    """Whether a file the node read changed after it was hashed (its result must not be cached under the
+    old content's key), or the node used such a result."""
+    if any(src in tainted for src, _ in node.links.values()):
+        return True
+    for name, before in plan.identities.get(node.node_id, {}).items():
+        try:
+            now = identity(node.paths[name])
+        except OSError:
+            now = None
+        if now != before:
+            warnings.warn(f"node '{node.node_id}' ({node.definition.type_name}): '{node.paths[name]}' changed while "
+                          "the run read it; results made from it are not cached", UserWarning, stacklevel=2)
+            return True
+    return False
+
+
+def _plan(graph: Graph, plan: _Plan, memory, disk, config: RunConfig, result: RunResult):
     """Decide, from the outputs backwards, what comes from a cache and what must run."""
     demanded = set(graph.outputs)
     values: dict[str, dict] = {}
     to_run: set[str] = set()
-    for node_id in reversed(order):
+    for node_id in reversed(plan.order):
         node = graph.nodes[node_id]
         if node_id not in demanded:
             result.nodes[node_id] = NodeStatus(SKIPPED)
             continue
         cached = None
+        key = plan.keys[node_id]
         if node.definition.cacheable:
-            cached = memory.get(keys[node_id])
+            cached = memory.get(key)
             if cached is None and disk is not None and not node.definition.output:
-                cached = disk.get(keys[node_id], ctx.device)
+                cached = disk.get(key, config.device)
                 if cached is not None:
-                    memory.put(keys[node_id], cached)
+                    memory.put(key, cached)
         if cached is not None:
             values[node_id] = cached
             result.nodes[node_id] = NodeStatus(CACHED)
@@ -189,18 +255,27 @@ def _plan(graph, order, keys, memory, disk, ctx, result) -> tuple[dict[str, dict
     return values, to_run
 
 
-def _run_node(node: GraphNode, values: dict[str, dict], ctx: RunContext, result: RunResult) -> dict[str, Any]:
+def _uses(graph: Graph, to_run: set[str]) -> dict[str, int]:
+    """How many nodes that will run read each node's outputs."""
+    uses: dict[str, int] = {}
+    for node_id in to_run:
+        for src in {src for src, _ in graph.nodes[node_id].links.values()}:
+            uses[src] = uses.get(src, 0) + 1
+    return uses
+
+
+def _run_node(node: GraphNode, params: dict, values: dict[str, dict], config: RunConfig, record: RunRecord,
+              result: RunResult) -> dict[str, Any]:
     definition = node.definition
-    ctx.node_id, ctx.node_type = node.node_id, definition.type_name
     started = time.perf_counter()
     try:
-        kwargs = dict(node.params)
+        kwargs = dict(params)
         for name, (src, output) in node.links.items():
             value = values[src][output]
-            spec = definition.inputs[name]
-            if not spec.is_socket:
+            if not definition.inputs[name].is_socket:
                 value = _check_linked_param(node, name, value)
             kwargs[name] = value
+        ctx = RunContext(config, record, node.node_id, definition.type_name) if definition.ctx_arg else None
         with gc_resumed():
             outputs = definition.call(kwargs, ctx)
     except Interrupted:
@@ -209,7 +284,7 @@ def _run_node(node: GraphNode, values: dict[str, dict], ctx: RunContext, result:
     except KeyboardInterrupt:
         result.nodes[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
         raise Interrupted(f"interrupted in node '{node.node_id}' ({definition.type_name})", result) from None
-    except Exception as exc:  # a node's failure of any kind is reported with its id and type
+    except BaseException as exc:  # any failure of a node, sys.exit() included, is reported with its id and type
         failure = NodeFailed(node.node_id, definition.type_name, exc, result)
         result.nodes[node.node_id] = NodeStatus(FAILED, time.perf_counter() - started, str(failure))
         raise failure from exc
@@ -222,6 +297,11 @@ def _check_linked_param(node: GraphNode, name: str, value: Any) -> Any:
     try:
         value = spec.validate(value)
     except (ValidationError, TypeError, ValueError) as exc:
-        reason = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
-        raise NodeError(f"param '{name}' = {value!r} (linked): {reason}") from None
+        if isinstance(exc, ValidationError):
+            reason = "; ".join(e["msg"] for e in exc.errors())
+        else:
+            reason = str(exc) if isinstance(exc, ParamProblem) else f"{type(exc).__name__}: {exc}"
+        from .errors import short_repr
+
+        raise NodeError(f"param '{name}' = {short_repr(value)} (linked): {reason}") from None
     return value

@@ -1,38 +1,56 @@
 """Pause Python's cyclic garbage collector during engine bookkeeping.
 
-Validating or planning a 10,000-node graph allocates many small objects that live
-until the run ends; each collection then rescans all of them, which made the cost
-per node grow with the graph. Node code itself always runs with the collector on.
+Validating or planning a large graph allocates many small objects that live until the run
+ends; each collection would rescan all of them. Pauses are counted, so runs that overlap in
+several threads never leave the collector switched off: it comes back on when the last pause
+ends (if it was on before the first), and is on inside any ``gc_resumed`` block (node code).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from typing import Iterator
 
-
-@contextlib.contextmanager
-def gc_set(enabled: bool) -> Iterator[None]:
-    """Turn the collector on or off for a block, then restore what it was."""
-    was_enabled = gc.isenabled()
-    _switch(enabled)
-    try:
-        yield
-    finally:
-        _switch(was_enabled)
+_lock = threading.Lock()
+_paused = 0
+_resumed = 0
+_was_enabled = True
 
 
-def _switch(enabled: bool) -> None:
-    if enabled:
+def _apply() -> None:
+    if _resumed or (not _paused and _was_enabled):
         gc.enable()
     else:
         gc.disable()
 
 
-def gc_paused() -> contextlib.AbstractContextManager:
-    return gc_set(False)
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    global _paused, _was_enabled
+    with _lock:
+        if _paused == 0 and _resumed == 0:
+            _was_enabled = gc.isenabled()
+        _paused += 1
+        _apply()
+    try:
+        yield
+    finally:
+        with _lock:
+            _paused -= 1
+            _apply()
 
 
-def gc_resumed() -> contextlib.AbstractContextManager:
-    """Inside gc_paused: collection back on for a block (a node's own work)."""
-    return gc_set(True)
+@contextlib.contextmanager
+def gc_resumed() -> Iterator[None]:
+    """Collection on for a block (a node's own work), whatever pauses are in force around it."""
+    global _resumed
+    with _lock:
+        _resumed += 1
+        _apply()
+    try:
+        yield
+    finally:
+        with _lock:
+            _resumed -= 1
+            _apply()

@@ -41,14 +41,22 @@ def parse_flat_id(node_id: str) -> tuple[str, int, str] | None:
     return (match["instance"], int(match["k"]), match["inner"]) if match else None
 
 
-def expand_groups(workflow: Workflow) -> tuple[dict[str, NodeSpec], dict[str, Origin], set[str], list[Issue]]:
+def expand_groups(workflow: Workflow, max_nodes: int | None = None
+                  ) -> tuple[dict[str, NodeSpec], dict[str, Origin], set[str], list[Issue]]:
     """Plain nodes for the whole workflow, where each flattened node came from, the ids of
-    group instances (a link still naming one is a mistake already reported), and problems."""
+    group instances (a link still naming one is a mistake already reported), and problems.
+
+    With more than ``max_nodes`` nodes after expansion nothing is expanded: the problem names the
+    instances that make the most nodes (counted before any is made)."""
     if not workflow.groups and not any(s.type.startswith(GROUP_PREFIX) for s in workflow.nodes.values()):
+        if max_nodes is not None and len(workflow.nodes) > max_nodes:
+            return {}, {}, set(workflow.nodes), [_too_many(len(workflow.nodes), max_nodes, [])]
         return workflow.nodes, {}, set(), []
     issues: list[Issue] = []
-    broken_groups = set()
+    broken_groups = {b[len(GROUP_PREFIX):] for b in workflow.broken if b.startswith(GROUP_PREFIX)}
     for name, group in workflow.groups.items():
+        if name in broken_groups:
+            continue
         found = _check_group(name, group)
         if found:
             broken_groups.add(name)
@@ -60,6 +68,13 @@ def expand_groups(workflow: Workflow) -> tuple[dict[str, NodeSpec], dict[str, Or
             if resolved is not None:
                 last[node_id] = resolved
 
+    if max_nodes is not None:
+        sizes = {i: repeat * len(group.nodes) for i, (_, group, repeat) in last.items()}
+        total = sum(sizes.values()) + sum(1 for s in workflow.nodes.values() if not s.type.startswith(GROUP_PREFIX))
+        if total > max_nodes:
+            biggest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+            instances = set(workflow.nodes)
+            return {}, {}, instances, [*issues, _too_many(total, max_nodes, [(i, sizes[i]) for i in biggest])]
     flat: dict[str, NodeSpec] = {}
     origins: dict[str, Origin] = {}
     for node_id, spec in workflow.nodes.items():
@@ -75,6 +90,27 @@ def expand_groups(workflow: Workflow) -> tuple[dict[str, NodeSpec], dict[str, Or
             flat[node_id] = spec.model_copy(update={"inputs": _outside_links(node_id, spec.inputs, last, issues)})
     instances = {i for i, s in workflow.nodes.items() if s.type.startswith(GROUP_PREFIX)}
     return flat, origins, instances, issues
+
+
+def _too_many(total: int, limit: int, biggest: list[tuple[str, int]]) -> Issue:
+    by = "; ".join(f"'{i}' makes {n:,}" for i, n in biggest)
+    return Issue("too_many_nodes", f"the workflow expands to {total:,} nodes, over the limit of {limit:,}"
+                 + (f" ({by})" if by else "") + "; lower 'repeat', or raise the limit (--max-nodes, or "
+                 "Engine(limits=Limits(max_nodes=...)))")
+
+
+def flat_params_owner(data: dict, origin: Origin | None, node_id: str, name: str) -> tuple[dict, str]:
+    """Where a flattened node's param is written in the workflow as a JSON dict: (node spec, param name).
+
+    A plain node's own spec; for a node from a group, the group's inner node, or the group instance when
+    the inner node takes the param from the group's input."""
+    if origin is None:
+        return data["nodes"][node_id], name
+    spec = data["groups"][origin.group]["nodes"][origin.inner]
+    source, _, port = spec.get("inputs", {}).get(name, "").partition(".")
+    if source == GROUP_INPUT:  # the value is a literal on the group instance
+        return data["nodes"][origin.instance], port
+    return spec, name
 
 
 def _check_group(name: str, group: GroupSpec) -> list[Issue]:

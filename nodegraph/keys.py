@@ -1,86 +1,77 @@
 """Cache keys: what a node's output depends on, hashed. Never the node id.
 
-key = hash(type, version, device, dtype, library versions,
+key = hash(cache format, node type, version, fingerprint of the node's code,
+           device, dtype, versions of the libraries really installed,
            literal params (validated, defaults filled in),
            for each link: input name + source key + output name,
-           content hash of each file the node reads)
+           content fingerprint of each file the node reads)
 
-Keys are computed once per node from its parents' keys, so the cost is linear in
-the number of nodes however long the chain.
+Keys are computed once per node from its parents' keys, so the cost is linear in the
+number of nodes however long the chain. All key text is made here.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
-from importlib import metadata
+import sys
 from pathlib import Path
+from typing import Any
 
-from .validate import GraphNode
+from .versions import library_versions_text
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-_LIBRARIES = ("nodegraph", "torch", "diffusers", "transformers", "opencv-python-headless", "pillow")
-
-
-@functools.cache
-def library_versions() -> str:
-    """Versions of the libraries whose arithmetic node outputs depend on: part of every key, so
-    an upgrade does not serve results made by the old versions from the disk cache."""
-    found = []
-    for name in _LIBRARIES:
-        try:
-            found.append(f"{name}={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name}=?")
-    return ",".join(found)
+CACHE_FORMAT = 2  # bump when what a key covers, or how results are stored, changes
 
 
-def node_key(node: GraphNode, parent_keys: dict[str, str], run_salt: str, files: dict[str, str]) -> str:
-    definition = node.definition
-    links = sorted((name, parent_keys[src], output) for name, (src, output) in node.links.items())
-    payload = repr((definition.type_name, definition.version, run_salt, node.canonical, links, sorted(files.items())))
+def canonical_params(params: dict[str, Any]) -> str:
+    """Validated params, defaults included, as text: an omitted default and the same value written out give
+    one key; repr keeps NaN, inf and -inf apart (JSON would write all three as null)."""
+    return repr(sorted(params.items()))
+
+
+def run_salt(device: Any, dtype: Any) -> str:
+    return f"{CACHE_FORMAT}|{device}|{dtype}|{library_versions_text()}"
+
+
+def output_salt(salt: str, out_dir: Path) -> str:
+    """Output nodes write into the run's folder: the same node into another folder is other work."""
+    return f"{salt}|{Path(out_dir).resolve()}"
+
+
+def node_key(type_name: str, version: int, code: str, canonical: str, links: list[tuple[str, str, str]],
+             salt: str, files: dict[str, str]) -> str:
+    """``links``: (input name, source key, output name) for each linked input."""
+    payload = repr((type_name, version, code, salt, canonical, sorted(links), sorted(files.items())))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def path_fingerprint(path: str) -> str:
-    """Content hash of a file; for a folder, the hashes of the files in it."""
-    p = Path(path)
-    if p.is_file():
-        return file_hash(p)
-    if p.is_dir():
-        digest = hashlib.sha256()
-        for root, dirs, names in os.walk(p):  # iterative; sorted for a stable order
-            dirs.sort()
-            for name in sorted(names):
-                child = Path(root) / name
-                digest.update(str(child.relative_to(p)).encode())
-                digest.update(file_hash(child).encode())
-        return digest.hexdigest()
-    return f"absent:{path}"  # a hub id, say: the name is its identity
+@functools.cache
+def code_fingerprint(module_name: str) -> str:
+    """Hash of the source that computes a node's results: its module's package (every .py file in it), or
+    the module's own file when it is not part of a package. Any change to the node library's code is a
+    new fingerprint, so cached results of the old code are not served."""
+    module = sys.modules.get(module_name)
+    if module is None or not getattr(module, "__file__", None):
+        return f"unknown:{module_name}"
+    digest = hashlib.sha256()
+    for path, shown in _source_files(module):
+        digest.update(shown.encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"<unreadable>")
+    return digest.hexdigest()[:32]
 
 
-# Model files run to gigabytes; hashing one whole costs seconds per process. Past this
-# size a file is fingerprinted by its size, modification time and first and last
-# SAMPLE bytes (a safetensors header, which lists every tensor, sits at the start).
-LARGE_FILE = 256 * 1024**2
-SAMPLE = 8 * 1024**2
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file's content (a sampled fingerprint for large files), remembered per
-    (path, size, mtime) for this process."""
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    cached = _FILE_HASHES.get(memo)
-    if cached is None:
-        with open(path, "rb") as handle:
-            if stat.st_size < LARGE_FILE:
-                cached = hashlib.file_digest(handle, "sha256").hexdigest()
-            else:
-                digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
-                digest.update(handle.read(SAMPLE))
-                handle.seek(-SAMPLE, os.SEEK_END)
-                digest.update(handle.read(SAMPLE))
-                cached = "sampled:" + digest.hexdigest()
-        _FILE_HASHES[memo] = cached
-    return cached
+def _source_files(module) -> list[tuple[Path, str]]:
+    file = Path(module.__file__).resolve()
+    root = None
+    if getattr(module, "__path__", None):
+        root = file.parent
+    else:
+        parent = sys.modules.get(module.__name__.rpartition(".")[0])
+        parent_file = getattr(parent, "__file__", None)
+        if parent_file and getattr(parent, "__path__", None) and Path(parent_file).resolve().parent == file.parent:
+            root = file.parent
+    if root is None:
+        return [(file, file.name)]
+    return [(p, str(p.relative_to(root))) for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts]

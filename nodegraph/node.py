@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import inspect
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -25,8 +26,15 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .context import RunContext
-from .errors import NodeDefinitionError
-from .sockets import ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Socket
+from .errors import NodeDefinitionError, short_repr
+from .sockets import ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Randomizable, Socket, output_problem
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_PARAM_DEPTH = 32
+
+
+class ParamProblem(ValueError):
+    """A param value that passed its type but is still unusable (NaN, out of 64 bits, nested too deeply)."""
 
 # Every NodeDef the decorator has made, by defining module; registries pick them
 # up by module name, so a module imported once can fill any number of registries.
@@ -48,17 +56,33 @@ class InputSpec:
     description: str | None = None
     adapter: TypeAdapter | None = None  # params only
     path: InputPath | None = None  # params that name a file or folder
+    allow_nonfinite: bool = False  # Field(allow_inf_nan=True): NaN and infinities accepted
+    randomizable: bool = False  # accepts "random", resolved once per run
 
     @property
     def kind(self) -> str:
         return "input" if self.is_socket else "param"
 
     def validate(self, value: Any) -> Any:
-        """Validate a param value strictly ("3" is not the int 3) with JSON's rules ("left" names an enum value)."""
+        """Validate a param value strictly ("3" is not the int 3) with JSON's rules ("left" names an enum value).
+
+        Raises pydantic's ValidationError, or ParamProblem for a value no node can use: NaN or an infinity
+        (unless the param allows them), an integer beyond 64 bits, a value nested too deeply."""
+        if self.randomizable and value == "random":
+            return value
         try:
-            return self.adapter.validate_python(value, strict=True)  # the fast path for plain values
+            valid = self.adapter.validate_python(value, strict=True)  # the fast path for plain values
         except ValidationError:
-            return self.adapter.validate_json(json.dumps(value), strict=True)
+            try:
+                text = json.dumps(value, allow_nan=True)
+            except RecursionError:
+                raise ParamProblem(f"is nested more than {MAX_PARAM_DEPTH} levels deep") from None
+            valid = self.adapter.validate_json(text, strict=True)
+        if type(valid) not in (str, bool):  # the common cases need no walk
+            problem = number_problem(valid, self.allow_nonfinite)
+            if problem:
+                raise ParamProblem(problem)
+        return valid
 
     def json_schema(self) -> dict:
         schema = self.adapter.json_schema() if self.adapter is not None else {}
@@ -85,13 +109,18 @@ class NodeDef:
     ctx_arg: str | None = None
     origin: str = "builtin"
     reference: str | None = None
+    code: str = ""  # fingerprint of the code that computes its results (keys.code_fingerprint)
 
-    def call(self, kwargs: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-        """Run the node function and name its results."""
+    def call(self, kwargs: dict[str, Any], ctx: RunContext | None) -> dict[str, Any]:
+        """Run the node function, name its results and check them against the declared outputs."""
         if self.ctx_arg:
             kwargs = {**kwargs, self.ctx_arg: ctx}
-        result = self.fn(**kwargs)
-        return self.name_outputs(result)
+        outputs = self.name_outputs(self.fn(**kwargs))
+        for name, type_name in self.outputs.items():
+            problem = output_problem(type_name, outputs[name])
+            if problem:
+                raise NodeDefinitionError(f"returned output '{name}' as {problem}; the node declares it {type_name}")
+        return outputs
 
     def name_outputs(self, result: Any) -> dict[str, Any]:
         names = list(self.outputs)
@@ -103,10 +132,10 @@ class NodeDef:
             return {}
         if isinstance(result, (tuple, list)) and len(result) == len(names):
             return dict(zip(names, result))
-        raise NodeDefinitionError(
-            f"node type {self.type_name} returned {type(result).__name__}; expected a dict with keys {names} "
-            f"or a tuple of {len(names)} values"
-        )
+        got = (f"a dict with keys {sorted(map(str, result))}" if isinstance(result, dict)
+               else f"{len(result)} values" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}")
+        raise NodeDefinitionError(f"returned {got}; it declares the outputs {names}: return a dict with those keys "
+                                  f"or a tuple of {len(names)} values")
 
     def to_dict(self) -> dict:
         """The public description used by `nodegraph nodes --json` and the docs."""
@@ -135,6 +164,25 @@ class NodeDef:
             },
             "outputs": dict(self.outputs),
         }
+
+
+def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
+    """Why a validated value cannot be used: a non-finite float, an integer beyond 64 bits, deep nesting."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is float:
+            if not allow_nonfinite and not math.isfinite(item):
+                return "must be a finite number (not NaN or infinity)"
+        elif kind is int:
+            if not INT64[0] <= item <= INT64[1]:
+                return f"{short_repr(item)} does not fit in 64 bits; give a number from -2**63 to 2**63 - 1"
+        elif kind in (list, tuple, dict):
+            if depth >= MAX_PARAM_DEPTH:
+                return f"is nested more than {MAX_PARAM_DEPTH} levels deep"
+            stack.extend((v, depth + 1) for v in (item.values() if kind is dict else item))
+    return None
 
 
 def _is_output_dict(result: dict, names: list[str]) -> bool:
@@ -239,6 +287,7 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
         adapter = TypeAdapter(annotation)
     except Exception as exc:  # pydantic raises several types for unsupported annotations
         raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {exc}") from exc
+    metadata = _all_metadata(annotation)
     return InputSpec(
         name=name,
         type_name=_scalar_type_name(base),
@@ -249,7 +298,24 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
         description=description,
         adapter=adapter,
         path=path,
+        allow_nonfinite=any(getattr(m, "allow_inf_nan", None) is True for m in metadata),
+        randomizable=any(isinstance(m, Randomizable) for m in metadata),
     )
+
+
+def _all_metadata(annotation: Any) -> list:
+    """Every Annotated marker and Field constraint in an annotation, through Optional and nesting."""
+    found, stack = [], [annotation]
+    while stack:
+        current = stack.pop()
+        if typing.get_origin(current) is Annotated:
+            for meta in current.__metadata__:
+                found.append(meta)
+                found.extend(getattr(meta, "metadata", ()) if isinstance(meta, FieldInfo) else ())
+            stack.append(typing.get_args(current)[0])
+        elif typing.get_origin(current) in (Union, types.UnionType):
+            stack.extend(typing.get_args(current))
+    return found
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:

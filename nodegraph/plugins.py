@@ -25,6 +25,30 @@ def plugin_dirs_from_env() -> list[str]:
     return [part for part in value.split(os.pathsep) if part]
 
 
+def default_registry(plugin_dirs: list[str] | None = None, entry_points: bool = True) -> Registry:
+    """Built-ins, installed entry-point plugins and the plugin folders given (and in $NODEGRAPH_PLUGINS)."""
+    registry = Registry()
+    registry.load_builtins()
+    if entry_points:
+        load_entry_point_plugins(registry)
+    load_plugin_dirs(registry, [*plugin_dirs_from_env(), *(plugin_dirs or [])])
+    return registry
+
+
+def _failed(origin: str, exc: BaseException) -> PluginError:
+    """A plugin that raised while loading. An Exception is a broken plugin (the others still load); sys.exit()
+    or another BaseException means it tried to end the process, so nothing may run (``fatal``)."""
+    if isinstance(exc, SystemExit):
+        return PluginError(f"{origin} called sys.exit({exc.code!r}) while loading; fix or remove it", fatal=True)
+    if not isinstance(exc, Exception):
+        return PluginError(f"{origin} raised {type(exc).__name__} while loading; fix or remove it", fatal=True)
+    return PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}")
+
+
+class PluginInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a plugin raising KeyboardInterrupt) while a plugin was loading; names the plugin."""
+
+
 def load_entry_point_plugins(registry: Registry) -> None:
     """Each entry point names a module (imported; its @node functions register) or a
     callable taking the registry."""
@@ -39,8 +63,10 @@ def load_entry_point_plugins(registry: Registry) -> None:
                     hook(registry)
             else:
                 registry.add_module(module_name, origin)
-        except Exception as exc:  # any import-time failure of third-party code
-            registry.problems.append(PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}"))
+        except KeyboardInterrupt:
+            raise PluginInterrupted(f"interrupted while loading {origin}") from None
+        except BaseException as exc:  # any import-time failure of third-party code, sys.exit() included
+            registry.problems.append(_failed(origin, exc))
 
 
 def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
@@ -72,8 +98,11 @@ def _load_file_plugin(registry: Registry, name: str, init_file: Path, shown: Pat
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # a broken plugin must not stop the others
+    except KeyboardInterrupt:
         sys.modules.pop(module_name, None)
-        registry.problems.append(PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}"))
+        raise PluginInterrupted(f"interrupted while loading {origin}") from None
+    except BaseException as exc:  # a broken plugin must not stop the others
+        sys.modules.pop(module_name, None)
+        registry.problems.append(_failed(origin, exc))
         return
     registry.add_module(module_name, origin)

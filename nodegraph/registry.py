@@ -6,6 +6,7 @@ import pkgutil
 from dataclasses import dataclass, field, replace
 
 from .errors import PluginError
+from .keys import code_fingerprint
 from .node import DEFINED, NodeDef
 
 BUILTIN_PACKAGE = "nodegraph.nodes"
@@ -28,8 +29,8 @@ class Registry:
 
     def add(self, definition: NodeDef, origin: str | None = None) -> None:
         """Register a node type; a second origin for the same name is recorded as a clash."""
-        if origin is not None:
-            definition = replace(definition, origin=origin)
+        definition = replace(definition, origin=origin or definition.origin,
+                             code=definition.code or code_fingerprint(definition.fn.__module__))
         existing = self.types.get(definition.type_name)
         if existing is not None and existing.fn is not definition.fn:
             origins = self.clashes.setdefault(definition.type_name, [existing.origin])
@@ -64,15 +65,3 @@ class Registry:
 
     def sorted_types(self) -> list[NodeDef]:
         return sorted(self.types.values(), key=lambda d: (d.category, d.type_name))
-
-
-def default_registry(plugin_dirs: list[str] | None = None, entry_points: bool = True) -> Registry:
-    """Built-ins, installed entry-point plugins and the plugin folders given."""
-    from .plugins import load_entry_point_plugins, load_plugin_dirs, plugin_dirs_from_env
-
-    registry = Registry()
-    registry.load_builtins()
-    if entry_points:
-        load_entry_point_plugins(registry)
-    load_plugin_dirs(registry, [*plugin_dirs_from_env(), *(plugin_dirs or [])])
-    return registry

@@ -14,10 +14,13 @@ import networkx as nx
 from pydantic import ValidationError
 
 from .errors import Issue, WorkflowInvalid
-from .node import InputSpec, NodeDef
+from .files import check_path
+from .groups import Origin, expand_groups, parse_flat_id
+from .keys import canonical_params
+from .limits import Limits, limits_in_force
+from .node import InputSpec, NodeDef, ParamProblem
 from .registry import Registry
 from .sockets import link_fits
-from .groups import Origin, expand_groups, parse_flat_id
 from .workflow import NodeSpec, Workflow
 
 
@@ -31,6 +34,7 @@ class GraphNode:
     params: dict[str, Any]  # validated literal params (paths already resolved)
     canonical: str  # every literal param, defaults included, as validated values: part of the cache key
     paths: dict[str, str] = field(default_factory=dict)  # param -> resolved path it reads
+    randomized: tuple[str, ...] = ()  # params given as "random": drawn once per run
 
 
 @dataclass
@@ -45,18 +49,29 @@ class Graph:
     outputs: list[str]  # node ids of output nodes (or the requested targets)
 
 
-def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> list[Issue]:
+def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None,
+             limits: Limits | None = None) -> list[Issue]:
     """Every problem in the workflow (empty list: valid)."""
     try:
-        build_graph(workflow, registry, targets)
+        build_graph(workflow, registry, targets, limits)
     except WorkflowInvalid as exc:
         return exc.issues
     return []
 
 
-def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None = None) -> Graph:
-    """Validate and compile; raises WorkflowInvalid with every issue found."""
-    flat, origins, broken, issues = expand_groups(workflow)
+def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None = None,
+                limits: Limits | None = None) -> Graph:
+    """Validate and compile; raises WorkflowInvalid with every issue found (those found while reading the
+    file included)."""
+    limits = limits or Limits()
+    with limits_in_force(limits):
+        return _build_graph(workflow, registry, targets, limits)
+
+
+def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None, limits: Limits) -> Graph:
+    flat, origins, broken, issues = expand_groups(workflow, limits.max_nodes)
+    issues = [*workflow.problems, *issues]
+    broken = broken | workflow.broken
     base_dir = workflow.base_dir or Path.cwd()
     nodes: dict[str, GraphNode] = {}
     dag = nx.DiGraph()
@@ -81,7 +96,7 @@ def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | Non
     except nx.NetworkXUnfeasible:
         order = []
         issues.extend(_cycle_issues(dag, flat))
-    outputs = _output_nodes(flat, nodes, targets, issues)
+    outputs = _output_nodes(flat, nodes, targets, issues, bool(workflow.broken))
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
     return Graph(workflow=workflow, nodes=nodes, origins=origins, dag=dag, order=order, outputs=outputs)
@@ -149,6 +164,7 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
 
     params: dict[str, Any] = {}
     paths: dict[str, str] = {}
+    randomized: list[str] = []
     for name, value in spec.params.items():
         input_spec = definition.inputs.get(name)
         if input_spec is None:
@@ -169,15 +185,21 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
             reason = "; ".join(_pydantic_reason(e) for e in exc.errors())
             issue("invalid_param", reason, field=name, kind="param", value=value)
             continue
+        except ParamProblem as exc:
+            issue("invalid_param", str(exc), field=name, kind="param", value=value)
+            continue
         except (TypeError, ValueError):  # not JSON at all (an object given through the Python API)
             issue("invalid_param", f"a {type(value).__name__} is not a JSON value; give a number, string, "
                   "boolean, list or object", field=name, kind="param", value=value)
             continue
+        if input_spec.randomizable and params[name] == "random":
+            randomized.append(name)
         if input_spec.path is not None and isinstance(params[name], str):
-            resolved = _resolve_path(params[name], input_spec, base_dir)
-            if resolved is None:
-                issue("missing_file", f"no such {_kind_word(input_spec)} '{base_dir / value}'; check the path "
-                      "(relative paths start at the workflow file's folder)", field=name, kind="param", value=value)
+            resolved, problem = _resolve_path(params[name], input_spec, base_dir)
+            if problem is not None:
+                issue(problem.code, f"{problem.message}; check the path (relative paths start at the workflow "
+                      "file's folder)" if problem.code == "missing_file" else problem.message,
+                      field=name, kind="param", value=value)
             else:
                 params[name] = paths[name] = resolved
 
@@ -191,16 +213,19 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
             canonical[name] = input_spec.default
 
     if definition.check is not None:
-        # Everything known before the run: literals and defaults; a param fed by a link is absent.
+        # Everything known before the run: literals and defaults; a param fed by a link (or drawn at
+        # random when the run starts) is absent.
         known = {name: s.default for name, s in definition.inputs.items()
                  if not s.is_socket and not s.required and name not in spec.inputs}
-        for field_name, message in definition.check({**known, **params}):
+        known.update({k: v for k, v in params.items() if k not in randomized})
+        for name in randomized:
+            known.pop(name, None)
+        for field_name, message in definition.check(known):
             kind = definition.inputs[field_name].kind if field_name in definition.inputs else None
             has = field_name in spec.params
             issue("invalid_param", message, field=field_name, kind=kind,
                   **({"value": spec.params[field_name]} if has else {}))
-    # repr of validated values: an omitted default and the same value written out give one key.
-    return GraphNode(node_id, definition, links, params, repr(sorted(canonical.items())), paths)
+    return GraphNode(node_id, definition, links, params, canonical_params(canonical), paths, tuple(randomized))
 
 
 def _pydantic_reason(err: dict) -> str:
@@ -212,20 +237,22 @@ def _names(inputs: dict[str, InputSpec]) -> str:
     return ", ".join(inputs) if inputs else "none"
 
 
-def _kind_word(spec: InputSpec) -> str:
-    return {"file": "file", "dir": "folder"}.get(spec.path.kind, "file or folder")
+def _resolve_path(value: str, spec: InputSpec, base_dir: Path):
+    """(absolute path, None) for a readable file param, or (None, problem). A name that need not exist (a hub
+    id) and is not a local path comes back as it is."""
+    if "\0" in value:
+        from .files import FileProblem
 
-
-def _resolve_path(value: str, spec: InputSpec, base_dir: Path) -> str | None:
-    """Absolute path of a file param; None when it must exist and does not."""
+        return None, FileProblem("bad_file", "a path cannot contain a NUL character")
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = base_dir / path
-    kind = spec.path.kind
-    exists = path.is_file() if kind == "file" else path.is_dir() if kind == "dir" else path.exists()
-    if exists:
-        return str(path.resolve())
-    return None if spec.path.must_exist else value
+    problem = check_path(path, spec.path.kind)
+    if problem is None:
+        return str(path.resolve()), None
+    if problem.code == "missing_file" and not spec.path.must_exist:
+        return value, None
+    return None, problem
 
 
 def _cycle_issues(dag: nx.DiGraph, all_nodes: dict[str, NodeSpec]) -> list[Issue]:
@@ -242,15 +269,15 @@ def _cycle_issues(dag: nx.DiGraph, all_nodes: dict[str, NodeSpec]) -> list[Issue
 
 
 def _output_nodes(all_nodes: dict[str, NodeSpec], nodes: dict[str, GraphNode], targets: list[str] | None,
-                  issues: list[Issue]) -> list[str]:
+                  issues: list[Issue], some_left_out: bool = False) -> list[str]:
     if targets:
         missing = [t for t in targets if t not in all_nodes]
         for target in missing:
             issues.append(Issue("unknown_target", f"--target '{target}' is not a node of the workflow", node_id=target))
         return [t for t in targets if t not in missing]
     outputs = [node_id for node_id, n in nodes.items() if n.definition.output]
-    # With an unknown type among the nodes, that node may well be the output node.
-    if not outputs and not any(i.code == "unknown_type" for i in issues):
+    # With an unknown type or a malformed node among the nodes, that node may well be the output node.
+    if not outputs and not some_left_out and not any(i.code == "unknown_type" for i in issues):
         issues.append(Issue("no_output", "the workflow has no output node (SaveImage or the like), so nothing "
                             "would run; add one, or name a node with --target"))
     return outputs

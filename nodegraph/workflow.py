@@ -1,21 +1,30 @@
-"""The workflow file format (DESIGN §3): a pydantic model, loading, saving, a builder."""
+"""The workflow file format (docs/workflows.md): a pydantic model, lenient loading, saving, a builder.
+
+Loading reports every problem of a file at once: a node with a structural mistake (an
+unknown key, a bad id, a duplicate key) is reported and left out, and the rest of the
+workflow is still validated, so one mistake does not hide the others.
+"""
 from __future__ import annotations
 
+import difflib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from .errors import Issue, WorkflowInvalid
+from .atomic import write_text_atomic
+from .errors import Issue, WorkflowInvalid, short_repr
 
 FORMAT = "nodegraph/1"
+FORMAT_VERSION = 1
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 LINK_PATTERN = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+$"
 PNG_WORKFLOW_KEY = "nodegraph.workflow"
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]+")
+TOP_KEYS = ("$schema", "format", "description", "groups", "nodes")
+LONGEST_INT = 100  # digits; longer integer literals are reported, never converted
 
 
 class NodeSpec(BaseModel):
@@ -51,17 +60,29 @@ class GroupSpec(BaseModel):
 class Workflow(BaseModel):
     """A whole workflow file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    schema_url: str | None = Field(default=None, alias="$schema", description="Editors add it; ignored.")
     format: Literal["nodegraph/1"] = FORMAT
     description: str = ""
     groups: dict[str, GroupSpec] = Field(default_factory=dict)
     nodes: dict[str, NodeSpec] = Field(default_factory=dict)
     # Where relative paths in params resolve; not part of the file.
     base_dir: Path | None = Field(default=None, exclude=True)
+    # Problems found while reading the file, reported with the rest by validation.
+    _problems: list[Issue] = PrivateAttr(default_factory=list)
+    _broken: set[str] = PrivateAttr(default_factory=set)  # ids of nodes left out for structural mistakes
+
+    @property
+    def problems(self) -> list[Issue]:
+        return self._problems
+
+    @property
+    def broken(self) -> set[str]:
+        return self._broken
 
     def to_json(self) -> str:
-        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=False)
         if not data["groups"]:
             del data["groups"]
         specs = [*data["nodes"].values(), *(n for g in data.get("groups", {}).values() for n in g["nodes"].values())]
@@ -81,7 +102,10 @@ class Workflow(BaseModel):
         ``"group:NAME/INNER.param"`` sets a param of node INNER inside group NAME, for every
         instance and repetition of the group.
         """
+        import os
+
         copy = self.model_copy(deep=True)
+        copy._problems, copy._broken = list(self._problems), set(self._broken)
         problems = []
         for target, value in overrides.items():
             node_id, dot, name = target.partition(".")
@@ -91,9 +115,9 @@ class Workflow(BaseModel):
                 group = copy.groups.get(group_name)
                 nodes = group.nodes if group is not None else {}
             if not dot or not name:
-                problems.append(Issue("bad_override", f"--set '{target}': write NODE.PARAM=VALUE"))
+                problems.append(Issue("bad_override", f"--set '{short_repr(target)}': write NODE.PARAM=VALUE"))
             elif node_id not in nodes:
-                problems.append(Issue("bad_override", f"--set '{target}': no node '{shown}' in the workflow"))
+                problems.append(Issue("bad_override", f"--set '{short_repr(target)}': no node '{shown}' in the workflow"))
             else:
                 spec = nodes[node_id]
                 spec.inputs.pop(name, None)
@@ -103,75 +127,226 @@ class Workflow(BaseModel):
         return copy
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def is_node_id(text: str) -> bool:
+    return isinstance(text, str) and _NODE_ID.fullmatch(text) is not None
+
+
+def shown_id(text: str) -> str:
+    """A bad node id as it can be shown: control characters (a trailing newline, say) escaped."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+class _Object(dict):
+    """A JSON object as parsed; remembers keys given twice (json would silently keep the last)."""
+
+    duplicates: tuple = ()
+
+
+class _LongInt:
+    """An integer literal too long to convert (Python refuses past 4,300 digits; no param needs 100)."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def parse_json(text: str, source: str = "<string>") -> tuple[Any, list[Issue]]:
+    """JSON, and the problems a plain parse would hide: duplicate keys and overlong integers, with where
+    they are (never guessed at)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> _Object:
+        obj = _Object(items)
+        if len(obj) != len(items):
+            seen: set[str] = set()
+            obj.duplicates = tuple(sorted({k for k, _ in items if k in seen or seen.add(k)}))
+            found.append("duplicate")
+        return obj
+
+    def integer(digits: str) -> int | _LongInt:
+        if len(digits) > LONGEST_INT:
+            found.append("long")
+            return _LongInt(digits)
+        return int(digits)
+
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def parse_workflow(data: Any, base_dir: Path | None = None) -> Workflow:
-    """Check the file's structure (not node types) and build a Workflow."""
-    try:
-        workflow = Workflow.model_validate(data)
-    except ValidationError as exc:
-        raise WorkflowInvalid([_structure_issue(err) for err in exc.errors()]) from None
-    inner_ids = [i for group in workflow.groups.values() for i in group.nodes]
-    bad_ids = [node_id for node_id in [*workflow.nodes, *inner_ids, *workflow.groups] if not _is_node_id(node_id)]
-    if bad_ids:
-        raise WorkflowInvalid(
-            [Issue("bad_node_id", "node ids may only use letters, digits, '_' and '-'", node_id=i) for i in bad_ids]
-        )
-    workflow.base_dir = base_dir
-    return workflow
-
-
-_NODE_ID = re.compile(NODE_ID_PATTERN)
-
-
-def _is_node_id(text: str) -> bool:
-    return _NODE_ID.match(text) is not None
-
-
-def _structure_issue(err: dict) -> Issue:
-    loc = [str(part) for part in err.get("loc", ())]
-    if len(loc) >= 2 and loc[0] == "nodes":
-        node_id = loc[1]
-        field = ".".join(loc[2:]) or None
-        return Issue("bad_structure", f"{err['msg']}", node_id=node_id, field=field)
-    where = ".".join(loc) or "the file"
-    return Issue("bad_structure", f"{where}: {err['msg']}")
-
-
-def load_workflow(path: str | Path) -> Workflow:
-    """Load a workflow file, or the workflow embedded in a PNG that SaveImage wrote."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise WorkflowInvalid([Issue("unreadable_file", f"cannot read workflow file '{path}': {exc.strerror or exc}")]) from None
-    if raw.startswith(b"\x89PNG"):
-        text = _png_workflow_text(path)
-    else:
-        text = raw.decode("utf-8", errors="replace")
-    return loads_workflow(text, base_dir=path.resolve().parent, source=str(path))
-
-
-def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<string>") -> Workflow:
-    try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=pairs, parse_int=integer)
+    except RecursionError:
+        raise WorkflowInvalid([Issue("bad_json", f"{source}: the JSON is nested too deeply to read; a workflow "
+                                     "needs only a few levels")]) from None
     except json.JSONDecodeError as exc:
         raise WorkflowInvalid(
             [Issue("bad_json", f"{source}: line {exc.lineno}, column {exc.colno}: {exc.msg}; fix the JSON syntax there")]
         ) from None
-    return parse_workflow(data, base_dir=base_dir)
+    except ValueError as exc:
+        raise WorkflowInvalid([Issue("bad_json", f"{source}: {exc}")]) from None
+    return data, (_marked_problems(data) if found else [])
 
+
+def _marked_problems(data: Any) -> list[Issue]:
+    """Where the duplicate keys and overlong integers of a parsed document are (run only when there are some)."""
+    issues = []
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key in getattr(value, "duplicates", ()):
+                issues.append(_located("duplicate_key", path + (key,), f"the key '{short_repr(key)}' is given "
+                                       "twice in one JSON object; keep one (JSON readers disagree on which wins)"))
+            stack.extend((v, path + (k,)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, path + (i,)) for i, v in enumerate(value))
+        elif isinstance(value, _LongInt):
+            issues.append(_located("invalid_param", path, f"an integer of {value.digits} digits is far out of "
+                                   "range; give a number that fits in 64 bits"))
+    return issues
+
+
+def _located(code: str, path: tuple, message: str) -> Issue:
+    """An issue at a JSON path, naming the node and field where the path is inside one."""
+    parts = [str(p) for p in path]
+    if len(parts) >= 2 and parts[0] == "nodes":
+        field = parts[3] if len(parts) >= 4 and parts[2] in ("params", "inputs") else ".".join(parts[2:]) or None
+        kind = {"params": "param", "inputs": "input"}.get(parts[2]) if len(parts) >= 4 else None
+        return Issue(code, message, node_id=parts[1], field=field, kind=kind)
+    if len(parts) >= 2 and parts[0] == "groups":
+        return Issue(code, message, node_id=f"group:{parts[1]}", node_type="group", field=".".join(parts[2:]) or None)
+    return Issue(code, f"{'.'.join(parts) or 'the file'}: {message}")
+
+
+def _structure_issue(err: dict, node_id: str | None = None, prefix: tuple = ()) -> Issue:
+    loc = [*prefix, *(str(part) for part in err.get("loc", ()))]
+    message = err["msg"]
+    if err.get("type") == "extra_forbidden":
+        message = "is not a key of a node; a node has type, inputs, params and title"
+    if node_id is not None:
+        return Issue("bad_structure", message, node_id=node_id, field=".".join(loc) or None)
+    return Issue("bad_structure", f"{'.'.join(loc) or 'the file'}: {message}")
+
+
+def read_workflow(data: Any, base_dir: Path | None = None, found: list[Issue] | None = None) -> Workflow:
+    """A Workflow from parsed JSON, keeping every well-formed node; the problems of the others are in
+    ``workflow.problems`` (validation reports them with the rest). A file that is not a workflow at all,
+    or of a newer format, raises WorkflowInvalid."""
+    if not isinstance(data, dict):
+        raise WorkflowInvalid([Issue("bad_structure", "a workflow is a JSON object with \"format\" and \"nodes\"; "
+                                     f"this holds a {type(data).__name__}")])
+    issues: list[Issue] = list(found or [])
+    broken: set[str] = {i.node_id for i in issues if i.node_id}
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        newer = re.fullmatch(r"nodegraph/(\d+)", fmt) if isinstance(fmt, str) else None
+        if newer and int(newer[1]) > FORMAT_VERSION:
+            from .versions import version
+
+            raise WorkflowInvalid([Issue("newer_format", f"the workflow is format '{fmt}', newer than this nodegraph "
+                                         f"({version()}) reads ('{FORMAT}'); upgrade nodegraph")])
+        issues.append(Issue("bad_format", "a workflow needs \"format\": \"nodegraph/1\"" if fmt is None else
+                            f"format {short_repr(fmt)} is not one nodegraph reads; write \"format\": \"{FORMAT}\""))
+    for key in data:
+        if key not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; the keys are {', '.join(TOP_KEYS)}"
+            issues.append(Issue("bad_structure", f"unknown key '{short_repr(key)}' at the top of the workflow{hint}"))
+    if "nodes" not in data:
+        issues.append(Issue("bad_structure", "a workflow needs \"nodes\": {node id: {\"type\": ..., ...}}"))
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        issues.append(Issue("bad_structure", "description must be a string"))
+        description = ""
+    schema_url = data.get("$schema")
+    nodes = _read_nodes(data.get("nodes", {}), "nodes", issues, broken)
+    groups: dict[str, GroupSpec] = {}
+    raw_groups = data.get("groups", {})
+    if not isinstance(raw_groups, dict):
+        issues.append(Issue("bad_structure", "groups must be an object: {group name: {...}}"))
+        raw_groups = {}
+    for name, raw in raw_groups.items():
+        where = f"group:{name}"
+        if not is_node_id(name):
+            issues.append(Issue("bad_node_id", "group names may only use letters, digits, '_' and '-'",
+                                node_id=shown_id(name)))
+            continue
+        if where in broken:
+            continue
+        raw_nodes = raw.get("nodes", {}) if isinstance(raw, dict) else {}
+        inner_issues: list[Issue] = []
+        inner = _read_nodes(raw_nodes, f"group '{name}'", inner_issues, set())
+        for issue in inner_issues:
+            issues.append(Issue(issue.code, issue.message, node_id=where, node_type="group",
+                                field=f"nodes.{issue.node_id}" + (f".{issue.field}" if issue.field else "")))
+        try:
+            groups[name] = GroupSpec.model_validate({**raw, "nodes": {}} if isinstance(raw, dict) else raw)
+            groups[name].nodes = inner
+        except ValidationError as exc:
+            issues.extend(Issue("bad_structure", e["msg"], node_id=where, node_type="group",
+                                field=".".join(str(p) for p in e["loc"]) or None) for e in exc.errors())
+        if inner_issues:
+            broken.add(where)
+    workflow = Workflow.model_construct(schema_url=schema_url if isinstance(schema_url, str) else None,
+                                        format=FORMAT, description=description, groups=groups, nodes=nodes,
+                                        base_dir=base_dir)
+    workflow._problems, workflow._broken = issues, broken
+    return workflow
+
+
+def _read_nodes(raw: Any, where: str, issues: list[Issue], broken: set[str]) -> dict[str, NodeSpec]:
+    if not isinstance(raw, dict):
+        issues.append(Issue("bad_structure", f"nodes of {where} must be an object: {{node id: {{\"type\": ...}}}}"))
+        return {}
+    nodes = {}
+    for node_id, spec in raw.items():
+        if not is_node_id(node_id):
+            issues.append(Issue("bad_node_id", "node ids may only use letters, digits, '_' and '-'",
+                                node_id=shown_id(node_id)))
+            broken.add(node_id)
+            continue
+        if node_id in broken:
+            continue
+        try:
+            nodes[node_id] = NodeSpec.model_validate(spec)
+        except ValidationError as exc:
+            issues.extend(_structure_issue(err, node_id) for err in exc.errors())
+            broken.add(node_id)
+    return nodes
+
+
+def parse_workflow(data: Any, base_dir: Path | None = None) -> Workflow:
+    """Read a workflow and raise WorkflowInvalid if its structure has any problem (node types are not checked)."""
+    workflow = read_workflow(data, base_dir)
+    if workflow.problems:
+        raise WorkflowInvalid(workflow.problems)
+    return workflow
+
+
+def load_workflow(path: str | Path, strict: bool = True) -> Workflow:
+    """Load a workflow file, or the workflow embedded in a PNG that SaveImage wrote. ``strict=False`` keeps
+    structural problems in ``workflow.problems`` instead of raising them."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise WorkflowInvalid([Issue("unreadable_file", f"cannot read workflow file '{short_repr(str(path))}': "
+                                     f"{exc.strerror or exc}")]) from None
+    if raw.startswith(b"\x89PNG"):
+        text = _png_workflow_text(path)
+    else:
+        text = raw.decode("utf-8", errors="replace")
+    return loads_workflow(text, base_dir=path.resolve().parent, source=str(path), strict=strict)
+
+
+def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<string>", strict: bool = True) -> Workflow:
+    data, found = parse_json(text, source)
+    workflow = read_workflow(data, base_dir, found)
+    if strict and workflow.problems:
+        raise WorkflowInvalid(workflow.problems)
+    return workflow
 
 def _png_workflow_text(path: Path) -> str:
     from PIL import Image

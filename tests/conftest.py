@@ -1,7 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# The disk cache is on by default in the user's cache folder; tests (and the CLI processes they start)
+# use it only where they name a folder, so results never leak from one test or test run into another.
+os.environ["NODEGRAPH_CACHE_DIR"] = "off"
 
 REPO = Path(__file__).resolve().parent.parent
 STUB_PLUGINS = REPO / "tests" / "stub_plugins"

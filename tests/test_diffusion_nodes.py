@@ -222,14 +222,13 @@ def test_latent_values_survive_the_disk_cache(sd):
 def test_progress_is_reported_and_interrupt_stops_between_steps(sd):
     model, clip, _ = sd
     events = []
-    run = ctx(node_id="t2i", node_type="Sampler")
 
     def listener(event):
         events.append((event.step, event.total))
         if event.step == 2:
             run.interrupt.set()
 
-    run.listeners.append(listener)
+    run = ctx(node_id="t2i", node_type="Sampler", listeners=[listener])
     with pytest.raises(Interrupted):
         sampler_node(model=model, positive=encode_prompt(clip, "x"), latent=empty_latent(64, 64), ctx=run, steps=5)
     assert events == [(1, 5), (2, 5)]

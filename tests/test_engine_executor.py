@@ -217,7 +217,7 @@ def test_long_chain_has_no_recursion_limit(stub_registry):
 
 
 def test_large_files_get_a_sampled_fingerprint(tmp_path, monkeypatch):
-    from nodegraph import keys
+    from nodegraph import files as keys
 
     monkeypatch.setattr(keys, "LARGE_FILE", 1000)
     monkeypatch.setattr(keys, "SAMPLE", 100)

@@ -68,7 +68,8 @@ def test_installed_entry_point_plugin_runs_in_a_workflow(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(target), str(REPO)])}
     done = cli("run", str(workflow), "--json", env_extra=env)
     assert done.returncode == 0, done.stderr
-    assert "DEMO: HEY!HEY!HEY!" in done.stdout
+    assert "DEMO: HEY!HEY!HEY!" in done.stderr  # with --json, what nodes print goes to stderr
+    assert json.loads(done.stdout)["nodes"]["print"]["status"] == "ran"
     listed = json.loads(cli("nodes", "--json", env_extra=env).stdout)
     demo = next(d for d in listed if d["type"] == "DemoShout")
     assert demo["version"] == 2 and demo["origin"].startswith("plugin 'demo'")

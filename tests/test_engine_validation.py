@@ -107,7 +107,7 @@ def test_malformed_json_gives_line_and_column():
 
 def test_bad_structure_and_bad_node_id():
     with pytest.raises(WorkflowInvalid) as info:
-        loads_workflow('{"format": "nodegraph/2", "nodes": {"a": {"type": "X", "extra": 1}}}')
+        loads_workflow('{"format": "nodegraph/1", "extra": 0, "nodes": {"a": {"type": "X", "extra": 1}}}')
     codes = {(i.code, i.node_id, i.field) for i in info.value.issues}
     assert ("bad_structure", None, None) in codes and ("bad_structure", "a", "extra") in codes
     with pytest.raises(WorkflowInvalid) as info:

@@ -1,0 +1,110 @@
+"""Atomic file writes, and cleaning up after writers that were killed.
+
+A file is written under a hidden temporary name in its final folder and then renamed, so
+a reader never sees half a file. Temporary names carry the writer's host and process id:
+the next writer into the same folder removes what a dead process on this host left
+behind (or anything older than a day), and never a live writer's file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+TEMP_SUFFIX = ".ngtmp"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_TEMP = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+" + re.escape(TEMP_SUFFIX) + "$")
+STALE_SECONDS = 24 * 3600
+_cleaned: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+def temp_path(folder: Path, name: str) -> Path:
+    """A fresh hidden temporary name for ``name`` in ``folder``, marked with this host and process."""
+    return folder / f".{name[:100]}.{_HOST}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path``, on any failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent)
+    tmp = temp_path(path.parent, path.name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_bytes_atomic(Path(path), text.encode("utf-8"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def is_stale_temp(path: Path, now: float | None = None) -> bool:
+    """A temporary file whose writer is gone: a dead process on this host, or older than a day."""
+    match = _TEMP.match(path.name)
+    if match is None:
+        return False
+    if match["host"] == _HOST and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+        return True
+    try:
+        return (now or time.time()) - path.stat().st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
+def clean_stale_temps(folder: Path, depth: int = 0) -> int:
+    """Remove stale temporary files in ``folder`` (and ``depth`` levels below), once per folder per process."""
+    key = f"{Path(folder).resolve()}|{depth}"
+    with _cleaned_lock:
+        if key in _cleaned:
+            return 0
+        _cleaned.add(key)
+    removed = 0
+    folders, frontier = [Path(folder)], [Path(folder)]
+    for _ in range(depth):
+        frontier = [sub for f in frontier for sub in _subfolders(f)]
+        folders += frontier
+    now = time.time()
+    for current in folders:
+        try:
+            names = [p for p in current.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+        except OSError:
+            continue
+        for tmp in names:
+            if is_stale_temp(tmp, now):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    removed += 1
+    return removed
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
