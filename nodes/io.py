@@ -165,7 +165,7 @@ def next_index(folder: Path, name: str) -> int:
     return max(used, default=0) + 1
 
 
-def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str]) -> Path:
+def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str], compress_level: int = 6) -> Path:
     """Write ``folder/name_NNNNN.png`` atomically, never replacing an existing file.
 
     The PNG goes to a hidden temporary file in the same folder first; it then gets its
@@ -185,7 +185,7 @@ def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str])
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            PILImage.fromarray(pixels).save(handle, format="PNG", pnginfo=info)
+            PILImage.fromarray(pixels).save(handle, format="PNG", pnginfo=info, compress_level=compress_level)
             handle.flush()
             os.fsync(handle.fileno())
         index = next_index(folder, name)
@@ -234,22 +234,26 @@ def run_manifest(ctx: RunContext, index: int, batch: int) -> dict:
     }
 
 
-def save_images(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
-    """Each image of the batch as a numbered PNG under the run's output folder, with the
-    workflow and the run manifest in text chunks."""
-    image = check_image(image)
-    folder, name = target_folder(ctx.out_dir, prefix)
+def save_pngs(levels: np.ndarray, root: Path, prefix: str, ctx: RunContext, compress_level: int = 6) -> list[Path]:
+    """Each 8-bit array of a batch ((B, H, W, 3) RGB or (B, H, W) grey) as a numbered PNG under
+    ``root``, with the workflow and the run manifest in text chunks; each file is recorded in ``ctx``."""
+    folder, name = target_folder(root, prefix)
     workflow = ctx.workflow
     paths = []
-    for i, pixels in enumerate(to_uint8(image)):
+    for i, pixels in enumerate(levels):
         ctx.check_interrupt()
-        text = {MANIFEST_KEY: json.dumps(run_manifest(ctx, i, image.shape[0]), sort_keys=True, default=str)}
+        text = {MANIFEST_KEY: json.dumps(run_manifest(ctx, i, len(levels)), sort_keys=True, default=str)}
         if workflow is not None:
             text[WORKFLOW_KEY] = json.dumps(workflow, sort_keys=True, default=str)
-        path = write_png(pixels, folder, name, text)
+        path = write_png(pixels, folder, name, text, compress_level)
         ctx.record_file(path)
         paths.append(path)
     return paths
+
+
+def save_images(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
+    """Each image of the batch as an RGB PNG under the run's output folder."""
+    return save_pngs(to_uint8(check_image(image)), ctx.out_dir, prefix, ctx)
 
 
 # --------------------------------------------------------------------------- nodes
