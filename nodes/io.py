@@ -1,4 +1,4 @@
-"""Reading images and masks from files, and saving PNGs that carry the workflow that made them."""
+"""Reading images and masks from files, and saving PNGs (images, masks, previews) that carry their workflow."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Literal, Optional
@@ -18,9 +19,9 @@ from pydantic import Field
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph.node import node
-from nodegraph.sockets import IMAGE, INT, MASK, Image, InputPath
+from nodegraph.sockets import IMAGE, INT, MASK, Image, InputPath, Mask
 
-from ._pixels import check_image, to_uint8
+from ._pixels import check_image, check_mask, to_uint8
 
 # Refused before decoding, from the size in the file's header: a float32 RGB image of
 # MAX_PIXELS is 1.5 GiB. MAX_PIXELS stays below Pillow's own decompression-bomb limit.
@@ -256,6 +257,23 @@ def save_images(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]
     return save_pngs(to_uint8(check_image(image)), ctx.out_dir, prefix, ctx)
 
 
+def save_masks(mask: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
+    """Each mask of the batch as an 8-bit greyscale PNG (white = 1 = repaint) under the run's output folder."""
+    return save_pngs(to_uint8(check_mask(mask))[..., 0], ctx.out_dir, prefix, ctx)
+
+
+def preview_dir(ctx: RunContext) -> Path:
+    """Where previews go: the run's temp folder, or nodegraph-preview in the system's temp folder
+    for a context that has none."""
+    return getattr(ctx, "temp_dir", None) or Path(tempfile.gettempdir()) / "nodegraph-preview"
+
+
+def save_previews(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
+    """Each image of the batch as an RGB PNG in the preview folder; fast compression (level 1,
+    as ComfyUI's previews) since previews are thrown away."""
+    return save_pngs(to_uint8(check_image(image)), preview_dir(ctx), prefix, ctx, compress_level=1)
+
+
 # --------------------------------------------------------------------------- nodes
 
 _ImagePath = Annotated[str, InputPath(kind="file"), Field(description="image file (PNG, JPEG, WebP, ...); relative to the workflow file's folder")]
@@ -317,3 +335,38 @@ def save_image(
     package versions). 8-bit levels are round(x * 255), as diffusers' numpy_to_pil.
     """
     save_images(image, prefix, ctx)
+
+
+@node("SaveMask", version=1, category="io", outputs={}, output=True, cacheable=False, check=_check_save,
+      reference="PIL PNG writer (mode L) with tEXt chunks; read back exactly by LoadMask")
+def save_mask(
+    mask: Mask,
+    ctx: RunContext,
+    prefix: Annotated[str, Field(min_length=1, max_length=200, description="file name start inside the run's output folder, optionally with subfolders ('mask' -> mask_00001.png)")] = "mask",
+) -> None:
+    """Save masks as 8-bit greyscale PNG files in the run's output folder, with the workflow embedded.
+
+    White is 1 (repaint), black 0 (keep), each level round(x * 255); LoadMask (channel
+    "luminance") reads the file back to the same levels. Names, numbering, atomic writing,
+    prefix checks and text chunks are SaveImage's.
+    """
+    save_masks(mask, prefix, ctx)
+
+
+@node("PreviewImage", version=1, category="io", outputs={}, output=True, cacheable=False, check=_check_save,
+      reference="ComfyUI PreviewImage (SaveImage into the temp folder)")
+def preview_image(
+    image: Image,
+    ctx: RunContext,
+    prefix: Annotated[str, Field(min_length=1, max_length=200, description="file name start inside the preview folder, optionally with subfolders")] = "preview",
+) -> None:
+    """Save images as PNG files in a temporary preview folder instead of the output folder.
+
+    For servers and notebooks that show a result without keeping it. The folder is the run's
+    temp folder, by default `nodegraph-preview` in the system's temp folder; treat its files as
+    disposable. Written like SaveImage (numbered, never overwriting, atomic, same prefix checks)
+    but with fast PNG compression, as ComfyUI's previews. Previews embed the workflow and
+    the run manifest as SaveImage does (ComfyUI's previews carry theirs too), so a preview worth
+    keeping can be rerun with `nodegraph run PREVIEW.png`.
+    """
+    save_previews(image, prefix, ctx)
