@@ -1,4 +1,4 @@
-"""Mask nodes: blur, grow/shrink, invert, threshold.
+"""Mask nodes: blur, grow/shrink, invert, threshold, shapes.
 
 MASK is float32 (B, 1, H, W) in [0, 1] with 1 = repaint (DESIGN §2). Every
 function here works per batch item and returns a new tensor.
@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from nodegraph.errors import NodeError
 from nodegraph.node import node
 from nodegraph.sockets import MASK, Mask
 
 from ._pixels import check_mask, from_pil, from_uint8, to_pil, to_uint8
+from .io import MAX_PIXELS, MAX_SIDE
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -97,6 +99,40 @@ def threshold_mask(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return (mask >= threshold).float()
 
 
+def shape_problems(width: int, height: int, x: int, y: int, w: int, h: int) -> list[tuple[str, str]]:
+    """(param, message) for a canvas that is too large or a box that misses the canvas entirely."""
+    problems = []
+    if width * height > MAX_PIXELS:
+        problems.append(("width", f"a {width}x{height} canvas has more than {MAX_PIXELS} pixels; make it smaller"))
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        problems.append(("x", f"the box at x={x}, y={y} of size {w}x{h} lies entirely outside the {width}x{height} "
+                              "canvas, so the mask would be empty; move the box or resize it to overlap the canvas"))
+    return problems
+
+
+def shape_mask(width: int, height: int, shape: str, x: int, y: int, w: int, h: int,
+               value: float = 1.0, invert: bool = False) -> torch.Tensor:
+    """A (1, 1, height, width) mask: ``value`` inside a rectangle or ellipse, 0 outside (swapped with ``invert``).
+
+    The box covers pixel columns x .. x+w-1 and rows y .. y+h-1, as ``cv2.rectangle`` filled
+    from (x, y) to (x+w-1, y+h-1). The ellipse is the one inscribed in the box's outer edges:
+    a pixel is inside when its centre is, so it never spills outside the box. Parts of the box
+    beyond the canvas are clipped.
+    """
+    if shape == "rectangle":
+        inside = torch.zeros(height, width, dtype=torch.bool)
+        inside[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = True
+    elif shape == "ellipse":
+        cols = (torch.arange(width, dtype=torch.float64) + 0.5 - (x + w / 2)) / (w / 2)
+        rows = (torch.arange(height, dtype=torch.float64) + 0.5 - (y + h / 2)) / (h / 2)
+        inside = rows[:, None] ** 2 + cols[None, :] ** 2 <= 1
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    if invert:
+        inside = ~inside
+    return (inside.float() * value)[None, None]
+
+
 # --------------------------------------------------------------------------- nodes
 
 @node("MaskBlur", version=1, category="mask", outputs={"mask": MASK},
@@ -151,3 +187,41 @@ def mask_threshold(
     At the default 0.5 this is diffusers' `VaeImageProcessor.binarize`.
     """
     return threshold_mask(mask, threshold)
+
+
+def _check_shape(params: dict):
+    if {"width", "height", "x", "y", "w", "h"} <= set(params):  # a linked one is checked at run time
+        yield from shape_problems(*(params[k] for k in ("width", "height", "x", "y", "w", "h")))
+
+
+_Coord = Annotated[int, Field(ge=-MAX_SIDE, le=MAX_SIDE)]
+_Size = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+
+
+@node("MaskShape", version=1, category="mask", outputs={"mask": MASK}, check=_check_shape,
+      reference="cv2.rectangle / cv2.ellipse, filled (thickness=-1)")
+def mask_shape(
+    width: Annotated[_Size, Field(description="canvas width in pixels")] = 512,
+    height: Annotated[_Size, Field(description="canvas height in pixels")] = 512,
+    shape: Annotated[Literal["rectangle", "ellipse"], Field(description="a filled rectangle, or the ellipse inscribed in the box")] = "rectangle",
+    x: Annotated[_Coord, Field(description="left edge of the box (may be negative: the box is clipped)")] = 128,
+    y: Annotated[_Coord, Field(description="top edge of the box (may be negative: the box is clipped)")] = 128,
+    w: Annotated[_Size, Field(description="box width in pixels")] = 256,
+    h: Annotated[_Size, Field(description="box height in pixels")] = 256,
+    value: Annotated[float, Field(ge=0, le=1, description="mask value inside the shape (1 = repaint)")] = 1.0,
+    invert: Annotated[bool, Field(description="swap: the shape is kept (0) and everything else gets value")] = False,
+) -> torch.Tensor:
+    """Draw a filled rectangle or ellipse as a mask on a blank canvas.
+
+    The box is x, y, w, h in pixels: columns x .. x+w-1, rows y .. y+h-1, the pixels
+    `cv2.rectangle` fills from (x, y) to (x+w-1, y+h-1). The ellipse is inscribed in the box:
+    a pixel belongs to it when its centre does, so it matches `cv2.ellipse` (filled) up to
+    its boundary pixels and never spills outside the box. Parts outside the canvas are
+    clipped; a box entirely outside, or a canvas over 2^27 pixels, is refused at validation.
+    The edge is hard; feather it with MaskBlur. The result is one mask (batch 1), `value` in
+    the shape and 0 elsewhere (the other way round with `invert`).
+    """
+    for _, message in shape_problems(width, height, x, y, w, h):
+        raise NodeError(message)
+    return shape_mask(width, height, shape, x, y, w, h, value, invert)
+

@@ -1,4 +1,5 @@
-"""PreviewImage and SaveMask: where the files go, what they hold, and LoadMask round trips."""
+"""PreviewImage, SaveMask and MaskShape against independent references: LoadMask round trips,
+cv2.rectangle / cv2.ellipse."""
 from __future__ import annotations
 
 import json
@@ -6,14 +7,17 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from nodegraph.api import Engine
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph.nodes.io import load_mask, preview_dir, preview_image, save_image, save_mask
+from nodegraph.nodes.mask import mask_shape
 from tests.imaging import as_image, as_mask, photo_array, random_masks, to_u8
 
 
@@ -98,3 +102,66 @@ def test_save_mask_quantizes_like_save_image(tmp_path):
 def test_save_mask_refuses_an_image(tmp_path):
     with pytest.raises(NodeError, match="MASK tensor of shape"):
         save_mask(torch.rand(1, 3, 8, 8), context(tmp_path, "SaveMask"))
+
+
+# --------------------------------------------------------------------------- MaskShape
+
+BOXES = [(64, 48, 5, 7, 30, 20), (64, 48, 10, 3, 41, 37), (96, 64, -10, 5, 50, 70), (128, 96, 20, 10, 90, 60),
+         (32, 32, 0, 0, 32, 32), (48, 40, 30, 25, 40, 40)]
+
+
+@pytest.mark.parametrize("width,height,x,y,w,h", BOXES)
+def test_rectangle_is_cv2_rectangle(width, height, x, y, w, h):
+    expected = np.zeros((height, width), np.uint8)
+    cv2.rectangle(expected, (x, y), (x + w - 1, y + h - 1), 255, thickness=-1)
+    out = mask_shape(width, height, "rectangle", x, y, w, h)
+    assert out.shape == (1, 1, height, width) and out.dtype == torch.float32
+    assert np.array_equal(to_u8(out[0]), expected)
+
+
+@pytest.mark.parametrize("width,height,x,y,w,h", BOXES)
+def test_ellipse_is_cv2_ellipse_up_to_its_boundary(width, height, x, y, w, h):
+    # cv2.ellipse draws a polygon through pixel centres; shift=1 gives it the box's half-pixel centre.
+    expected = np.zeros((height, width), np.uint8)
+    cv2.ellipse(expected, (2 * x + w - 1, 2 * y + h - 1), (w, h), 0, 0, 360, 255, thickness=-1, shift=1)
+    out = mask_shape(width, height, "ellipse", x, y, w, h)[0, 0].numpy() > 0
+    differ = out ^ (expected > 0)
+    # Differences only along cv2's boundary: pixels that a 3x3 dilation or erosion of its fill changes.
+    kernel = np.ones((3, 3), np.uint8)
+    ring = (cv2.dilate(expected, kernel) > 0) & ~(cv2.erode(expected, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0)
+    assert not (differ & ~ring).any()
+    assert differ.sum() <= 0.1 * out.sum()
+    inside_box = np.zeros_like(out)
+    inside_box[max(y, 0):y + h, max(x, 0):x + w] = True
+    assert not (out & ~inside_box).any()  # never outside the box
+
+
+def test_shape_value_and_invert():
+    plain = mask_shape(40, 32, "ellipse", 4, 4, 24, 20)
+    assert torch.equal(mask_shape(40, 32, "ellipse", 4, 4, 24, 20, value=0.25), plain * 0.25)
+    assert torch.equal(mask_shape(40, 32, "ellipse", 4, 4, 24, 20, invert=True), 1 - plain)
+    assert torch.equal(mask_shape(40, 32, "ellipse", 4, 4, 24, 20, value=0.5, invert=True), (1 - plain) * 0.5)
+
+
+def shape_workflow(**params) -> dict:
+    return {"format": "nodegraph/1", "nodes": {
+        "shape": {"type": "MaskShape", "params": {"width": 64, "height": 48, "x": 8, "y": 8, "w": 16, "h": 16, **params}},
+        "save": {"type": "SaveMask", "inputs": {"mask": "shape.mask"}}}}
+
+
+@pytest.mark.parametrize("params,field,words", [
+    ({"x": 64, "y": 0, "w": 10, "h": 10}, "x", "entirely outside the 64x48 canvas"),
+    ({"x": -20, "y": 5, "w": 20, "h": 10}, "x", "entirely outside"),
+    ({"x": 0, "y": 0, "w": 0, "h": 10}, "w", "greater than or equal to 1"),
+    ({"width": 16384, "height": 16384}, "width", "more than"),
+    ({"width": 20000}, "width", "less than or equal to 16384"),
+])
+def test_shape_problems_are_found_at_validation(params, field, words):
+    assert Engine().validate(shape_workflow()) == []
+    issues = Engine().validate(shape_workflow(**params))
+    assert [i.field for i in issues] == [field] and words in issues[0].message
+
+
+def test_shape_problems_from_links_fail_at_run_time():
+    with pytest.raises(NodeError, match="entirely outside"):
+        mask_shape(32, 32, "rectangle", 40, 0, 8, 8)
