@@ -1,6 +1,6 @@
-"""Mask nodes: blur, grow/shrink, invert, threshold, shapes.
+"""Mask nodes: blur, grow/shrink, invert, threshold, shapes, and conversions to and from images.
 
-MASK is float32 (B, 1, H, W) in [0, 1] with 1 = repaint (DESIGN §2). Every
+MASK is float32 (B, 1, H, W) in [0, 1] with 1 = repaint. Every
 function here works per batch item and returns a new tensor.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pydantic import Field
 
 from nodegraph.errors import NodeError
 from nodegraph.node import node
-from nodegraph.sockets import MASK, Mask
+from nodegraph.sockets import IMAGE, MASK, Image, Mask
 
-from ._pixels import check_mask, from_pil, from_uint8, to_pil, to_uint8
+from ._pixels import check_image, check_mask, from_pil, from_uint8, to_pil, to_uint8
 from .io import MAX_PIXELS, MAX_SIDE
 
 
@@ -133,6 +133,30 @@ def shape_mask(width: int, height: int, shape: str, x: int, y: int, w: int, h: i
     return (inside.float() * value)[None, None]
 
 
+# Pillow's convert("L") in fixed point: L = (R*19595 + G*38470 + B*7471 + 2^15) >> 16 on 8-bit levels.
+_LUMA_WEIGHTS = (19595, 38470, 7471)
+
+
+def image_to_mask(image: torch.Tensor, channel: str = "luminance") -> torch.Tensor:
+    """(B, 1, H, W) mask from one channel of an image, or from its luma.
+
+    "luminance" is Pillow's ``convert("L")`` (ITU-R 601-2) computed the way Pillow does, on the
+    8-bit levels, so it equals what LoadMask reads from the same file; a colour channel is taken
+    as it is, like ComfyUI's ImageToMask.
+    """
+    image = check_image(image)
+    if channel != "luminance":
+        return image[:, ("red", "green", "blue").index(channel)][:, None].clone()
+    levels = (image.clamp(0, 1) * 255).round().to(torch.int32)
+    luma = sum(levels[:, c] * weight for c, weight in enumerate(_LUMA_WEIGHTS))
+    return ((luma + (1 << 15)) >> 16)[:, None].float() / 255.0
+
+
+def mask_to_image(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) grey image: the mask in all three channels (white = 1), like ComfyUI's MaskToImage."""
+    return check_mask(mask).repeat(1, 3, 1, 1)
+
+
 # --------------------------------------------------------------------------- nodes
 
 @node("MaskBlur", version=1, category="mask", outputs={"mask": MASK},
@@ -225,3 +249,29 @@ def mask_shape(
         raise NodeError(message)
     return shape_mask(width, height, shape, x, y, w, h, value, invert)
 
+
+@node("ImageToMask", version=1, category="mask", outputs={"mask": MASK},
+      reference="PIL.Image.convert('L') (as LoadMask) / ComfyUI ImageToMask (one channel)")
+def image_to_mask_node(
+    image: Image,
+    channel: Annotated[Literal["luminance", "red", "green", "blue"], Field(description="luminance: Pillow's ITU-R 601-2 luma on 8-bit levels, white = 1; or one colour channel as it is")] = "luminance",
+) -> torch.Tensor:
+    """Turn an image into a mask: its luma, or one of its colour channels.
+
+    luminance is exactly Pillow's `convert("L")` (ITU-R 601-2 luma, computed on the 8-bit
+    levels as Pillow does), so LoadImage -> ImageToMask gives what LoadMask gives for the same
+    file. red, green and blue take that channel unchanged, as ComfyUI's ImageToMask does.
+    White (1) is repaint.
+    """
+    return image_to_mask(image, channel)
+
+
+@node("MaskToImage", version=1, category="mask", outputs={"image": IMAGE},
+      reference="ComfyUI MaskToImage (the mask repeated into 3 channels)")
+def mask_to_image_node(mask: Mask) -> torch.Tensor:
+    """Turn a mask into a grey image (the mask in R, G and B), to view it or use it with image nodes.
+
+    White is 1 (repaint), black 0 (keep). SaveImage of the result writes the same levels as
+    SaveMask, in an RGB file.
+    """
+    return mask_to_image(mask)

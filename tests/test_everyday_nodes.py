@@ -1,5 +1,6 @@
-"""PreviewImage, SaveMask and MaskShape against independent references: LoadMask round trips,
-cv2.rectangle / cv2.ellipse."""
+"""PreviewImage, SaveMask, MaskShape, ImageToMask and MaskToImage against independent references:
+LoadMask round trips, cv2.rectangle / cv2.ellipse, Pillow's convert("L") / convert("RGB"), ComfyUI's
+channel semantics, and one workflow through the engine."""
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ from PIL import Image
 from nodegraph.api import Engine
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodegraph.nodes.io import load_mask, preview_dir, preview_image, save_image, save_mask
-from nodegraph.nodes.mask import mask_shape
-from tests.imaging import as_image, as_mask, photo_array, random_masks, to_u8
+from nodegraph.nodes.io import load_image, load_mask, preview_dir, preview_image, save_image, save_mask
+from nodegraph.nodes.mask import image_to_mask, mask_shape, mask_to_image
+from tests.imaging import DATA, PHOTOS, as_image, as_mask, photo_array, random_masks, to_u8
 
 
 @pytest.fixture
@@ -165,3 +166,71 @@ def test_shape_problems_are_found_at_validation(params, field, words):
 def test_shape_problems_from_links_fail_at_run_time():
     with pytest.raises(NodeError, match="entirely outside"):
         mask_shape(32, 32, "rectangle", 40, 0, 8, 8)
+
+
+# --------------------------------------------------------------------------- ImageToMask / MaskToImage
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_luminance_is_pillow_convert_l_and_load_mask(name):
+    image = load_image(str(DATA / name))["image"]
+    out = image_to_mask(image, "luminance")
+    expected = np.asarray(Image.open(DATA / name).convert("RGB").convert("L"))
+    assert out.shape == (1, 1, *expected.shape) and np.array_equal(to_u8(out[0]), expected)
+    assert torch.equal(out, load_mask(str(DATA / name)))  # LoadImage -> ImageToMask == LoadMask
+
+
+def test_luminance_of_a_float_image_is_pillow_on_its_8bit_levels():
+    image = torch.rand(2, 3, 24, 32, generator=torch.Generator().manual_seed(5))
+    out = image_to_mask(image, "luminance")
+    for o, i in zip(out, image):
+        assert np.array_equal(to_u8(o), np.asarray(Image.fromarray(to_u8(i)).convert("L")))
+
+
+@pytest.mark.parametrize("index,channel", [(0, "red"), (1, "green"), (2, "blue")])
+def test_colour_channel_is_taken_as_it_is(index, channel):
+    # ComfyUI's ImageToMask: image[:, :, :, channel] in its (B, H, W, C) layout.
+    image = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(index))
+    comfy = image.permute(0, 2, 3, 1)[:, :, :, index]
+    out = image_to_mask(image, channel)
+    assert torch.equal(out[:, 0], comfy)
+    out += 1  # a new tensor: the input is untouched
+    assert torch.equal(image.permute(0, 2, 3, 1)[:, :, :, index], comfy)
+
+
+def test_mask_to_image_is_grey_rgb():
+    masks = as_mask(*random_masks(32, 48, 2, seed=4, soft=True))
+    out = mask_to_image(masks)
+    # ComfyUI's MaskToImage repeats the mask into 3 channels; Pillow's convert("RGB") of an L image too.
+    assert torch.equal(out, masks.expand(-1, 3, -1, -1))
+    for o, m in zip(out, masks):
+        assert np.array_equal(to_u8(o), np.asarray(Image.fromarray(to_u8(m)).convert("RGB")))
+    assert torch.equal(image_to_mask(out, "luminance"), masks)  # grey luma is the grey level
+    with pytest.raises(NodeError, match="MASK tensor of shape"):
+        mask_to_image(torch.rand(1, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------- a workflow through the engine
+
+def test_workflow_saves_a_mask_and_a_preview(system_temp, tmp_path):
+    photo = DATA / "astronaut_96.png"
+    workflow = {"format": "nodegraph/1", "nodes": {
+        "load": {"type": "LoadImage", "params": {"path": str(photo)}},
+        "luma": {"type": "ImageToMask", "inputs": {"image": "load.image"}},
+        "save": {"type": "SaveMask", "inputs": {"mask": "luma.mask"}, "params": {"prefix": "astronaut_mask"}},
+        "preview": {"type": "PreviewImage", "inputs": {"image": "load.image"}}}}
+    out = tmp_path / "out"
+    engine = Engine()
+    result = engine.run(workflow, out_dir=out)
+    mask_file = out / "astronaut_mask_00001.png"
+    preview_file = system_temp / "nodegraph-preview" / "preview_00001.png"
+    assert sorted(result.files) == sorted([mask_file, preview_file])
+    assert sorted(p.name for p in out.iterdir()) == [mask_file.name]  # the preview is not in the output folder
+    expected = np.asarray(Image.open(photo).convert("L"))
+    assert np.array_equal(np.asarray(Image.open(mask_file)), expected)
+    assert torch.equal(load_mask(str(mask_file)), load_mask(str(photo)))
+    assert np.array_equal(np.asarray(Image.open(preview_file)), photo_array("astronaut_96.png"))
+    assert text_chunks(preview_file)[0]["nodes"]["preview"]["type"] == "PreviewImage"
+
+    again = engine.run(workflow, out_dir=out)  # output nodes are never cached: new numbered files
+    assert again.status["load"] == "cached" and again.status["save"] == again.status["preview"] == "ran"
+    assert (out / "astronaut_mask_00002.png").is_file() and preview_file.with_name("preview_00002.png").is_file()
