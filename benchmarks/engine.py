@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nodegraph.api import Engine  # noqa: E402
-from nodegraph.node import build_node_def  # noqa: E402
+from nodegraph.definitions import build_node_def  # noqa: E402
 from nodegraph.registry import Registry  # noqa: E402
 
 

@@ -17,7 +17,7 @@ __version__ = _version()
 
 # public name -> module that defines it
 _EXPORTS = {
-    **dict.fromkeys(["node", "NodeDef", "InputSpec"], "nodegraph.node"),
+    **dict.fromkeys(["node", "NodeDef", "InputSpec"], "nodegraph.definitions"),
     **dict.fromkeys(["socket", "Socket", "InputPath", "Randomizable", "IMAGE", "MASK", "LATENT", "CONDITIONING",
                      "MODEL", "CLIP", "VAE", "INT", "FLOAT", "STRING", "BOOLEAN", "ANY", "Image", "Mask", "Latent",
                      "Conditioning", "Model", "Clip", "Vae"], "nodegraph.sockets"),

@@ -215,20 +215,24 @@ class DiskCache:
 
     def put(self, key: str, outputs: dict[str, Any]) -> bool:
         """Store outputs; returns False (and stores nothing) if they hold a non-storable value or the write fails."""
+        path = self._path(key)
         try:
             structure, tensors = flatten(outputs)
         except NotStorable:
             return False
-        # clone: views of one storage (batch slices) cannot be saved side by side
-        tensors = {name: t.detach().cpu().clone() for name, t in tensors.items()}
-        metadata = {**to_metadata(structure), DIGEST_KEY: tensors_digest(tensors)}
-        path = self._path(key)
+        except Exception as exc:  # a tensor that cannot even be made contiguous (a sparse one, say)
+            self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
+                                     "on without storing it")
+            return False
         try:
+            # clone: views of one storage (batch slices) cannot be saved side by side
+            tensors = {name: t.detach().cpu().clone() for name, t in tensors.items()}
+            metadata = {**to_metadata(structure), DIGEST_KEY: tensors_digest(tensors)}
             self._prepare_folder(path.parent)
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
             size = path.stat().st_size
-        except Exception as exc:  # full disk, file-size limit, read-only folder, a value safetensors refuses
+        except Exception as exc:  # full disk, file-size limit, read-only folder, a tensor safetensors refuses
             self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
                                      "on without storing it")
             return False

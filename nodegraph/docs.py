@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from .node import InputSpec, NodeDef
+from .definitions import InputSpec, NodeDef
 from .registry import Registry
 
 

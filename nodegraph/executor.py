@@ -27,7 +27,7 @@ from .files import identity, path_fingerprint
 from .gcpause import gc_paused, gc_resumed
 from .keys import canonical_params, node_key, output_salt, run_salt
 from .limits import limits_in_force
-from .node import ParamProblem
+from .definitions import ParamProblem
 from .validate import Graph, GraphNode
 
 RAN, CACHED, SKIPPED, FAILED, INTERRUPTED = "ran", "cached", "skipped", "failed", "interrupted"

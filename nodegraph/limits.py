@@ -26,8 +26,8 @@ class Limits:
         if total <= self.max_pixels:
             return None
         size = f"{width}x{height}" + (f" x {batch} images" if batch > 1 else "")
-        return (f"{size} is {total:,} pixels, over the limit of {self.max_pixels:,}; make it smaller, or raise the "
-                "limit (--max-pixels, or Engine(limits=Limits(max_pixels=...)))")
+        return (f"{size} ({total:,} pixels) is larger than the limit of {self.max_pixels:,} pixels; make it smaller, "
+                "or raise the limit (--max-pixels, or Engine(limits=Limits(max_pixels=...)))")
 
     def check_pixels(self, width: int, height: int, batch: int = 1, what: str = "the image") -> None:
         problem = self.pixels_problem(width, height, batch)

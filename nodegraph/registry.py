@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import PluginError
 from .keys import code_fingerprint
-from .node import DEFINED, NodeDef
+from .definitions import DEFINED, NodeDef
 
 BUILTIN_PACKAGE = "nodegraph.nodes"
 

@@ -20,6 +20,8 @@ def workflow_schema(registry: Registry) -> dict:
                 schema = spec.adapter.json_schema(ref_template=f"#/$defs/{name}__{{model}}")
                 for key, sub in schema.pop("$defs", {}).items():
                     defs[f"{name}__{key}"] = sub
+                if spec.randomizable:
+                    schema = {"anyOf": [schema, {"const": "random", "description": "a new value each run"}]}
                 if not spec.required:
                     schema["default"] = spec.json_schema().get("default")
                 params[spec.name] = schema
@@ -79,6 +81,7 @@ def workflow_schema(registry: Registry) -> dict:
         "required": ["format", "nodes"],
         "additionalProperties": False,
         "properties": {
+            "$schema": {"type": "string", "description": "where an editor finds this schema; ignored"},
             "format": {"const": FORMAT},
             "description": {"type": "string"},
             "groups": {

@@ -18,7 +18,7 @@ from .files import check_path
 from .groups import Origin, expand_groups, parse_flat_id
 from .keys import canonical_params
 from .limits import Limits, limits_in_force
-from .node import InputSpec, NodeDef, ParamProblem
+from .definitions import InputSpec, NodeDef, ParamProblem
 from .registry import Registry
 from .sockets import link_fits
 from .workflow import NodeSpec, Workflow
@@ -96,7 +96,8 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
     except nx.NetworkXUnfeasible:
         order = []
         issues.extend(_cycle_issues(dag, flat))
-    outputs = _output_nodes(flat, nodes, targets, issues, bool(workflow.broken))
+    left_out = bool(workflow.broken) or any(i.code == "too_many_nodes" for i in issues)
+    outputs = _output_nodes(flat, nodes, targets, issues, left_out)
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
     return Graph(workflow=workflow, nodes=nodes, origins=origins, dag=dag, order=order, outputs=outputs)
@@ -211,6 +212,8 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
                   field=name, kind=input_spec.kind)
         elif not input_spec.is_socket and name not in canonical and name not in spec.inputs:
             canonical[name] = input_spec.default
+            if input_spec.randomizable and input_spec.default == "random":
+                randomized.append(name)
 
     if definition.check is not None:
         # Everything known before the run: literals and defaults; a param fed by a link (or drawn at
@@ -218,8 +221,8 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
         known = {name: s.default for name, s in definition.inputs.items()
                  if not s.is_socket and not s.required and name not in spec.inputs}
         known.update({k: v for k, v in params.items() if k not in randomized})
-        for name in randomized:
-            known.pop(name, None)
+        for name in [*randomized, *(n for n in spec.params if n not in params)]:
+            known.pop(name, None)  # drawn when the run starts, or already reported as invalid
         for field_name, message in definition.check(known):
             kind = definition.inputs[field_name].kind if field_name in definition.inputs else None
             has = field_name in spec.params

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import CONDITIONING, Clip, Conditioning
 

@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from pydantic import Field
 
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, MASK, Image, Mask, socket
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import IMAGE, Image, Mask
 
 from ._pixels import check_image, check_mask, check_same_size, from_uint8, match_batches, to_uint8

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import IMAGE, INT, MASK, Image, Mask
 
 from ._pixels import check_image, check_mask, from_uint8, size_text, to_uint8

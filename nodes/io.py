@@ -1,13 +1,9 @@
 """Reading images and masks from files, and saving PNGs (images, masks, previews) that carry their workflow."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
-import secrets
-import sys
-import tempfile
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Literal, Optional
@@ -17,16 +13,20 @@ import torch
 from pydantic import Field
 
 from nodegraph.context import RunContext
+from nodegraph import node
+from nodegraph.atomic import clean_stale_temps, temp_path
+from nodegraph.context import default_temp_dir
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph.files import open_regular
+from nodegraph.limits import current_limits
+from nodegraph.versions import library_versions
 from nodegraph.sockets import IMAGE, INT, MASK, Image, InputPath, Mask
 
 from ._pixels import check_image, check_mask, to_uint8
 
-# Refused before decoding, from the size in the file's header: a float32 RGB image of
-# MAX_PIXELS is 1.5 GiB. MAX_PIXELS stays below Pillow's own decompression-bomb limit.
+# Refused before decoding, from the size in the file's header: at most MAX_SIDE a side, and at
+# most the run's pixel limit (nodegraph.limits; 2**25 by default, 400 MB as float32 RGB).
 MAX_SIDE = 16384
-MAX_PIXELS = 2**27
 WORKFLOW_KEY, MANIFEST_KEY = "nodegraph.workflow", "nodegraph.manifest"
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -42,23 +42,27 @@ def open_image(path: str | Path):
     from PIL import Image as PILImage, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise NodeError(f"no such image file '{path}'; check the path (relative paths start at the workflow file's folder)")
+    limits = current_limits()
     try:
-        with open(path, "rb") as handle, warnings.catch_warnings():
+        with open_regular(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
             image = PILImage.open(handle)
             width, height = image.size
             if width < 1 or height < 1:
                 raise NodeError(f"'{path}' has no pixels ({width}x{height})")
-            if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-                raise NodeError(f"'{path}' is {width}x{height}: larger than the limit of {MAX_SIDE} px a side and "
-                                f"{MAX_PIXELS} pixels; downscale it first")
+            if width > MAX_SIDE or height > MAX_SIDE:
+                raise NodeError(f"'{path}' is {width}x{height}: larger than the limit of {MAX_SIDE} px a side; "
+                                "downscale it first")
+            limits.check_pixels(width, height, what=f"'{path}'")
             image.load()
     except NodeError:
         raise
+    except FileNotFoundError:
+        raise NodeError(f"no such image file '{path}'; check the path (relative paths start at the workflow file's "
+                        "folder)") from None
     except PILImage.DecompressionBombError:
-        raise NodeError(f"'{path}' is larger than the limit of {MAX_PIXELS} pixels; downscale it first") from None
+        raise NodeError(f"'{path}' is larger than the limit of Pillow's decompression-bomb check; downscale it "
+                        "first") from None
     except UnidentifiedImageError:
         raise NodeError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, WebP, ...), or its header "
                         "is damaged (a 0x0 size, say)") from None
@@ -181,8 +185,10 @@ def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str],
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    # os.open with 0o666 so the file gets the usual permissions (umask applies), unlike mkstemp's 0o600
-    temp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 so the file gets the usual permissions (umask applies), unlike mkstemp's 0o600;
+    # the temporary name says which process writes it, so a later run can remove it if that one died
+    clean_stale_temps(folder)
+    temp = str(temp_path(folder, name))
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -208,21 +214,6 @@ def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str],
             os.unlink(temp)
 
 
-@functools.lru_cache(maxsize=1)
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the pixels, for the run manifest."""
-    from importlib import metadata
-
-    versions = {"python": sys.version.split()[0]}
-    for dist in ("nodegraph", "torch", "diffusers", "transformers", "numpy", "pillow", "opencv-python-headless",
-                 "opencv-python", "safetensors"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def run_manifest(ctx: RunContext, index: int, batch: int) -> dict:
     """What made this image: node types and versions, seeds and models (ctx.info), packages."""
     return {
@@ -231,7 +222,7 @@ def run_manifest(ctx: RunContext, index: int, batch: int) -> dict:
         "batch_size": batch,
         "node_versions": dict(getattr(ctx, "node_versions", {}) or {}),
         "info": dict(ctx.info),
-        "packages": package_versions(),
+        "packages": library_versions(),
     }
 
 
@@ -265,7 +256,7 @@ def save_masks(mask: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
 def preview_dir(ctx: RunContext) -> Path:
     """Where previews go: the run's temp folder, or nodegraph-preview in the system's temp folder
     for a context that has none."""
-    return getattr(ctx, "temp_dir", None) or Path(tempfile.gettempdir()) / "nodegraph-preview"
+    return getattr(ctx, "temp_dir", None) or default_temp_dir()
 
 
 def save_previews(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 
 from ._loading import LoadedOnce, files_identity, safetensors_shapes

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
 

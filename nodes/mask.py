@@ -12,11 +12,12 @@ import torch
 from pydantic import Field
 
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
+from nodegraph.limits import current_limits
 from nodegraph.sockets import IMAGE, MASK, Image, Mask
 
 from ._pixels import check_image, check_mask, from_pil, from_uint8, to_pil, to_uint8
-from .io import MAX_PIXELS, MAX_SIDE
+from .io import MAX_SIDE
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -102,8 +103,9 @@ def threshold_mask(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 def shape_problems(width: int, height: int, x: int, y: int, w: int, h: int) -> list[tuple[str, str]]:
     """(param, message) for a canvas that is too large or a box that misses the canvas entirely."""
     problems = []
-    if width * height > MAX_PIXELS:
-        problems.append(("width", f"a {width}x{height} canvas has more than {MAX_PIXELS} pixels; make it smaller"))
+    too_big = current_limits().pixels_problem(width, height)
+    if too_big:
+        problems.append(("width", f"the canvas: {too_big}"))
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:
         problems.append(("x", f"the box at x={x}, y={y} of size {w}x{h} lies entirely outside the {width}x{height} "
                               "canvas, so the mask would be empty; move the box or resize it to overlap the canvas"))

@@ -40,7 +40,7 @@ from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
 
 from ._loading import LoadedOnce, files_identity, safetensors_shapes

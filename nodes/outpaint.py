@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import IMAGE, MASK, Image
 
 from ._pixels import check_image, match_batches, size_text

@@ -1,17 +1,33 @@
 """Primitive value nodes: one literal, linked into any number of params (a shared seed, say)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
 
 from nodegraph.errors import NodeError
-from nodegraph.node import node
-from nodegraph.sockets import BOOLEAN, FLOAT, INT, STRING
+from nodegraph import node
+from nodegraph.sockets import BOOLEAN, FLOAT, INT, STRING, Randomizable
 
 
 @node("Int", category="primitive", outputs={"value": INT})
 def int_value(value: int) -> int:
     """An integer, to link into params of several nodes (e.g. one seed for every sampler)."""
     return value
+
+
+@node("Seed", category="primitive", outputs={"seed": INT},
+      reference="ComfyUI's seed widget with control_after_generate 'randomize'")
+def seed_value(
+    seed: Annotated[Union[int, Literal["random"]], Field(ge=0, le=2**63 - 1, description="a seed, or \"random\" "
+                                                         "for a new one each run"), Randomizable()] = "random",
+) -> int:
+    """A seed to link into samplers: a fixed number, or "random" for a new one drawn once per run.
+
+    A drawn seed is part of the cache key (what it feeds reruns), shown in the run's info under
+    "random" and written into the workflow saved with the images, so rerunning a saved image
+    reproduces it."""
+    return seed
 
 
 @node("Float", category="primitive", outputs={"value": FLOAT})

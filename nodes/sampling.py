@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 from pydantic import Field
 
 from nodegraph.context import RunContext
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
 
 from . import denoise

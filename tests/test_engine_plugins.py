@@ -15,7 +15,7 @@ PLUGIN_SOURCE = '''
 """A throwaway plugin: one node and a socket type of its own."""
 from typing import Annotated
 from pydantic import Field
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import socket, IMAGE, Image
 
 WORD = "WORD"
@@ -88,7 +88,7 @@ def write_plugins(folder, files):
 
 
 GOOD = '''
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import INT
 
 @node("{name}", category="t", outputs={{"value": INT}})

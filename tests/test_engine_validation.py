@@ -85,7 +85,7 @@ def test_self_loop_is_a_cycle(stub_registry):
 
 
 def test_ambiguous_type_after_a_clash(stub_registry):
-    from nodegraph.node import build_node_def
+    from nodegraph.definitions import build_node_def
 
     def other_source(value: float = 1.0) -> float:
         """Another plugin's StubSource."""

@@ -154,7 +154,7 @@ def shape_workflow(**params) -> dict:
     ({"x": 64, "y": 0, "w": 10, "h": 10}, "x", "entirely outside the 64x48 canvas"),
     ({"x": -20, "y": 5, "w": 20, "h": 10}, "x", "entirely outside"),
     ({"x": 0, "y": 0, "w": 0, "h": 10}, "w", "greater than or equal to 1"),
-    ({"width": 16384, "height": 16384}, "width", "more than"),
+    ({"width": 16384, "height": 16384}, "width", "larger than the limit"),
     ({"width": 20000}, "width", "less than or equal to 16384"),
 ])
 def test_shape_problems_are_found_at_validation(params, field, words):

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodegraph.node import node
+from nodegraph import node
 from nodegraph.sockets import InputPath, socket
 
 NUMBER = "NUMBER"
@@ -55,13 +55,13 @@ def stub_sink(a: Number) -> torch.Tensor:
 
 
 @node("StubWrite", category="stub", output=True)
-def stub_write(a: Number, name: str = "result.txt", *, ctx: RunContext) -> None:
-    """An output node that writes a file atomically."""
+def stub_write(a: Number, name: str = "result.txt", head: int = 0, *, ctx: RunContext) -> None:
+    """An output node that writes a file atomically (only the first ``head`` values if given)."""
     CALLS["StubWrite"] += 1
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=ctx.out_dir, prefix=".tmp-")
     with os.fdopen(fd, "w") as handle:
-        handle.write(" ".join(str(v) for v in a.tolist()))
+        handle.write(" ".join(str(v) for v in (a[:head] if head else a).tolist()))
     os.replace(tmp, ctx.out_dir / name)
     ctx.record_file(ctx.out_dir / name)
 
@@ -114,3 +114,127 @@ def _even(params: dict):
 def stub_even(value: int = 0) -> torch.Tensor:
     """A cross-field check at validation time."""
     return torch.full((2,), float(value))
+
+
+@node("StubMisbehave", category="stub", outputs={"x": NUMBER})
+def stub_misbehave(how: str = "exit", a: Optional[Number] = None) -> object:
+    """Misbehaves as asked: calls sys.exit, raises KeyboardInterrupt or a BaseException, prints to stdout,
+    or returns the wrong thing."""
+    import sys
+
+    if how == "exit":
+        sys.exit(0)
+    if how == "keyboard":
+        raise KeyboardInterrupt
+    if how == "base":
+        raise GeneratorExit("stub")
+    if how == "print":
+        print("STUB SAYS HELLO")
+        return torch.zeros(2)
+    if how == "string":
+        return "not a tensor"
+    return None
+
+
+@node("StubTwoOut", category="stub", outputs={"low": NUMBER, "high": NUMBER})
+def stub_two_out(a: Number) -> dict:
+    """Returns a dict with the wrong output names."""
+    return {"low": a, "top": a}
+
+
+@node("StubRecord", category="stub", outputs={"x": NUMBER})
+def stub_record(value: float = 1.0, *, ctx: RunContext) -> torch.Tensor:
+    """Records a manifest fact, like a sampler records its seed."""
+    CALLS["StubRecord"] += 1
+    ctx.record("seeds", int(value))
+    return torch.full((2,), float(value))
+
+
+@node("StubRewrite", category="stub", outputs={"x": NUMBER})
+def stub_rewrite(path: Annotated[str, InputPath(kind="file")], then: str = "") -> torch.Tensor:
+    """Reads a number from a file, then writes ``then`` into it (a file changed while the run reads it)."""
+    CALLS["StubRewrite"] += 1
+    value = float(Path(path).read_text().strip())
+    if then:
+        Path(path).write_text(then)
+    return torch.full((2,), value)
+
+
+@node("StubStubborn", category="stub", outputs={"x": NUMBER})
+def stub_stubborn(a: Number, seconds: float = 5.0) -> torch.Tensor:
+    """A long node that swallows a Ctrl-C (as C code or a careless library may) and finishes anyway."""
+    Path(os.environ.get("STUB_STARTED", os.devnull)).write_text("started")
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            pass
+    return a
+
+
+@node("StubBig", category="stub", outputs={"x": NUMBER})
+def stub_big(size: Annotated[int, Field(ge=1, le=10_000_000)] = 1000) -> torch.Tensor:
+    """A tensor of ``size`` floats."""
+    CALLS["StubBig"] += 1
+    return torch.arange(size, dtype=torch.float32)
+
+
+@node("StubReadFolder", category="stub", outputs={"x": NUMBER})
+def stub_read_folder(folder: Annotated[str, InputPath(kind="dir")]) -> torch.Tensor:
+    """The number of files in a folder."""
+    return torch.full((2,), float(len(list(Path(folder).iterdir()))))
+
+
+@node("StubWarn", category="stub", outputs={"x": NUMBER})
+def stub_warn(*, ctx: RunContext) -> torch.Tensor:
+    """Warns, as CLIPEncode does for a truncated prompt."""
+    ctx.warn("careful now")
+    return torch.zeros(2)
+
+
+@node("StubSparse", category="stub", outputs={"x": NUMBER})
+def stub_sparse(a: Number) -> torch.Tensor:
+    """A sparse tensor, which safetensors cannot store."""
+    return a.to_sparse()
+
+
+@node("StubAnyFloat", category="stub", outputs={"x": NUMBER})
+def stub_any_float(value: Annotated[float, Field(allow_inf_nan=True)] = 0.0) -> torch.Tensor:
+    """A float param that accepts NaN and infinities."""
+    CALLS["StubAnyFloat"] += 1
+    return torch.full((2,), value)
+
+
+@node("StubRewriteOther", category="stub", outputs={"x": NUMBER})
+def stub_rewrite_other(path: Annotated[str, InputPath(kind="file")], target: str, text: str = "9") -> torch.Tensor:
+    """Reads its own file and writes ``text`` into another file (one a later node reads)."""
+    Path(target).write_text(text)
+    return torch.full((2,), float(Path(path).read_text().strip()))
+
+
+@node("StubReadAfter", category="stub", outputs={"x": NUMBER})
+def stub_read_after(path: Annotated[str, InputPath(kind="file")], after: Optional[Number] = None) -> torch.Tensor:
+    """A number read from a file, after the node linked to ``after`` ran."""
+    CALLS["StubReadAfter"] += 1
+    return torch.full((2,), float(Path(path).read_text().strip()))
+
+
+WEAK: list = []
+
+
+@node("StubTracked", category="stub", outputs={"x": NUMBER})
+def stub_tracked(size: int = 1000) -> torch.Tensor:
+    """A tensor whose lifetime the tests follow through a weak reference."""
+    import weakref
+
+    value = torch.zeros(size)
+    WEAK.append(weakref.ref(value))
+    return value
+
+
+@node("StubAlive", category="stub", outputs={"x": NUMBER})
+def stub_alive(a: Number) -> torch.Tensor:
+    """Records whether StubTracked's last tensor is still alive when this node runs."""
+    SUNK.append(("alive", WEAK[-1]() is not None))
+    return a

@@ -70,6 +70,10 @@ class InputSpec:
         (unless the param allows them), an integer beyond 64 bits, a value nested too deeply."""
         if self.randomizable and value == "random":
             return value
+        if type(value) not in (str, bool):  # before the bounds, which NaN would fail with a puzzling message
+            problem = number_problem(value, self.allow_nonfinite)
+            if problem:
+                raise ParamProblem(problem)
         try:
             valid = self.adapter.validate_python(value, strict=True)  # the fast path for plain values
         except ValidationError:
@@ -78,10 +82,6 @@ class InputSpec:
             except RecursionError:
                 raise ParamProblem(f"is nested more than {MAX_PARAM_DEPTH} levels deep") from None
             valid = self.adapter.validate_json(text, strict=True)
-        if type(valid) not in (str, bool):  # the common cases need no walk
-            problem = number_problem(valid, self.allow_nonfinite)
-            if problem:
-                raise ParamProblem(problem)
         return valid
 
     def json_schema(self) -> dict:
