@@ -19,7 +19,8 @@ from typing import Any
 
 from .cache import DEFAULT_MEMORY_BUDGET, DiskCache, Facts, MemoryCache, default_cache_dir, default_cache_size
 from .context import InterruptFlag, ProgressListener, RunConfig, default_temp_dir
-from .errors import Issue, NodegraphError, WorkflowInvalid
+from .devices import resolve_device, resolve_dtype
+from .errors import Issue, WorkflowInvalid
 from .executor import RunResult, execute
 from .gcpause import gc_paused
 from .groups import flat_params_owner
@@ -28,39 +29,7 @@ from .registry import Registry
 from .validate import Graph, build_graph
 from .workflow import Workflow, load_workflow, read_workflow
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 VALIDATED_GRAPHS = 16  # how many validated workflows an engine remembers
-
-
-def resolve_device(name: Any = None):
-    """A torch.device: 'auto' (or None) picks CUDA when present; 'cuda' without a GPU is a usage error."""
-    import torch
-
-    if isinstance(name, torch.device):
-        return name
-    name = name or "auto"
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NodegraphError(f"--device {name}: no CUDA GPU is available to torch; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise NodegraphError(f"--device {name}: {exc}") from None
-
-
-def resolve_dtype(name: Any = None, auto: Any = None):
-    """A torch.dtype from "float32" | "float16" | "bfloat16" (or a torch.dtype); "auto" (or None) is ``auto``,
-    else float32. The one parser of dtype names, for the CLI and for nodes' dtype params."""
-    import torch
-
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        return auto if auto is not None else torch.float32
-    if name not in DTYPE_NAMES:
-        raise NodegraphError(f"dtype {name!r}: choose one of {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, name)
 
 
 class Engine:

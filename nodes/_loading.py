@@ -1,4 +1,6 @@
-"""What the model loaders share: one load per process, file identities, safetensors headers."""
+"""What the model loaders share: one load per process, file identities, safetensors headers, and the one
+policy on weight files: safetensors only, pickles (.ckpt, .pt, .pth, .bin) refused because unpickling can
+run arbitrary code."""
 from __future__ import annotations
 
 import threading
@@ -35,12 +37,37 @@ def files_identity(paths: Iterable[Path]) -> tuple:
     return tuple(identity)
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def weights_file_problem(path: str | Path, what: str, instead: str) -> str | None:
+    """Why a weights file is refused by its name (None: a .safetensors file). ``what`` names it ("checkpoint",
+    "IP-Adapter"), ``instead`` says what to give instead."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        return (f"'{p.name}' is a pickle {what}, which can run arbitrary code when loaded and is refused; {instead}")
+    if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return f"'{p.name}' is not a .safetensors {what}; {instead}"
+    return None
+
+
+def weights_folder_problem(folder: Path, what: str, convert: str) -> str | None:
+    """Why a folder of weights is refused (None: it holds .safetensors files). ``convert`` says how to convert
+    a folder that holds only pickles."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    if any(p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir() if p.is_file()):
+        return f"{what} '{folder}' holds only pickle weights (.bin, .ckpt), which are refused; convert them ({convert})"
+    return f"{what} '{folder}' has no .safetensors weights"
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from a .safetensors header, without reading the weights."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
+    except (SafetensorError, OSError, ValueError) as exc:  # a damaged or foreign header
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None

@@ -194,7 +194,8 @@ def clip_encode(
     text: str = "",
     clip_skip: Annotated[int, Field(ge=0, le=11, description="use the layer this many before the last (diffusers "
                                                             "clip_skip); 0 = last layer (SDXL: the penultimate)")] = 0,
-    long_prompt: Literal["truncate", "chunk"] = "truncate",
+    long_prompt: Annotated[Literal["truncate", "chunk"], Field(description="past 77 tokens: cut (diffusers) or "
+                                                                   "encode 75-token windows (A1111/ComfyUI)")] = "truncate",
     prompt_2: Optional[Annotated[str, Field(description="SDXL only: prompt for the second text encoder "
                                                         "(default: text)")]] = None,
 ):
@@ -228,8 +229,8 @@ def sdxl_size_conditioning(
     conditioning: Conditioning,
     original_width: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled width")] = 0,
     original_height: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled height")] = 0,
-    crop_left: Annotated[int, Field(ge=0, le=16384)] = 0,
-    crop_top: Annotated[int, Field(ge=0, le=16384)] = 0,
+    crop_left: Annotated[int, Field(ge=0, le=16384, description="crops_coords_top_left, x")] = 0,
+    crop_top: Annotated[int, Field(ge=0, le=16384, description="crops_coords_top_left, y")] = 0,
     target_width: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled width")] = 0,
     target_height: Annotated[int, Field(ge=0, le=16384, description="0 = the sampled height")] = 0,
     aesthetic_score: Optional[Annotated[float, Field(ge=0, le=10, description="SDXL refiner only; unset: 6.0 "

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from nodegraph.errors import NodeError
+from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.sockets import IMAGE, INT, MASK, Image, Mask
 
@@ -72,6 +73,7 @@ def resize_pixels(t: torch.Tensor, width: int, height: int, resample: str = "lan
     """
     if tuple(t.shape[-2:]) == (height, width):
         return t.clone()
+    current_limits().check_pixels(width, height, t.shape[0], "the resized image")
     arrays = to_uint8(t)
     if backend == "pil":
         from PIL import Image as PILImage
@@ -123,6 +125,7 @@ def image_grid(images: torch.Tensor, rows: int = 0, cols: int = 0) -> torch.Tens
     rows, cols = grid_shape(count, rows, cols)
     if rows * h > MAX_SIDE or cols * w > MAX_SIDE:
         raise NodeError(f"the grid would be {cols * w}x{rows * h}, above the limit of {MAX_SIDE} px a side")
+    current_limits().check_pixels(cols * w, rows * h, what="the grid")
     grid = images.new_zeros(1, 3, rows * h, cols * w)
     for i, image in enumerate(images):
         top, left = (i // cols) * h, (i % cols) * w

@@ -46,15 +46,15 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from nodegraph.devices import resolve_dtype
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph import node
 from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 
-from ._loading import LoadedOnce, files_identity, safetensors_shapes
+from ._loading import LoadedOnce, files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
 from ._pixels import check_image, to_pil
 from .denoise import ModelPatch, UNetConditioning
-from .models import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 log = logging.getLogger("nodegraph.ipadapter")
 
@@ -109,13 +109,8 @@ class EncoderInfo:
 
 def adapter_path_problem(path: str) -> str | None:
     """A reason the file cannot be an IP-Adapter, found from its name (None: looks fine)."""
-    p = Path(path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        return (f"'{p.name}' is a pickle file, which can run arbitrary code when loaded and is refused; use the "
-                f"adapter's .safetensors file (h94/IP-Adapter ships both) or convert it with safetensors")
-    if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return f"'{p.name}' is not a .safetensors IP-Adapter file"
-    return None
+    return weights_file_problem(path, "IP-Adapter file", "use the adapter's .safetensors file (h94/IP-Adapter "
+                                "ships both) or convert it with safetensors")
 
 
 def inspect_adapter(path: str | Path) -> AdapterInfo:
@@ -163,12 +158,8 @@ def encoder_folder_problem(folder: str | Path) -> str | None:
     if not (folder / "config.json").is_file():
         return (f"folder '{folder}' is not a CLIP vision image encoder: it has no config.json (give the "
                 "adapter's image_encoder folder, e.g. h94/IP-Adapter models/image_encoder)")
-    if not any(folder.glob("*.safetensors")):
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            return (f"image encoder folder '{folder}' holds only pickle weights (.bin), which are refused; convert "
-                    "them (CLIPVisionModelWithProjection.from_pretrained(folder).save_pretrained(folder))")
-        return f"image encoder folder '{folder}' has no .safetensors weights"
-    return None
+    return weights_folder_problem(folder, "image encoder folder",
+                                  "CLIPVisionModelWithProjection.from_pretrained(folder).save_pretrained(folder)")
 
 
 def inspect_encoder(folder: str | Path) -> EncoderInfo:
@@ -498,7 +489,7 @@ def load_ip_adapter_node(
     The image processor comes from the encoder folder's preprocessor_config.json, else it is CLIP's
     default at the encoder's image_size (224), as diffusers makes it. Pickle files are refused; an
     adapter whose widths do not fit the encoder is reported at validation. dtype "auto" follows --dtype."""
-    torch_dtype = ctx.dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = resolve_dtype(dtype, auto=ctx.dtype)
     handle = load_ip_adapter(path, image_encoder, torch_dtype, ctx.device)
     ctx.record("models", {
         "source": handle.source, "image_encoder": str(handle.encoder_info.path), "kind": handle.info.kind,

@@ -38,17 +38,17 @@ from typing import Annotated, Any, Literal, Optional
 import torch
 from pydantic import Field
 
+from nodegraph.devices import resolve_dtype
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph import node
 from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
 
-from ._loading import LoadedOnce, files_identity, safetensors_shapes
+from ._loading import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadedOnce, files_identity, safetensors_shapes,
+                       weights_file_problem, weights_folder_problem)
 
 log = logging.getLogger("nodegraph.models")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
                 "sdxl_refiner": "Stable Diffusion XL refiner"}
@@ -239,18 +239,15 @@ def path_problem(path: str) -> str | None:
     """A reason the path cannot be a checkpoint, found without loading anything (None: looks fine)."""
     p = Path(path).expanduser()
     if p.suffix.lower() in PICKLE_SUFFIXES:
-        return (f"'{p.name}' is a pickle checkpoint, which can run arbitrary code when loaded and is refused; "
-                "convert it to .safetensors (e.g. load it once in a trusted environment and save with "
-                "safetensors) or use the model's diffusers folder")
+        return weights_file_problem(p, "checkpoint", "convert it to .safetensors (e.g. load it once in a trusted "
+                                    "environment and save with safetensors) or use the model's diffusers folder")
     if p.is_dir():
         if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
             return (f"folder '{p}' is not a diffusers model: it has no model_index.json or unet/config.json; "
                     "give a diffusers model folder, a single .safetensors checkpoint file, or a hub id 'owner/name'")
         return None
     if p.is_file():
-        if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-            return f"'{p.name}' is not a .safetensors checkpoint; give a .safetensors file or a diffusers folder"
-        return None
+        return weights_file_problem(p, "checkpoint", "give a .safetensors file or a diffusers folder")
     if p.is_absolute() or not looks_like_hub_id(path):
         return (f"no such checkpoint file or folder '{path}' (relative paths start at the workflow file's folder), "
                 "and it is not a hub id 'owner/name' either")
@@ -334,11 +331,10 @@ def inspect_folder(folder: Path, hub_id: str | None = None) -> CheckpointInfo:
     unet_config = _read_json(folder / "unet" / "config.json")
     for name in _COMPONENT_DIRS:
         sub = folder / name
-        if sub.is_dir() and not any(sub.glob("*.safetensors")):
-            if any(sub.glob("*.bin")) or any(sub.glob("*.ckpt")):
-                raise NodeError(f"{sub} holds only pickle weights (.bin), which are refused; convert the folder to "
-                                "safetensors (diffusers: pipe.save_pretrained(folder, safe_serialization=True))")
-            raise NodeError(f"{sub} has no .safetensors weights; the diffusers folder is incomplete")
+        problem = weights_folder_problem(sub, "component folder", "diffusers: pipe.save_pretrained(folder, "
+                                         "safe_serialization=True)") if sub.is_dir() else None
+        if problem:
+            raise NodeError(problem)
     family = _folder_family(folder, unet_config, folder)
     return CheckpointInfo("folder", folder, family, int(unet_config.get("in_channels", 4)), hub_id=hub_id)
 
@@ -601,7 +597,7 @@ def load_checkpoint_node(
     and reports it in the run info. Pickle files (.ckpt/.bin/.pt) are refused.
     One load per checkpoint, dtype and device per process; dtype "auto" follows the run's --dtype."""
     info = inspect_checkpoint(path, config or None, ctx.workflow_dir)
-    torch_dtype = ctx.dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = resolve_dtype(dtype, auto=ctx.dtype)
     model, clip, vae = load_checkpoint(info, torch_dtype, ctx.device)
     ctx.record("models", {
         "source": model.source, "family": info.family, "kind": info.label, "inpainting": info.inpainting,

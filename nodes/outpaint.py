@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 
 from nodegraph.errors import NodeError
+from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.sockets import IMAGE, MASK, Image
 
@@ -65,6 +66,7 @@ def expand_canvas(
     _, _, h, w = image.shape
     length = w if horizontal else h
     size = (h, new_length) if horizontal else (new_length, w)
+    current_limits().check_pixels(size[1], size[0], image.shape[0], "the grown canvas")
 
     fill = torch.tensor(fill_color, dtype=torch.float32, device=image.device).view(1, 3, 1, 1) / 255.0
     canvas = fill.expand(image.shape[0], 3, *size).clone()

@@ -10,8 +10,8 @@ from nodegraph import node
 from nodegraph.sockets import BOOLEAN, FLOAT, INT, STRING, Randomizable
 
 
-@node("Int", category="primitive", outputs={"value": INT})
-def int_value(value: int) -> int:
+@node("Int", category="primitive", reference="a literal value", outputs={"value": INT})
+def int_value(value: Annotated[int, Field(description="the number")]) -> int:
     """An integer, to link into params of several nodes (e.g. one seed for every sampler)."""
     return value
 
@@ -30,25 +30,25 @@ def seed_value(
     return seed
 
 
-@node("Float", category="primitive", outputs={"value": FLOAT})
-def float_value(value: float) -> float:
+@node("Float", category="primitive", reference="a literal value", outputs={"value": FLOAT})
+def float_value(value: Annotated[float, Field(description="the number")]) -> float:
     """A floating-point number, to link into params of several nodes."""
     return value
 
 
-@node("String", category="primitive", outputs={"value": STRING})
-def string_value(value: str) -> str:
+@node("String", category="primitive", reference="a literal value", outputs={"value": STRING})
+def string_value(value: Annotated[str, Field(description="the text")]) -> str:
     """A string, to link into params of several nodes (a prompt shared by two encoders, say)."""
     return value
 
 
-@node("Boolean", category="primitive", outputs={"value": BOOLEAN})
-def boolean_value(value: bool) -> bool:
+@node("Boolean", category="primitive", reference="a literal value", outputs={"value": BOOLEAN})
+def boolean_value(value: Annotated[bool, Field(description="true or false")]) -> bool:
     """A true/false switch, to link into params of several nodes."""
     return value
 
 
-@node("IntMath", category="primitive", outputs={"value": INT})
+@node("IntMath", category="primitive", outputs={"value": INT}, reference="Python's integer operators")
 def int_math(a: int, b: int = 0, op: Literal["add", "subtract", "multiply", "floordiv", "min", "max"] = "add") -> int:
     """Integer arithmetic on two values: a + b, a - b, a * b, a // b, min or max.
 

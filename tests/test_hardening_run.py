@@ -207,6 +207,25 @@ def test_pixel_limit_on_decode(tmp_path, stub_registry):
         small.run(workflow, out_dir=tmp_path)
 
 
+def test_pixel_limit_on_images_nodes_create(tmp_path, stub_registry):
+    """A small file and a small workflow may still ask for a huge image: refused before it is made."""
+    workflow = {"format": "nodegraph/1", "nodes": {
+        "load": {"type": "LoadImage", "params": {"path": str(REPO / "tests" / "data" / "astronaut_96.png")}},
+        "big": {"type": "ImageResize", "inputs": {"image": "load.image"}, "params": {"width": 4096, "height": 4096}},
+        "grow": {"type": "ExpandCanvas", "inputs": {"image": "load.image"},
+                 "params": {"expand_pixels": 8000, "max_size": 0}},
+        "save": {"type": "SaveImage", "inputs": {"image": "big.image"}},
+        "save2": {"type": "SaveImage", "inputs": {"image": "grow.image"}}}}
+    engine = Engine(registry=stub_registry, cache_dir=False, limits=Limits(max_pixels=500_000))
+    for target in ("big", "grow"):
+        with pytest.raises(NodeFailed, match="larger than the limit of 500,000") as info:
+            engine.run(workflow, targets=[target], out_dir=tmp_path)
+        assert info.value.node_id == target
+    (issue,) = engine.validate({"format": "nodegraph/1", "nodes": {
+        "m": {"type": "MaskShape", "params": {"width": 1024, "height": 1024}}}}, targets=["m"])
+    assert (issue.node_id, issue.field) == ("m", "width") and "larger than the limit" in issue.message
+
+
 def test_two_runs_at_once_on_one_engine_match_running_them_in_turn(stub_registry):
     steps = lambda value: wf(s={"type": "StubSource", "params": {"value": value}},  # noqa: E731
                              st={"type": "StubSteps", "inputs": {"a": "s.x"}, "params": {"steps": 20, "delay": 0.01}},
