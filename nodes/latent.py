@@ -21,6 +21,8 @@ from nodegraph.node import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
 
+from ._params import Seed
+
 LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
 LATENT_CHANNELS = 4
 
@@ -172,7 +174,7 @@ def vae_encode_node(
     vae: Vae,
     image: Image,
     mode: Literal["mean", "sample"] = "mean",
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
+    seed: Annotated[Seed, Field(description="only for mode 'sample'")] = 0,
 ):
     """Encode an image into scaled latents (the distribution's mean by default; a seeded sample on request).
 
@@ -200,7 +202,7 @@ def inpaint_model_conditioning_node(
     image: Image,
     mask: Mask,
     mode: Literal["mean", "sample"] = "mean",
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
+    seed: Annotated[Seed, Field(description="only for mode 'sample'")] = 0,
 ):
     """Latents for an inpainting checkpoint (9-channel UNet): the image, the mask and the masked image.
 

@@ -11,25 +11,15 @@ the SDXL refiner) with ``denoising_start`` 0.8 and the same steps and scheduler 
 """
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
-from pydantic import Field
+from typing import Optional
 
 from nodegraph.context import RunContext
 from nodegraph.node import node
 from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
 
 from . import denoise
+from ._params import DenoisingEnd, DenoisingStart, Guidance, Seed, Steps, Strength
 from .schedulers import SchedulerName
-
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="noise seed (CPU torch.Generator)")]
-Steps = Annotated[int, Field(ge=1, le=1000, description="scheduler steps (before strength)")]
-Guidance = Annotated[float, Field(ge=0, le=100, description="classifier-free guidance scale; <= 1 turns it off")]
-Strength = Annotated[float, Field(gt=0, le=1, description="how much to change: the last int(steps*strength) steps run")]
-DenoisingStart = Annotated[float, Field(ge=0, lt=1, description="hand-off: continue a partly denoised latent from this "
-                                                                "fraction of the schedule (strength ignored); 0 = off")]
-DenoisingEnd = Annotated[float, Field(gt=0, le=1, description="hand-off: stop at this fraction of the schedule and "
-                                                              "return the noisy latent; 1 = off")]
 
 
 def _check_fractions(params: dict):
