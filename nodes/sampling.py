@@ -57,7 +57,8 @@ def sampler_node(
     the UNet then sees cat([x, mask, masked_image_latents]) at every step (diffusers'
     StableDiffusionInpaintPipeline). SDXL models get their pooled embedding and time ids. Hand-off:
     denoising_end < 1 stops early (noisy latent out, inpainting conditioning kept); denoising_start > 0
-    continues such a latent, e.g. with the SDXL refiner. Arithmetic and noise match diffusers for the same seed."""
+    continues such a latent, e.g. with the SDXL refiner. Arithmetic and noise match diffusers for the same seed;
+    for a photo, encode it with mode "sampler" and the sampler also draws its VAE sample(s) where the pipeline does."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
     samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
@@ -89,7 +90,8 @@ def latent_blend_sampler_node(
     The mask is binarised at 0.5 and resized to latent size (nearest), as diffusers does. Strength 1
     starts the masked area from pure noise; lower strength starts from the noised original. Hand-off as
     in Sampler: with denoising_start the given latent is continued and blended back outside the mask
-    (StableDiffusionXLInpaintPipeline with a refiner)."""
+    (StableDiffusionXLInpaintPipeline with a refiner). A photo encoded with VAEEncode mode "sampler" gives
+    StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
     samples = denoise.blend_inpaint(model, positive, negative, latent, mask, seed=seed, steps=steps,
