@@ -8,6 +8,8 @@ Stochastic schedulers (euler_a) use the generator after the draws, so they check
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,63 @@ def test_differential_sampler_mode_is_deterministic_and_draws_the_image(sd, phot
     assert (first - run(vae_encode_node(vae, photo[1]))).abs().max() > 1e-3
     assert (first - run(latent, seed=4)).abs().max() > 1e-3
 
+
+# ---------------------------------------------------------------------------------------------- shipped workflows
+
+def workflow_and_pipeline_inputs(name, tiny, targets, tmp_path, **overrides):
+    """Run a shipped workflow on the tiny model up to ``targets``; also its prompts and sampler params."""
+    from nodegraph.api import Engine
+    from tests.test_diffusion_workflows import WORKFLOWS, tiny_overrides
+
+    workflow = WORKFLOWS / name
+    nodes = json.loads(workflow.read_text())["nodes"]
+    overrides = {**tiny_overrides(name, tiny), "inpaint.steps": STEPS, **overrides}
+    outputs = Engine().run(workflow, overrides=overrides, targets=targets, out_dir=tmp_path).outputs
+    params = {**nodes["inpaint"]["params"], "steps": STEPS}
+    prompts = dict(prompt=nodes["positive"]["params"]["text"], negative_prompt=nodes["negative"]["params"]["text"])
+    return outputs, params, prompts, workflow.parent
+
+
+def workflow_reference(pipe, params, prompts, **inputs):
+    """The pipeline's latents after its last step, taken from its step callback: with padding_mask_crop it only
+    returns PIL images, pasted back into the photo."""
+    final = {}
+
+    def keep(pipe, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    pipe(**prompts, generator=gen(params["seed"]), num_inference_steps=params["steps"],
+         guidance_scale=params["guidance_scale"], strength=params["strength"], callback_on_step_end=keep,
+         callback_on_step_end_tensor_inputs=["latents"], **inputs)
+    return final["latents"]
+
+
+@pytest.mark.parametrize("name,handles", [("inpaint_base_model.json", "sd"), ("inpaint_model.json", "sd_inpaint")])
+def test_inpaint_workflows_give_the_inpaint_pipelines_result_for_their_seed(name, handles, tiny, request, tmp_path):
+    """The workflow's sampler output is StableDiffusionInpaintPipeline's, given its resized photo and mask, prompts,
+    seed and scheduler (euler_a for the base model: the draws' count matters too)."""
+    outputs, params, prompts, _ = workflow_and_pipeline_inputs(name, tiny, ["inpaint", "resize", "mask"], tmp_path)
+    pipe = sd_pipeline("StableDiffusionInpaintPipeline", request.getfixturevalue(handles), params["scheduler"])
+    photo, mask = outputs["resize"]["image"], outputs["mask"]["mask"]
+    ref = workflow_reference(pipe, params, prompts, image=photo, mask_image=mask, height=64, width=64,
+                             output_type="latent")
+    assert_close(outputs["inpaint"]["latent"].samples, ref)
+
+
+def test_crop_workflow_gives_the_inpaint_pipelines_result_with_padding_mask_crop(sd, tiny, tmp_path):
+    """CropToMask + VAEEncode (sampler) + LatentBlendSampler = the pipeline with padding_mask_crop, in latent space."""
+    outputs, params, prompts, folder = workflow_and_pipeline_inputs("inpaint_crop.json", tiny, ["inpaint"], tmp_path)
+    nodes = json.loads((folder / "inpaint_crop.json").read_text())["nodes"]
+    photo = Image.open(folder / nodes["photo"]["params"]["path"]).convert("RGB")
+    mask = Image.open(folder / nodes["mask"]["params"]["path"]).convert("L")
+    pipe = sd_pipeline("StableDiffusionInpaintPipeline", sd, params["scheduler"])
+    ref = workflow_reference(pipe, params, prompts, image=photo, mask_image=mask, height=64, width=64,
+                             padding_mask_crop=tiny_crop_padding(tiny))
+    assert_close(outputs["inpaint"]["latent"].samples, ref)
+
+
+def tiny_crop_padding(tiny):
+    from tests.test_diffusion_workflows import tiny_overrides
+
+    return tiny_overrides("inpaint_crop.json", tiny)["crop.padding"]
