@@ -19,6 +19,9 @@ Every random draw comes from one CPU ``torch.Generator(seed)`` and is moved to t
 image's VAE sample (for a LATENT encoded in mode "sampler"), the initial noise, the inpaint pipelines'
 masked-image VAE sample, then the stochastic schedulers' steps (euler_a). See ``prepare``.
 
+Runs on one UNet take turns (``unet_lock``): patches such as an IP-Adapter are installed on the shared UNet
+for the length of a run, and a run with the plain MODEL must not see them.
+
 SDXL (StableDiffusionXLPipeline / ...Img2ImgPipeline / ...InpaintPipeline): ``UNetConditioning`` carries
 ``added_cond_kwargs`` = pooled text embeds and the micro-conditioning ``time_ids`` (original size, crop,
 target size, or aesthetic score for the refiner), made here from the sampled pixel size and the
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -316,6 +321,22 @@ def vae_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
     return (mean.to(std) + std * eps).to(mean.dtype)
 
 
+_UNET_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+_UNET_LOCKS_GUARD = threading.Lock()
+
+
+def unet_lock(unet) -> threading.RLock:
+    """The lock of one UNet object, held by a sampler run from applying its patches to the end of its loop.
+
+    Re-entrant, so that code already holding it (a patch, a nested run) on the same thread does not deadlock;
+    weakly keyed, so that a released model's UNet takes its lock with it."""
+    with _UNET_LOCKS_GUARD:
+        lock = _UNET_LOCKS.get(unet)
+        if lock is None:
+            lock = _UNET_LOCKS[unet] = threading.RLock()
+        return lock
+
+
 def _cutoff(scheduler, fraction: float) -> int:
     """diffusers' discrete_timestep_cutoff for a denoising_start / denoising_end fraction."""
     train = scheduler.config.num_train_timesteps
@@ -387,7 +408,7 @@ class Run:
         return self.noise * self.scheduler.init_noise_sigma
 
     def denoise(self, latents, hooks=(), progress=None) -> torch.Tensor:
-        with contextlib.ExitStack() as stack:
+        with unet_lock(self.unet), contextlib.ExitStack() as stack:
             for patch in self.patches:
                 stack.enter_context(patch.applied(self.unet))
             return denoise(self.unet, self.scheduler, self.timesteps, latents, self.cond, self.guidance_scale, hooks,
@@ -398,8 +419,8 @@ class ModelPatch:
     """A change to the shared UNet that lives only for one sampler run (an IP-Adapter, say).
 
     A patched MODEL is a copy of the handle with the patch appended to ``patches``; the
-    UNet itself is changed only inside ``applied`` and restored after, so nodes using the
-    unpatched MODEL never see the change.
+    UNet itself is changed only inside ``applied`` and restored after, and runs on one UNet
+    take turns (``unet_lock``), so nodes using the unpatched MODEL never see the change.
     """
 
     def applied(self, unet) -> contextlib.AbstractContextManager:
