@@ -107,11 +107,17 @@ def test_inpainting_checkpoint_from_a_photo_matches_inpaint_pipeline_9ch(sd_inpa
 
 # ---------------------------------------------------------------------------------------------- SDXL
 
-def test_sdxl_img2img_from_a_photo_matches_pipeline(xl, photo):
+def test_sdxl_img2img_from_a_photo_matches_pipeline_also_with_denoising_start(xl, photo):
     model, clip, vae = xl
     ours = run_sampler(model, clip, vae_encode_node(vae, photo[1], mode="sampler"), seed=4, scheduler="euler_a",
                        strength=0.6)
     ref = reference(xl_pipeline("StableDiffusionXLImg2ImgPipeline", xl, "euler_a"), 4, image=photo[0], strength=0.6)
+    assert_close(ours, ref)
+    # with denoising_start the pipeline draws the photo's sample and no noise; euler_a's steps follow
+    ours = run_sampler(model, clip, vae_encode_node(vae, photo[1], mode="sampler"), seed=4, scheduler="euler_a",
+                       denoising_start=0.5)
+    ref = reference(xl_pipeline("StableDiffusionXLImg2ImgPipeline", xl, "euler_a"), 4, image=photo[0],
+                    denoising_start=0.5)
     assert_close(ours, ref)
 
 
