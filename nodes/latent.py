@@ -27,6 +27,7 @@ from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
 
 from ._params import Seed
+from .models import SDXL_FAMILIES
 
 LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
 LATENT_CHANNELS = 4
@@ -107,8 +108,7 @@ def _compute_module(vae):
 
 def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Pixels in [-1, 1] -> scaled latents in the VAE's dtype (computed in float32 when it upcasts), and for mode
-    "sampler" the posterior's scaled std, kept in the dtype it was computed in: diffusers draws the sample's
-    noise in that dtype."""
+    "sampler" the posterior's scaled std in the dtype diffusers draws the sample's noise in."""
     module = _compute_module(vae)
     pixels = pixels.to(device=module.device, dtype=module.dtype)
     with torch.inference_mode():
@@ -117,11 +117,18 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> tuple[tor
             latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
         else:
             latents = dist.mode()
-        std = dist.std * vae.scaling_factor if mode == "sampler" else None
+        std = (dist.std * vae.scaling_factor).to(_draw_dtype(vae, module)) if mode == "sampler" else None
     latents = latents.to(vae.vae.dtype).clone()  # clone: a normal tensor again, outside inference mode
     if vae.shift_factor is not None:
         latents = latents - vae.shift_factor
     return latents * vae.scaling_factor, None if std is None else std.clone()
+
+
+def _draw_dtype(vae, module) -> torch.dtype:
+    """The dtype diffusers draws a VAE sample in: the VAE's own, or float32 where the SDXL pipelines upcast it
+    (force_upcast). The SD 1.x/2.x pipelines encode in float16 even where ``compute_module`` upcasts, and
+    CPU ``randn`` gives other values in float16 for sizes that are not multiples of 16."""
+    return module.dtype if vae.family in SDXL_FAMILIES else vae.vae.dtype
 
 
 def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,21 @@ def test_inpainting_checkpoint_from_a_photo_matches_inpaint_pipeline_9ch(sd_inpa
     assert_close(ours, ref)
 
 
+def test_float16_draws_in_the_dtype_the_pipeline_draws_in(tiny):
+    """An SD 1.x pipeline encodes a float16 VAE in float16 and draws the sample in float16, where our VAE node
+    computes in float32 (force_upcast). CPU randn gives other values in float16 for sizes that are not a
+    multiple of 16: a 72 px photo makes 4 x 9 x 9 latents. Tolerance for float16 arithmetic."""
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
+
+    half = load_checkpoint(inspect_checkpoint(str(tiny.sd15)), dtype=torch.float16)
+    model, clip, vae = half
+    pil = Image.open(DATA / "astronaut_96.png").convert("RGB").resize((72, 72), Image.LANCZOS)
+    latent = vae_encode_node(vae, as_image(np.asarray(pil)), mode="sampler")
+    ours = run_sampler(model, clip, latent, seed=4, scheduler="euler_a", strength=0.6)
+    ref = reference(sd_pipeline("StableDiffusionImg2ImgPipeline", half, "euler_a"), 4, image=pil, strength=0.6)
+    assert (ours.float() - ref.float()).abs().max() < 0.05
+
+
 # ---------------------------------------------------------------------------------------------- SDXL
 
 def test_sdxl_img2img_from_a_photo_matches_pipeline_also_with_denoising_start(xl, photo):
