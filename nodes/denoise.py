@@ -14,8 +14,13 @@ latents:
   ``DifferentialThreshold`` (seed article 002: before step ``i >= 1`` pixels with ``1 - c > i/N`` are reset
   to ``add_noise(x0, noise, t_i)``).
 
-Noise is drawn from a CPU ``torch.Generator(seed)`` and moved to the device, like diffusers'
-``randn_tensor`` with a CPU generator; the same generator then feeds stochastic schedulers (euler_a).
+Every random draw comes from one CPU ``torch.Generator(seed)`` and is moved to the device, like diffusers'
+``randn_tensor`` with a CPU generator, in the order the pipeline draws from the caller's generator: the
+image's VAE sample (for a LATENT encoded in mode "sampler"), the initial noise, the inpaint pipelines'
+masked-image VAE sample, then the stochastic schedulers' steps (euler_a). See ``prepare``.
+
+Runs on one UNet take turns (``unet_lock``): patches such as an IP-Adapter are installed on the shared UNet
+for the length of a run, and a run with the plain MODEL must not see them.
 
 SDXL (StableDiffusionXLPipeline / ...Img2ImgPipeline / ...InpaintPipeline): ``UNetConditioning`` carries
 ``added_cond_kwargs`` = pooled text embeds and the micro-conditioning ``time_ids`` (original size, crop,
@@ -30,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -297,11 +304,37 @@ def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, con
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def draw_noise(shape, seed: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Generator]:
-    """Noise from a CPU generator moved to the device; the generator is returned for the scheduler."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
-    return noise, generator
+# The random draws each diffusers pipeline makes from the caller's generator before its loop, in order.
+TEXT2IMG = ("noise",)
+IMG2IMG = ("image", "noise")  # StableDiffusion(XL)Img2ImgPipeline.prepare_latents: encode, then noise
+HANDOFF = ("image",)  # StableDiffusionXLImg2ImgPipeline with denoising_start: no noise (add_noise=False)
+# StableDiffusion(XL)InpaintPipeline: prepare_latents (image, when the UNet has 4 channels or strength < 1;
+# then noise, also with denoising_start), then prepare_mask_latents (the masked image, whatever the UNet)
+INPAINT = ("image", "noise", "masked_image")
+INPAINT_FROM_NOISE = ("noise", "masked_image")  # 9-channel UNet at strength 1: the image is not encoded
+
+
+def vae_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """diffusers' ``DiagonalGaussianDistribution.sample`` in the scaled space: eps of the posterior's shape and
+    dtype from the generator on the CPU, then ``mean + std * eps`` (in the latents' dtype)."""
+    eps = torch.randn(tuple(std.shape), generator=generator, dtype=std.dtype).to(std.device)
+    return (mean.to(std) + std * eps).to(mean.dtype)
+
+
+_UNET_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+_UNET_LOCKS_GUARD = threading.Lock()
+
+
+def unet_lock(unet) -> threading.RLock:
+    """The lock of one UNet object, held by a sampler run from applying its patches to the end of its loop.
+
+    Re-entrant, so that code already holding it (a patch, a nested run) on the same thread does not deadlock;
+    weakly keyed, so that a released model's UNet takes its lock with it."""
+    with _UNET_LOCKS_GUARD:
+        lock = _UNET_LOCKS.get(unet)
+        if lock is None:
+            lock = _UNET_LOCKS[unet] = threading.RLock()
+        return lock
 
 
 def _cutoff(scheduler, fraction: float) -> int:
@@ -356,14 +389,15 @@ class Run:
     unet: object
     scheduler: object
     timesteps: torch.Tensor
-    noise: torch.Tensor
+    noise: Optional[torch.Tensor]  # None when the pipeline draws none (HANDOFF)
     generator: torch.Generator
     cond: UNetConditioning
     guidance_scale: float
-    x0: Optional[torch.Tensor]
+    x0: torch.Tensor  # the image latents (drawn for mode "sampler"); unused by text2img
     patches: Sequence["ModelPatch"] = ()
     total: int = 0  # N: steps before a denoising_end cut (differential thresholds)
     handoff: bool = False  # denoising_start: continue the given latents as they are
+    masked_image_latents: Optional[torch.Tensor] = None  # inpainting UNet conditioning (drawn for "sampler")
 
     def start_from_image(self) -> torch.Tensor:
         """img2img start: x0 noised to the first timestep."""
@@ -374,7 +408,7 @@ class Run:
         return self.noise * self.scheduler.init_noise_sigma
 
     def denoise(self, latents, hooks=(), progress=None) -> torch.Tensor:
-        with contextlib.ExitStack() as stack:
+        with unet_lock(self.unet), contextlib.ExitStack() as stack:
             for patch in self.patches:
                 stack.enter_context(patch.applied(self.unet))
             return denoise(self.unet, self.scheduler, self.timesteps, latents, self.cond, self.guidance_scale, hooks,
@@ -385,8 +419,8 @@ class ModelPatch:
     """A change to the shared UNet that lives only for one sampler run (an IP-Adapter, say).
 
     A patched MODEL is a copy of the handle with the patch appended to ``patches``; the
-    UNet itself is changed only inside ``applied`` and restored after, so nodes using the
-    unpatched MODEL never see the change.
+    UNet itself is changed only inside ``applied`` and restored after, and runs on one UNet
+    take turns (``unet_lock``), so nodes using the unpatched MODEL never see the change.
     """
 
     def applied(self, unet) -> contextlib.AbstractContextManager:
@@ -397,11 +431,20 @@ class ModelPatch:
         return cond
 
 
-def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, steps: int, guidance_scale: float,
-            scheduler: str, strength: float, partial: bool, use_x0: bool, denoising_start: float = 0.0,
-            denoising_end: float = 1.0, fresh_generator: bool = False) -> Run:
-    """Shared setup: conditioning, scheduler, timesteps, noise. ``fresh_generator``: the step generator starts
-    unused (SDXL img2img with denoising_start draws no noise before the loop)."""
+def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidance_scale: float, scheduler: str,
+            strength: float, partial: bool, draws: Sequence[str], denoising_start: float = 0.0,
+            denoising_end: float = 1.0) -> Run:
+    """Shared setup: conditioning, scheduler, timesteps and the random draws.
+
+    One CPU ``torch.Generator(seed)`` makes ``draws`` in order, as the diffusers pipeline draws from the
+    caller's generator, and then feeds the scheduler's steps:
+
+    - "image": the VAE sample of a LATENT encoded in mode "sampler" (``Latents.sample_std``); other latents
+      are used as they are, as the pipelines use latents given to them;
+    - "noise": the initial noise;
+    - "masked_image": the masked image's VAE sample (mode "sampler"); with a 4-channel UNet the pipeline
+      encodes the masked photo too and ignores it, so only the draw is made, to keep the generator in step."""
+    samples = latents.samples
     unet = model.unet
     device, dtype = unet.device, unet.dtype
     if samples.shape[1] != unet.config.out_channels:
@@ -417,15 +460,22 @@ def prepare(model, positive, negative, samples: torch.Tensor, *, seed: int, step
     sched = make_scheduler(scheduler, model.scheduler_config)
     timesteps, total = schedule(sched, steps, strength, device, partial, denoising_start, denoising_end,
                                 begin_at_zero=is_sdxl_unet(unet))
-    noise, generator = draw_noise(samples.shape, seed, dtype, device)
-    if fresh_generator:
-        generator = torch.Generator("cpu").manual_seed(seed)
-    x0 = samples.to(device=device, dtype=dtype) if use_x0 else None
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x0, noise, masked = samples, None, latents.masked_image_latents
+    for draw in draws:
+        if draw == "image" and latents.sample_std is not None:
+            x0 = vae_sample(samples, latents.sample_std, generator)
+        elif draw == "noise":
+            noise = torch.randn(tuple(samples.shape), generator=generator, dtype=dtype).to(device)
+        elif draw == "masked_image" and latents.masked_image_std is not None:
+            masked = vae_sample(masked, latents.masked_image_std, generator)
+        elif draw == "masked_image" and latents.sample_std is not None:
+            torch.randn(tuple(latents.sample_std.shape), generator=generator, dtype=latents.sample_std.dtype)
     patches = tuple(getattr(model, "patches", ()))
     for patch in patches:
         cond = patch.condition(cond, batch, guide)
-    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0, patches, total,
-               handoff=0 < denoising_start < 1)
+    return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0.to(device=device, dtype=dtype),
+               patches, total, handoff=0 < denoising_start < 1, masked_image_latents=masked)
 
 
 def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -460,17 +510,18 @@ def sample(model, positive, negative, latents, *, seed: int, steps: int, guidanc
                         "but an EmptyLatent has none: link that sampler's latent, or set denoising_start 0")
     fractions = dict(denoising_start=denoising_start, denoising_end=denoising_end)
     if inpaint:
-        run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                      scheduler=scheduler, strength=strength, partial=True, use_x0=True, **fractions)
+        draws = INPAINT_FROM_NOISE if strength == 1.0 and not handoff else INPAINT
+        run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                      scheduler=scheduler, strength=strength, partial=True, draws=draws, **fractions)
         extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
-                           _repeat_to(latents.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
+                           _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
                                       "masked image latents")], dim=1)
         if guidance_enabled(model.unet, guidance_scale):
             extra = torch.cat([extra] * 2)
         return run.denoise(_inpaint_start(run, strength), [ChannelConcat(extra)], progress)
-    run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=not latents.empty, use_x0=not latents.empty,
-                  fresh_generator=handoff, **fractions)
+    draws = TEXT2IMG if latents.empty else HANDOFF if handoff else IMG2IMG
+    run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  scheduler=scheduler, strength=strength, partial=not latents.empty, draws=draws, **fractions)
     if latents.empty:
         start = run.start_from_noise()
     else:
@@ -499,8 +550,8 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
     if latents.empty:
         raise NodeError("LatentBlendSampler needs the latents of an image to keep (VAEEncode or a previous sampler), "
                         "not an EmptyLatent")
-    run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=True, use_x0=True, denoising_start=denoising_start,
+    run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  scheduler=scheduler, strength=strength, partial=True, draws=INPAINT, denoising_start=denoising_start,
                   denoising_end=denoising_end)
     m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor), run.x0)
     return run.denoise(_inpaint_start(run, strength), [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)],
@@ -527,8 +578,9 @@ def differential(model, positive, negative, latents, change: torch.Tensor, *, se
                         "(9-channel UNet)")
     if latents.empty:
         raise NodeError("DifferentialSampler needs the latents of an image (VAEEncode), not an EmptyLatent")
-    run = prepare(model, positive, negative, latents.samples, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=True, use_x0=True, denoising_end=denoising_end)
+    # the community differential img2img pipeline prepares its latents as StableDiffusionXLImg2ImgPipeline
+    run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  scheduler=scheduler, strength=strength, partial=True, draws=IMG2IMG, denoising_end=denoising_end)
     keep = 1.0 - change_map_to_latent(change, tuple(run.x0.shape[-2:]))  # the article's map: white = keep
     keep = _latent_size_mask(keep, run.x0)
     hook = DifferentialThreshold(run.scheduler, run.timesteps, run.x0, run.noise, keep, run.total)

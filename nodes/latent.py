@@ -6,6 +6,11 @@ SDXL), as
 diffusers keeps latents between ``vae.encode`` and the UNet; VAEDecode divides it out again. Pixel
 sizes must be multiples of the VAE factor (8): images of other sizes are an error rather than silently
 resized, so that later crops and overlays line up.
+
+The diffusers img2img and inpaint pipelines draw the VAE sample of the image from the caller's generator
+before the initial noise. VAEEncode / InpaintModelConditioning mode "sampler" reproduces that: the LATENT
+holds the posterior's mean in ``samples`` and its std in ``sample_std`` (``masked_image_std``), and the
+sampler draws from its own seeded generator in the pipeline's order (``nodes.denoise.prepare``).
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ from nodegraph.errors import NodeError
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
+
+from ._params import Seed
+from .models import SDXL_FAMILIES
 
 LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
 LATENT_CHANNELS = 4
@@ -36,6 +44,10 @@ class Latents:
     # Inpainting-UNet conditioning (InpaintModelConditioning): mask at latent size and masked-image latents.
     inpaint_mask: Optional[torch.Tensor] = None
     masked_image_latents: Optional[torch.Tensor] = None
+    # Mode "sampler": the VAE posterior's std, scaled like the latents, which then hold its mean. The sampler
+    # draws mean + std * eps from its own seeded generator, where the diffusers pipeline draws it.
+    sample_std: Optional[torch.Tensor] = None
+    masked_image_std: Optional[torch.Tensor] = None
 
     @property
     def pixel_size(self) -> tuple[int, int]:
@@ -48,10 +60,10 @@ class Latents:
 
     def with_samples(self, samples: torch.Tensor, keep_inpaint: bool = False) -> "Latents":
         """A plain latent holding ``samples``; ``keep_inpaint`` keeps the inpainting-model conditioning (a
-        partly denoised result that an inpainting model continues with denoising_start)."""
-        if keep_inpaint:
-            return replace(self, samples=samples, empty=False)
-        return replace(self, samples=samples, empty=False, inpaint_mask=None, masked_image_latents=None)
+        partly denoised result that an inpainting model continues with denoising_start), its masked-image
+        latents fixed at the posterior's mean."""
+        plain = replace(self, samples=samples, empty=False, sample_std=None, masked_image_std=None)
+        return plain if keep_inpaint else replace(plain, inpaint_mask=None, masked_image_latents=None)
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -71,10 +83,22 @@ def _check_image(image: torch.Tensor, factor: int, what: str = "image") -> None:
                         f"{height // factor * factor})")
 
 
+EncodeMode = Literal["mean", "sample", "sampler"]
+ENCODE_MODE_HELP = ("mean: the posterior's mean; sample: a draw from seed; sampler: the sampler draws it from its "
+                    "own seed where the diffusers pipeline does, so the same seed gives the pipeline's image")
+
+
 def encode_pixels(vae, image: torch.Tensor, mode: str = "mean", seed: int = 0) -> torch.Tensor:
-    """IMAGE in [0, 1] -> scaled latents. ``mode``: "mean" (deterministic) or "sample" (seeded draw)."""
+    """IMAGE in [0, 1] -> scaled latents. ``mode``: "mean" (deterministic) or "sample" (seeded draw); "sampler"
+    gives the mean here (``encode_image`` keeps the std for the sampler's draw)."""
+    return encode_image(vae, image, mode, seed).samples
+
+
+def encode_image(vae, image: torch.Tensor, mode: str = "mean", seed: int = 0) -> Latents:
+    """IMAGE in [0, 1] -> LATENT; mode "sampler" also carries the posterior's std (``Latents.sample_std``)."""
     _check_image(image, vae.scale_factor)
-    return _encode_signed(vae, image * 2.0 - 1.0, mode, seed)
+    samples, std = _encode_signed(vae, image * 2.0 - 1.0, mode, seed)
+    return Latents(samples, vae.scale_factor, sample_std=std)
 
 
 def _compute_module(vae):
@@ -82,8 +106,9 @@ def _compute_module(vae):
     return vae.compute_module() if hasattr(vae, "compute_module") else vae.vae
 
 
-def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents, in the VAE's dtype (computed in float32 when it upcasts)."""
+def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Pixels in [-1, 1] -> scaled latents in the VAE's dtype (computed in float32 when it upcasts), and for mode
+    "sampler" the posterior's scaled std in the dtype diffusers draws the sample's noise in."""
     module = _compute_module(vae)
     pixels = pixels.to(device=module.device, dtype=module.dtype)
     with torch.inference_mode():
@@ -92,10 +117,18 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> torch.Ten
             latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
         else:
             latents = dist.mode()
+        std = (dist.std * vae.scaling_factor).to(_draw_dtype(vae, module)) if mode == "sampler" else None
     latents = latents.to(vae.vae.dtype).clone()  # clone: a normal tensor again, outside inference mode
     if vae.shift_factor is not None:
         latents = latents - vae.shift_factor
-    return latents * vae.scaling_factor
+    return latents * vae.scaling_factor, None if std is None else std.clone()
+
+
+def _draw_dtype(vae, module) -> torch.dtype:
+    """The dtype diffusers draws a VAE sample in: the VAE's own, or float32 where the SDXL pipelines upcast it
+    (force_upcast). The SD 1.x/2.x pipelines encode in float16 even where ``compute_module`` upcasts, and
+    CPU ``randn`` gives other values in float16 for sizes that are not multiples of 16."""
+    return module.dtype if vae.family in SDXL_FAMILIES else vae.vae.dtype
 
 
 def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
@@ -130,7 +163,8 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], factor: int = 
 def inpaint_conditioning(vae, image: torch.Tensor, mask: torch.Tensor, mode: str = "mean", seed: int = 0) -> Latents:
     """Latents for an inpainting UNet: x0, the mask at latent size and the masked image's latents.
 
-    masked image = image * (mask < 0.5) in [-1, 1] (diffusers' StableDiffusionInpaintPipeline)."""
+    masked image = image * (mask < 0.5) in [-1, 1] (diffusers' StableDiffusionInpaintPipeline). Mode
+    "sampler" keeps both posteriors' std for the sampler's draws."""
     _check_image(image, vae.scale_factor)
     factor = vae.scale_factor
     pixel_size = tuple(image.shape[-2:])
@@ -138,11 +172,12 @@ def inpaint_conditioning(vae, image: torch.Tensor, mask: torch.Tensor, mode: str
     if keep.shape[0] not in (1, image.shape[0]):
         raise NodeError(f"mask batch {keep.shape[0]} does not match image batch {image.shape[0]}")
     signed = image * 2.0 - 1.0
-    x0 = _encode_signed(vae, signed, mode, seed)
-    masked = _encode_signed(vae, signed * keep.to(signed.device), mode, seed)  # masked pixels become 0 (grey)
+    x0, x0_std = _encode_signed(vae, signed, mode, seed)
+    masked, masked_std = _encode_signed(vae, signed * keep.to(signed.device), mode, seed)  # masked pixels: 0 (grey)
     latent_size = (pixel_size[0] // factor, pixel_size[1] // factor)
     small = F.interpolate(binary_mask(mask, pixel_size), size=latent_size)
-    return Latents(x0, factor, inpaint_mask=small.to(x0.device, x0.dtype), masked_image_latents=masked)
+    return Latents(x0, factor, inpaint_mask=small.to(x0.device, x0.dtype), masked_image_latents=masked,
+                   sample_std=x0_std, masked_image_std=masked_std)
 
 
 # ---------------------------------------------------------------------------------------------- nodes
@@ -171,13 +206,15 @@ def empty_latent_node(
 def vae_encode_node(
     vae: Vae,
     image: Image,
-    mode: Literal["mean", "sample"] = "mean",
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
+    mode: Annotated[EncodeMode, Field(description=ENCODE_MODE_HELP)] = "mean",
+    seed: Annotated[Seed, Field(description="only for mode 'sample'")] = 0,
 ):
     """Encode an image into scaled latents (the distribution's mean by default; a seeded sample on request).
 
-    A float16 VAE whose config says force_upcast (SDXL's) runs in float32, as diffusers does."""
-    return Latents(encode_pixels(vae, image, mode, seed), vae.scale_factor)
+    Mode "sampler" leaves the draw to the sampler, which makes it from its own seed before the noise, as the
+    diffusers img2img and inpaint pipelines do: the same seed then gives the pipeline's image. A float16 VAE
+    whose config says force_upcast (SDXL's) runs in float32, as diffusers does."""
+    return encode_image(vae, image, mode, seed)
 
 
 @node("VAEDecode", version=1, category="latent", outputs={"image": IMAGE},
@@ -199,11 +236,13 @@ def inpaint_model_conditioning_node(
     vae: Vae,
     image: Image,
     mask: Mask,
-    mode: Literal["mean", "sample"] = "mean",
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="only for mode 'sample'")] = 0,
+    mode: Annotated[EncodeMode, Field(description=ENCODE_MODE_HELP)] = "mean",
+    seed: Annotated[Seed, Field(description="only for mode 'sample'")] = 0,
 ):
     """Latents for an inpainting checkpoint (9-channel UNet): the image, the mask and the masked image.
 
     Feed the result to Sampler with the inpainting model: each step the UNet sees
-    cat([x, mask, masked_image_latents]); masked image = image * (mask < 0.5), mask 1 = repaint."""
+    cat([x, mask, masked_image_latents]); masked image = image * (mask < 0.5), mask 1 = repaint. Mode
+    "sampler" leaves both VAE draws to the sampler, which makes them where StableDiffusion(XL)InpaintPipeline
+    does (image, noise, masked image), so the same seed gives the pipeline's image."""
     return inpaint_conditioning(vae, image, mask, mode, seed)

@@ -11,25 +11,15 @@ the SDXL refiner) with ``denoising_start`` 0.8 and the same steps and scheduler 
 """
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
-from pydantic import Field
+from typing import Optional
 
 from nodegraph.context import RunContext
 from nodegraph import node
 from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
 
 from . import denoise
+from ._params import DenoisingEnd, DenoisingStart, Guidance, Seed, Steps, Strength
 from .schedulers import SchedulerName
-
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="noise seed (CPU torch.Generator)")]
-Steps = Annotated[int, Field(ge=1, le=1000, description="scheduler steps (before strength)")]
-Guidance = Annotated[float, Field(ge=0, le=100, description="classifier-free guidance scale; <= 1 turns it off")]
-Strength = Annotated[float, Field(gt=0, le=1, description="how much to change: the last int(steps*strength) steps run")]
-DenoisingStart = Annotated[float, Field(ge=0, lt=1, description="hand-off: continue a partly denoised latent from this "
-                                                                "fraction of the schedule (strength ignored); 0 = off")]
-DenoisingEnd = Annotated[float, Field(gt=0, le=1, description="hand-off: stop at this fraction of the schedule and "
-                                                              "return the noisy latent; 1 = off")]
 
 
 def _check_fractions(params: dict):
@@ -67,7 +57,8 @@ def sampler_node(
     the UNet then sees cat([x, mask, masked_image_latents]) at every step (diffusers'
     StableDiffusionInpaintPipeline). SDXL models get their pooled embedding and time ids. Hand-off:
     denoising_end < 1 stops early (noisy latent out, inpainting conditioning kept); denoising_start > 0
-    continues such a latent, e.g. with the SDXL refiner. Arithmetic and noise match diffusers for the same seed."""
+    continues such a latent, e.g. with the SDXL refiner. Arithmetic and noise match diffusers for the same seed;
+    for a photo, encode it with mode "sampler" and the sampler also draws its VAE sample(s) where the pipeline does."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
     samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
@@ -99,7 +90,8 @@ def latent_blend_sampler_node(
     The mask is binarised at 0.5 and resized to latent size (nearest), as diffusers does. Strength 1
     starts the masked area from pure noise; lower strength starts from the noised original. Hand-off as
     in Sampler: with denoising_start the given latent is continued and blended back outside the mask
-    (StableDiffusionXLInpaintPipeline with a refiner)."""
+    (StableDiffusionXLInpaintPipeline with a refiner). A photo encoded with VAEEncode mode "sampler" gives
+    StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
     samples = denoise.blend_inpaint(model, positive, negative, latent, mask, seed=seed, steps=steps,
