@@ -7,7 +7,7 @@ Part 1, the tiny random SD 1.x model (tests/tiny_models.py), 64x64:
     StableDiffusionPipeline call with output_type="latent" (target <= 1.03x); also the Sampler
     node's loop alone vs the pipeline given prompt embeddings;
   - the three-stage chain (workflows/txt2img_inpaint_img2img.json, first run) vs three diffusers
-    pipelines chained as seed article 001 does it, sharing components via from_pipe and handing
+    pipelines chained as the diffusers inpainting guide does it, sharing components via from_pipe and handing
     latents on with output_type="latent" (target <= 1.0x);
   - a rerun with only the img2img strength changed vs the first run (target <= 0.45x).
 Part 2, a randomly initialised checkpoint of the real SD 1.5 architecture (UNet 320/640/1280/1280,
@@ -146,7 +146,7 @@ def tiny_part(repeat: int, steps: int) -> dict:
     out_dir = Path(tempfile.mkdtemp(prefix="nodegraph-bench-"))
     prompts = [nodes[k]["params"]["text"] for k in ("castle", "waterfall", "negative")]
 
-    def diffusers_chain():  # seed article 001: text2img -> inpaint -> img2img, latents handed on
+    def diffusers_chain():  # the diffusers inpainting guide: text2img -> inpaint -> img2img, latents handed on
         mask = load_image(str(mask_file))  # as the article loads its mask
         latents = t2i(prompts[0], num_inference_steps=steps, height=size, width=size,
                       generator=torch.Generator().manual_seed(7), output_type="latent").images

@@ -1,4 +1,4 @@
-"""The seed article 002 panorama: our workflow vs the article's script logic, same models and settings.
+"""The the outpainting article panorama: our workflow vs the article's script logic, same models and settings.
 
     PYTHONPATH=. python benchmarks/outpaint.py [--repeat 3] [--size 64] [--times 2] [--steps 25]
 
@@ -65,7 +65,7 @@ def ours(base, adapters, size: int, times: int, steps: int):
 
 
 def article(base, adapters, size: int, times: int, steps: int):
-    """The seed article's script, on the same models."""
+    """The outpainting article's script, on the same models."""
     import cv2
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline

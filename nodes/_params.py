@@ -8,7 +8,11 @@ from typing import Annotated
 
 from pydantic import Field
 
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="noise seed (CPU torch.Generator)")]
+from nodegraph.sockets import Randomizable
+
+# "random" is also accepted: the engine draws a value once per run, keys and records it
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="noise seed (CPU torch.Generator); \"random\" for a new "
+                                                            "one each run"), Randomizable()]
 Steps = Annotated[int, Field(ge=1, le=1000, description="scheduler steps (before strength)")]
 Guidance = Annotated[float, Field(ge=0, le=100, description="classifier-free guidance scale; <= 1 turns it off")]
 Strength = Annotated[float, Field(gt=0, le=1, description="how much to change: the last int(steps*strength) steps run")]

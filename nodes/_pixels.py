@@ -1,6 +1,6 @@
 """IMAGE / MASK tensors to and from the 8-bit arrays that OpenCV and Pillow work on.
 
-Conventions (DESIGN §2): IMAGE is float32 (B, 3, H, W) RGB in [0, 1]; MASK is
+Conventions (docs/design.md §2): IMAGE is float32 (B, 3, H, W) RGB in [0, 1]; MASK is
 float32 (B, 1, H, W) in [0, 1], 1 = repaint. Going to 8 bits rounds to the
 nearest level, ``round(clamp(x, 0, 1) * 255)`` (half to even), which is what
 diffusers' ``numpy_to_pil`` does; coming back divides by 255, like diffusers'

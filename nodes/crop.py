@@ -1,4 +1,4 @@
-"""The padding_mask_crop path (seed article 001) and overlaying a result onto its original.
+"""The padding_mask_crop path (docs/design.md §4.7) and overlaying a result onto its original.
 
 CropToMask finds the region around the mask (diffusers' ``VaeImageProcessor.get_crop_region``),
 crops it and resizes it to the processing size (diffusers' ``resize_mode="fill"``); the

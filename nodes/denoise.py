@@ -8,10 +8,10 @@ latents:
 - img2img: the last ``int(N * strength)`` timesteps, ``x = add_noise(x0, noise, t_start)``;
 - classifier-free guidance ``uncond + g * (cond - uncond)`` with [uncond, cond] in one UNet batch, when
   ``g > 1``;
-- hooks change the loop without copying it: ``LatentBlend`` (seed article 000: after each step the
+- hooks change the loop without copying it: ``LatentBlend`` (docs/design.md §4.3: after each step the
   unmasked latents become ``add_noise(x0, noise, t_{i+1})``, clean ``x0`` after the last),
   ``ChannelConcat`` (inpainting UNets see ``cat([x, mask, masked_image_latents])``),
-  ``DifferentialThreshold`` (seed article 002: before step ``i >= 1`` pixels with ``1 - c > i/N`` are reset
+  ``DifferentialThreshold`` (docs/design.md §4.5: before step ``i >= 1`` pixels with ``1 - c > i/N`` are reset
   to ``add_noise(x0, noise, t_i)``).
 
 Every random draw comes from one CPU ``torch.Generator(seed)`` and is moved to the device, like diffusers'
@@ -207,7 +207,7 @@ class Hook:
 
 
 class LatentBlend(Hook):
-    """Base-model inpainting (seed article 000): keep the unmasked latents on the noised original.
+    """Base-model inpainting (the latent-blending article): keep the unmasked latents on the noised original.
 
     After step i: ``x = (1 - m) * add_noise(x0, noise, t_{i+1}) + m * x``; after the last step the clean x0.
     ``m`` is the binary mask at latent size (1 = repaint)."""
@@ -233,7 +233,7 @@ class ChannelConcat(Hook):
 
 
 class DifferentialThreshold(Hook):
-    """Differential diffusion (seed article 002): a pixel with change c is free only for the last c*N steps.
+    """Differential diffusion (the outpainting article): a pixel with change c is free only for the last c*N steps.
 
     Before step i >= 1, where ``keep_map > i / N`` (keep_map = 1 - c) the latents are reset to
     ``add_noise(x0, noise, t_i)``, one noise tensor throughout."""

@@ -50,7 +50,7 @@ def telea_fill_node(
 
     Pixels where the mask is >= 0.5 (1 = repaint) are filled by `cv2.inpaint` on the 8-bit
     image (rounded to the nearest level); every other pixel is returned as it came in. Use it
-    to pre-fill new canvas before diffusion (seed article 002), or alone to remove small things.
+    to pre-fill new canvas before diffusion (the outpainting article), or alone to remove small things.
     The filled pixels equal `cv2.inpaint(bgr_uint8, mask_uint8, radius, flag)` exactly.
     """
     return telea_fill(image, mask, radius, method)

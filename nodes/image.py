@@ -27,7 +27,7 @@ def target_size(src_w: int, src_h: int, width: int = 0, height: int = 0, long_si
     """The (width, height) an image of ``src_w`` x ``src_h`` is resized to.
 
     - ``long_side``: the long side becomes ``long_side``, the short one ``int(long_side / aspect)``
-      (truncated, as seed article 002's ``image_resize`` computes it).
+      (truncated, as the outpainting article's ``image_resize`` computes it).
     - ``width`` and ``height``: exactly that size, or with ``keep_aspect`` the largest size of the
       same aspect that fits inside (the constrained side exact, the other truncated).
     - only ``width`` (or only ``height``): the other side follows the aspect (truncated), or stays
@@ -69,7 +69,7 @@ def resize_pixels(t: torch.Tensor, width: int, height: int, resample: str = "lan
 
     ``pil``: ``PIL.Image.resize((w, h), resample)`` ("area" is Pillow's BOX filter).
     ``opencv``: ``cv2.resize(x, (w, h), interpolation)`` ("lanczos" is INTER_LANCZOS4, as in
-    seed article 002). Going through 8 bits is what both references do; results equal theirs.
+    the outpainting article). Going through 8 bits is what both references do; results equal theirs.
     """
     if tuple(t.shape[-2:]) == (height, width):
         return t.clone()
@@ -149,7 +149,7 @@ _Side = Annotated[int, Field(ge=0, le=MAX_SIDE)]
 
 
 @node("ImageResize", version=1, category="image", outputs={"image": IMAGE}, check=_check_resize,
-      reference="PIL.Image.resize / cv2.resize; long_side with backend opencv is seed article 002's image_resize")
+      reference="PIL.Image.resize / cv2.resize; long_side with backend opencv is the outpainting article's image_resize")
 def image_resize(
     image: Image,
     width: Annotated[_Side, Field(description="target width in pixels; 0 = from the height and the aspect")] = 0,
@@ -157,12 +157,12 @@ def image_resize(
     long_side: Annotated[_Side, Field(description="make the longer side this long, keeping the aspect (instead of width/height)")] = 0,
     keep_aspect: Annotated[bool, Field(description="with width and height: fit inside that box keeping the aspect; with one of them: scale the other side too")] = True,
     resample: Annotated[Filter, Field(description="resampling filter")] = "lanczos",
-    backend: Annotated[Backend, Field(description="pil (diffusers' resizing) or opencv (seed article 002's cv2.resize)")] = "pil",
+    backend: Annotated[Backend, Field(description="pil (diffusers' resizing) or opencv (the outpainting article's cv2.resize)")] = "pil",
     multiple_of: Annotated[int, Field(ge=1, le=256, description="round each side down to a multiple of this (8 for Stable Diffusion)")] = 1,
 ) -> torch.Tensor:
     """Resize images to a width/height or a long side, keeping the aspect or not.
 
-    The side computed from the aspect is truncated, as seed article 002's `image_resize`
+    The side computed from the aspect is truncated, as the outpainting article's `image_resize`
     computes it; `long_side=1024, backend="opencv", resample="lanczos"` is that function
     (cv2.INTER_LANCZOS4). Resampling works on the 8-bit image like Pillow/OpenCV (and
     diffusers) do, so results equal `PIL.Image.resize` / `cv2.resize` pixel for pixel.

@@ -1,4 +1,4 @@
-"""LoadIPAdapter and ApplyIPAdapter: an image prompt for the samplers (seed article 002), via diffusers.
+"""LoadIPAdapter and ApplyIPAdapter: an image prompt for the samplers (docs/design.md §4.10), via diffusers.
 
 ``LoadIPAdapter`` reads an IP-Adapter in its usual single-file layout (``image_proj.*`` and
 ``ip_adapter.{n}.to_k_ip/to_v_ip.weight`` keys, ``.safetensors`` only: pickles are refused) and a CLIP
@@ -54,7 +54,7 @@ from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 
 from ._loading import LoadedOnce, files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
 from ._pixels import check_image, to_pil
-from .denoise import ModelPatch, UNetConditioning
+from .denoise import ModelPatch, UNetConditioning, unet_lock
 
 log = logging.getLogger("nodegraph.ipadapter")
 
@@ -353,9 +353,10 @@ def adapter_modules(unet, adapters: tuple[IPAdapterHandle, ...]) -> tuple[dict, 
     """diffusers' IP attention processors (cross-attention layers only) and image projection for ``adapters``
     on ``unet``, made by diffusers' converters from the UNet as it is (unpatched).
 
-    Built once per UNet and adapter list and shared by every patch that uses them (the seed workflow applies
+    Built once per UNet and adapter list and shared by every patch that uses them (the panorama workflow applies
     one adapter to new slices at each expansion); the scales are set by each patch when it is applied."""
-    with _MODULES_LOCK:
+    # unet_lock: another thread's sampler may have its patch installed right now; build from the plain UNet
+    with unet_lock(unet), _MODULES_LOCK:
         built = _MODULES.setdefault(unet, {})
         if adapters not in built:
             from diffusers.models.attention_processor import (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0,
@@ -507,7 +508,7 @@ def apply_ip_adapter_node(
     image: Image,
     ctx: RunContext,
     scale: Annotated[float, Field(ge=0, le=10, description="IP-Adapter scale (set_ip_adapter_scale); "
-                                                           "the seed article uses 0.1")] = 1.0,
+                                                           "the outpainting article uses 0.1")] = 1.0,
 ):
     """Give the model an image prompt: a new MODEL whose samplers see the images through the IP-Adapter.
 

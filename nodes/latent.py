@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from nodegraph.errors import NodeError
+from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
@@ -188,6 +189,11 @@ def _check_size(params: dict):
         if isinstance(value, int) and value % LATENT_FACTOR:
             yield name, (f"must be a multiple of {LATENT_FACTOR} (the VAE's factor); try "
                          f"{max(LATENT_FACTOR, round(value / LATENT_FACTOR) * LATENT_FACTOR)}")
+    sizes = [params.get(name) for name in ("width", "height", "batch")]
+    if all(isinstance(v, int) for v in sizes):
+        too_big = current_limits().pixels_problem(*sizes)
+        if too_big:
+            yield "width", f"the image to make: {too_big}"
 
 
 @node("EmptyLatent", version=1, category="latent", outputs={"latent": LATENT}, check=_check_size,
@@ -195,9 +201,10 @@ def _check_size(params: dict):
 def empty_latent_node(
     width: Annotated[int, Field(ge=8, le=16384, description="pixels, a multiple of 8")] = 512,
     height: Annotated[int, Field(ge=8, le=16384, description="pixels, a multiple of 8")] = 512,
-    batch: Annotated[int, Field(ge=1, le=64)] = 1,
+    batch: Annotated[int, Field(ge=1, le=64, description="images made at once (each with its own noise)")] = 1,
 ):
     """An empty latent of width x height pixels: samplers start text2img from pure noise on it."""
+    current_limits().check_pixels(width, height, batch, "the image to make")
     return empty_latent(width, height, batch)
 
 

@@ -23,7 +23,7 @@ from .io import MAX_SIDE
 # --------------------------------------------------------------------------- arithmetic
 
 def odd_kernel(size: int) -> int:
-    """OpenCV Gaussian kernels must be odd: an even size grows by one (as seed article 002 does)."""
+    """OpenCV Gaussian kernels must be odd: an even size grows by one (as the outpainting article does)."""
     return size + 1 if size % 2 == 0 else size
 
 
@@ -31,9 +31,9 @@ def blur_mask(mask: torch.Tensor, radius: float = 4.0, method: str = "pil", kern
     """Gaussian blur of each mask in the batch.
 
     ``method="pil"``: Pillow's ``ImageFilter.GaussianBlur(radius)`` on the 8-bit mask, exactly
-    what diffusers' ``VaeImageProcessor.blur(mask, blur_factor=radius)`` does (seed article 001);
+    what diffusers' ``VaeImageProcessor.blur(mask, blur_factor=radius)`` does (the diffusers inpainting guide);
     the result has 8-bit levels.
-    ``method="opencv"``: ``cv2.GaussianBlur`` on the 8-bit mask, as seed article 002 does
+    ``method="opencv"``: ``cv2.GaussianBlur`` on the 8-bit mask, as the outpainting article does
     (OpenCV's 8-bit path is fixed-point and can differ from the exact float blur by up to
     ~2 levels; matching the article matters more here). With ``kernel_size > 0`` the kernel
     is ``kernel_size`` square (even sizes grow by one) and the sigma follows from it, as in
@@ -166,15 +166,15 @@ def mask_to_image(mask: torch.Tensor) -> torch.Tensor:
 def mask_blur(
     mask: Mask,
     radius: Annotated[float, Field(ge=0, le=1024, description="Gaussian radius (sigma) in pixels; the blur_factor of diffusers' VaeImageProcessor.blur")] = 4.0,
-    method: Annotated[Literal["pil", "opencv"], Field(description="pil: Pillow GaussianBlur (diffusers); opencv: cv2.GaussianBlur (seed article 002); both on 8-bit levels")] = "pil",
-    kernel_size: Annotated[int, Field(ge=0, le=4095, description="opencv only: kernel side in pixels (even sizes grow by one), sigma derived from it, as seed article 002's blur_radius; 0 = use radius")] = 0,
+    method: Annotated[Literal["pil", "opencv"], Field(description="pil: Pillow GaussianBlur (diffusers); opencv: cv2.GaussianBlur (the outpainting article); both on 8-bit levels")] = "pil",
+    kernel_size: Annotated[int, Field(ge=0, le=4095, description="opencv only: kernel side in pixels (even sizes grow by one), sigma derived from it, as the outpainting article's blur_radius; 0 = use radius")] = 0,
 ) -> torch.Tensor:
     """Gaussian-blur a mask to feather its edge.
 
     method "pil" is Pillow's GaussianBlur with the given radius on the 8-bit mask, pixel for
     pixel what diffusers' `VaeImageProcessor.blur(mask, blur_factor=radius)` returns (seed
     article 001). method "opencv" is `cv2.GaussianBlur` on the 8-bit mask: with `kernel_size` it is
-    seed article 002's `cv2.GaussianBlur(mask, (k, k), 0)` (its `blur_radius`, even sizes
+    the outpainting article's `cv2.GaussianBlur(mask, (k, k), 0)` (its `blur_radius`, even sizes
     grow by one); with `kernel_size` 0 the sigma is `radius`. Polarity is unchanged (1 = repaint).
     """
     return blur_mask(mask, radius, method, kernel_size)

@@ -1,8 +1,9 @@
-"""Outpainting helpers from seed article 002: grow the canvas, slice for IP-Adapter, stitch tiles.
+"""Outpainting helpers (docs/design.md §4.8, after the outpainting article): grow the canvas, slice for
+IP-Adapter, stitch tiles.
 
 The article's ``process_image`` returns a differential-diffusion ``map`` where white keeps
 the original (255 outside the new area, ``inpaint_mask_color`` inside). Here masks follow
-DESIGN §2 (1 = change), so ExpandCanvas outputs ``change = 1 - map / 255``.
+docs/design.md §2 (1 = change), so ExpandCanvas outputs ``change = 1 - map / 255``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def expand_canvas(
     prefill: str = "telea",
     telea_radius: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seed article 002's ``process_image`` on a batch: returns (canvas, change map, new-area mask).
+    """The outpainting article's ``process_image`` on a batch: returns (canvas, change map, new-area mask).
 
     1. The canvas grows by ``expand_pixels`` towards ``direction``. If that makes it longer
        than ``max_size`` along that axis (0 = no limit), the image is cropped on the opposite
@@ -103,7 +104,7 @@ def _spans(direction: str, length: int, expand_pixels: int) -> tuple[slice, slic
 
 
 def square_slices(image: torch.Tensor, cols: int = 2, rows: int = 3, layout: str = "grid") -> torch.Tensor:
-    """Seed article 002's ``slice_image``: ``cols`` x ``rows`` squares of side ``min(w // cols, h // rows)``.
+    """The outpainting article's ``slice_image``: ``cols`` x ``rows`` squares of side ``min(w // cols, h // rows)``.
 
     ``grid`` (the article): square (r, c) starts at (c * side, r * side); the article shifts a
     last square that would stick out back inside, which cannot happen with that side, so
@@ -129,7 +130,7 @@ def _positions(length: int, side: int, count: int, layout: str) -> list[int]:
 
 
 def merge_tile(panorama: torch.Tensor, tile: torch.Tensor, offset: int, direction: str) -> torch.Tensor:
-    """Seed article 002's ``merge_images``: the panorama grown by ``offset`` towards ``direction``.
+    """The outpainting article's ``merge_images``: the panorama grown by ``offset`` towards ``direction``.
 
     The panorama is placed at the far side, then the tile flush with the new edge on top of
     it (the tile wins where they overlap); anything neither covers stays black.
@@ -174,7 +175,7 @@ def _check_expand(params: dict):
 
 @node("ExpandCanvas", version=1, category="outpaint", check=_check_expand,
       outputs={"image": IMAGE, "change": MASK, "new_area": MASK},
-      reference="seed article 002 process_image (change = 1 - mask / 255)")
+      reference="process_image of the outpainting article (change = 1 - mask / 255)")
 def expand_canvas_node(
     image: Image,
     direction: Annotated[Direction, Field(description="side the canvas grows on")] = "right",
@@ -182,14 +183,14 @@ def expand_canvas_node(
     max_size: Annotated[int, Field(ge=0, le=16384, description="longest canvas along the growth axis; beyond it the image is cropped on the opposite side (0 = no limit)")] = 1024,
     fill_color: Annotated[tuple[_Byte, _Byte, _Byte], Field(description="RGB colour of the new area before the Telea prefill")] = (0, 0, 0),
     mask_offset: Annotated[int, Field(ge=0, le=8192, description="pixels the change area reaches into the old image, so the seam is repainted too")] = 50,
-    blur_kernel: Annotated[int, Field(ge=0, le=4095, description="cv2.GaussianBlur kernel size for the change map (seed blur_radius; even grows by one; 0 = no blur)")] = 500,
-    inpaint_mask_color: Annotated[int, Field(ge=0, le=255, description="grey level of the seed's map over the new area: lighter keeps more of the prefill (change there = 1 - level/255)")] = 50,
+    blur_kernel: Annotated[int, Field(ge=0, le=4095, description="cv2.GaussianBlur kernel size for the change map (the article's blur_radius; even grows by one; 0 = no blur)")] = 500,
+    inpaint_mask_color: Annotated[int, Field(ge=0, le=255, description="grey level of the article's map over the new area: lighter keeps more of the prefill (change there = 1 - level/255)")] = 50,
     prefill: Annotated[Literal["telea", "none"], Field(description="telea: fill the new area with cv2.inpaint Telea; none: leave fill_color")] = "telea",
     telea_radius: Annotated[float, Field(gt=0, le=256, description="cv2.inpaint radius for the prefill")] = 3.0,
 ):
     """Grow the canvas for outpainting: new area pre-filled, soft change map, hard new-area mask.
 
-    Seed article 002's `process_image`: the canvas grows by `expand_pixels` towards
+    The outpainting article's `process_image`: the canvas grows by `expand_pixels` towards
     `direction` (cropping the opposite side beyond `max_size`), the new area is `fill_color`
     pre-filled with OpenCV Telea, and the change map covers the new area plus `mask_offset`
     pixels into the old image at level 1 - inpaint_mask_color/255, blurred by
@@ -204,7 +205,7 @@ def expand_canvas_node(
 
 
 @node("SliceForIPAdapter", version=1, category="outpaint", outputs={"images": IMAGE},
-      reference="seed article 002 slice_image")
+      reference="slice_image of the outpainting article")
 def slice_for_ip_adapter(
     image: Image,
     cols: Annotated[int, Field(ge=1, le=16, description="squares across")] = 2,
@@ -213,7 +214,7 @@ def slice_for_ip_adapter(
 ) -> torch.Tensor:
     """Cut an image into square slices to give IP-Adapter (which wants squares) a non-square image.
 
-    Seed article 002's `slice_image`: squares of side min(w // cols, h // rows) on a cols x rows
+    The outpainting article's `slice_image`: squares of side min(w // cols, h // rows) on a cols x rows
     grid, returned as one IMAGE batch, row by row. The article's "shift the last square back
     inside" never triggers with that side, so `grid` covers the top-left area; `spread`
     spaces the squares evenly so the last column and row touch the right and bottom edges.
@@ -222,7 +223,7 @@ def slice_for_ip_adapter(
     return square_slices(image, cols, rows, layout)
 
 
-@node("Merge", version=1, category="outpaint", outputs={"image": IMAGE}, reference="seed article 002 merge_images")
+@node("Merge", version=1, category="outpaint", outputs={"image": IMAGE}, reference="merge_images of the outpainting article")
 def merge(
     panorama: Image,
     tile: Image,
@@ -231,7 +232,7 @@ def merge(
 ) -> torch.Tensor:
     """Stitch a newly generated tile onto the growing panorama.
 
-    Seed article 002's `merge_images`: the result is the panorama grown by `offset` towards
+    The outpainting article's `merge_images`: the result is the panorama grown by `offset` towards
     `direction`; the panorama keeps its pixels and the tile is laid flush with the new edge,
     over the panorama where they overlap. Across the growth axis the sizes must match.
     """

@@ -5,13 +5,15 @@ which also stops between steps on interrupt. A negative conditioning is optional
 sampler uses the default negative carried by the positive conditioning (the empty prompt's embedding;
 zeros for SDXL), as diffusers does. SD 1.x/2.x and SDXL models go through the same nodes.
 
-Refiner hand-off (seed article 001; diffusers' denoising_start / denoising_end): a sampler with
+Refiner hand-off (docs/design.md §4.9; diffusers' denoising_start / denoising_end): a sampler with
 ``denoising_end`` 0.8 stops at 80 % of the schedule and returns still noisy latents; a sampler (e.g. with
 the SDXL refiner) with ``denoising_start`` 0.8 and the same steps and scheduler finishes them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
+
+from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph import node
@@ -46,7 +48,7 @@ def sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: SchedulerName = "euler",
+    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
     strength: Strength = 1.0,
     denoising_start: DenoisingStart = 0.0,
     denoising_end: DenoisingEnd = 1.0,
@@ -68,7 +70,7 @@ def sampler_node(
 
 
 @node("LatentBlendSampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
-      reference="diffusers StableDiffusion(XL)InpaintPipeline with a 4-channel UNet (seed article 000)")
+      reference="diffusers StableDiffusion(XL)InpaintPipeline with a 4-channel UNet (the latent-blending article)")
 def latent_blend_sampler_node(
     model: Model,
     positive: Conditioning,
@@ -79,13 +81,13 @@ def latent_blend_sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: SchedulerName = "euler",
+    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
     strength: Strength = 1.0,
     denoising_start: DenoisingStart = 0.0,
     denoising_end: DenoisingEnd = 1.0,
 ):
     """Inpaint with a normal checkpoint: after each step the unmasked latents are replaced by the original
-    noised to the next timestep (seed article 000), so only the mask (1 = repaint) changes.
+    noised to the next timestep (the latent-blending article), so only the mask (1 = repaint) changes.
 
     The mask is binarised at 0.5 and resized to latent size (nearest), as diffusers does. Strength 1
     starts the masked area from pure noise; lower strength starts from the noised original. Hand-off as
@@ -102,7 +104,7 @@ def latent_blend_sampler_node(
 
 
 @node("DifferentialSampler", version=1, category="sampling", outputs={"latent": LATENT},
-      reference="differential diffusion (seed article 002; diffusers community "
+      reference="differential diffusion (the outpainting article; diffusers community "
                 "pipeline_stable_diffusion_xl_differential_img2img, whose map is 1 - change_map)")
 def differential_sampler_node(
     model: Model,
@@ -114,16 +116,16 @@ def differential_sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: SchedulerName = "euler",
+    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
     strength: Strength = 1.0,
     denoising_end: DenoisingEnd = 1.0,
 ):
     """Differential diffusion: a soft change map says how much each pixel may change.
 
-    change_map is a MASK (1 = change fully, 0 = keep, 0.3 = change a little); the seed article's map is
+    change_map is a MASK (1 = change fully, 0 = keep, 0.3 = change a little); the outpainting article's map is
     the opposite (white = keep), converted here. A pixel with change c follows the noised original and is
     free only for the last c*N of the N steps. The map is averaged to latent size. Works the same on SDXL
-    (seed article 002). denoising_end < 1 stops early for a hand-off (thresholds still count all N steps)."""
+    (the outpainting article). denoising_end < 1 stops early for a hand-off (thresholds still count all N steps)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_end=denoising_end)
     samples = denoise.differential(model, positive, negative, latent, change_map, seed=seed, steps=steps,

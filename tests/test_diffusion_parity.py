@@ -1,7 +1,7 @@
 """Our samplers against diffusers' pipelines on tiny random SD 1.x models (fp32, CPU).
 
 Same seed, same initial noise, same image latents on both sides; final latents must agree within 1e-4.
-Differential diffusion is checked against a fresh, plain implementation of DESIGN §5 written here.
+Differential diffusion is checked against a fresh, plain implementation of docs/design.md §4.5 written here.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_inpaint_conditioning_matches_pipeline_mask_latents(sd_inpaint):
 # ---------------------------------------------------------------------------------------------- differential
 
 def reference_differential(unet, make_scheduler, x0, noise, change, cond, guidance, steps, strength):
-    """DESIGN §5 written out plainly: O[i] = add_noise(x0, eps, t_i); start at O[0]; before step i >= 1
+    """docs/design.md §4.5 written out plainly: O[i] = add_noise(x0, eps, t_i); start at O[0]; before step i >= 1
     reset pixels with (1 - c) > i/N to O[i]. c is averaged over each 8x8 footprint."""
     scheduler = make_scheduler()
     scheduler.set_timesteps(steps)

@@ -1,4 +1,4 @@
-"""ImageResize / MaskResize / ImageGrid / ImageBatch against Pillow, OpenCV, the seed's image_resize
+"""ImageResize / MaskResize / ImageGrid / ImageBatch against Pillow, OpenCV, the outpainting article's image_resize
 and diffusers' make_image_grid."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.imaging import PHOTOS, as_image, as_mask, photo_array, random_masks, 
 
 
 def seed_image_resize(image: np.ndarray, new_size: int) -> np.ndarray:
-    """Seed article 002's image_resize, written out again: long side to new_size, Lanczos-4."""
+    """The outpainting article's image_resize, written out again: long side to new_size, Lanczos-4."""
     height, width = image.shape[:2]
     ratio = width / height
     new_w = new_h = new_size

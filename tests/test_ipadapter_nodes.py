@@ -113,7 +113,7 @@ def test_image_embeds_are_computed_once_and_the_inputs_are_not_modified(sd1_ip, 
 
 
 def test_adapter_modules_are_built_once_per_unet_and_shared(sd1_ip, slices):
-    """Each expansion of the seed workflow applies the same adapter to new slices: one set of modules."""
+    """Each expansion of the panorama workflow applies the same adapter to new slices: one set of modules."""
     _, (model, _, _), adapters = sd1_ip
     adapter = load_ip_adapter(adapters.plain, adapters.encoder)
     a = apply_ip_adapter(model, adapter, slices[:2], 0.1).patches[0]
@@ -244,3 +244,38 @@ def test_adapter_with_other_layers_does_not_fit(sd1_ip, tmp_path):
     path = build_ip_adapter(tmp_path / "wider.safetensors", wider, CLIPVisionConfig(**TINY_VISION), "plain")
     problem = unet_fit_problem(inspect_adapter(path), model.unet)
     assert "(96, 32)" in problem and "(64, 32)" in problem
+
+
+def test_two_engine_runs_at_once_one_with_an_ip_adapter(sd1_ip, tmp_path):
+    """One Engine, two threads: an IP-Adapter workflow and a plain one sampling the same UNet at the same
+    time give what they give one after the other (the plain run never sees the patch)."""
+    spec = workflow(sd1_ip)
+    alone = {t: Engine(cache_dir=False).run(spec, targets=[t], out_dir=tmp_path).outputs[t]["latent"].samples
+             for t in ("plain", "with_ip")}
+    engine = Engine(cache_dir=False)
+    engine.run(spec, targets=["apply", "prompt", "empty"], out_dir=tmp_path)  # load once, then sample in parallel
+    results, errors = {}, []
+
+    def run(target):
+        try:
+            for _ in range(2):
+                spec_i = workflow(sd1_ip)
+                spec_i["nodes"][target]["params"]["steps"] = 4  # not cached: both threads really sample
+                results[target] = engine.run(spec_i, targets=[target], out_dir=tmp_path)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    import threading
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in ("plain", "with_ip")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for target in ("plain", "with_ip"):
+        expected = Engine(cache_dir=False).run({**spec, "nodes": {**spec["nodes"], target: {
+            **spec["nodes"][target], "params": {**spec["nodes"][target]["params"], "steps": 4}}}},
+            targets=[target], out_dir=tmp_path).outputs[target]["latent"].samples
+        assert torch.equal(results[target].outputs[target]["latent"].samples, expected), target
+    assert not torch.equal(alone["plain"], alone["with_ip"])

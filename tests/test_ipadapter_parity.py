@@ -35,7 +35,7 @@ def sd1(tiny, sd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slices():
-    """Seed article 002's six squares (2 x 3) of a real photograph, 28 px each."""
+    """The outpainting article's six squares (2 x 3) of a real photograph, 28 px each."""
     image, _ = load_image_file(DATA / "chelsea_128.png")
     return square_slices(image, 2, 3, "grid")
 
@@ -76,8 +76,8 @@ def assert_close(ours, ref):
 
 @pytest.mark.parametrize("kind,scheduler,scale", [
     ("plain", "euler", 1.0),
-    ("plain", "dpmpp_2m_karras", 0.1),  # the seed article's scheduler and scale
-    ("plus", "dpmpp_2m_karras", 0.1),   # the seed article's adapter kind (ip-adapter-plus)
+    ("plain", "dpmpp_2m_karras", 0.1),  # the outpainting article's scheduler and scale
+    ("plus", "dpmpp_2m_karras", 0.1),   # the outpainting article's adapter kind (ip-adapter-plus)
     ("plus", "euler", 0.6),
 ])
 def test_sd1_text2img_with_slices_matches_pipeline(sd1, slices, kind, scheduler, scale):

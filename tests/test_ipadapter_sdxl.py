@@ -1,4 +1,4 @@
-"""IP-Adapter on SDXL against diffusers on tiny random models (fp32, CPU): seed article 002's combination.
+"""IP-Adapter on SDXL against diffusers on tiny random models (fp32, CPU): the outpainting article's combination.
 
 text2img with square slices of a photograph vs ``StableDiffusionXLPipeline(ip_adapter_image=[slices])``, and
 differential diffusion with the adapter vs a plain loop written here around a UNet that diffusers'
@@ -66,7 +66,7 @@ def assert_close(ours, ref):
 
 
 @pytest.mark.parametrize("kind,scheduler,scale", [
-    ("plus", "dpmpp_2m_karras", 0.1),  # the seed article's adapter kind, scheduler and scale
+    ("plus", "dpmpp_2m_karras", 0.1),  # the outpainting article's adapter kind, scheduler and scale
     ("plain", "euler", 0.8),
 ])
 def test_sdxl_text2img_with_slices_matches_pipeline(xl_ip, slices, kind, scheduler, scale):
@@ -99,7 +99,7 @@ def test_sdxl_negative_prompt_and_batch_match_pipeline(xl_ip, slices):
 
 
 def test_sdxl_differential_with_ip_adapter_matches_plain_loop(xl_ip, slices):
-    """Seed article 002's generate_image: differential img2img, strength 1, guidance 4, IP-Adapter Plus at 0.1."""
+    """The outpainting article's generate_image: differential img2img, strength 1, guidance 4, IP-Adapter Plus at 0.1."""
     folder, handles, adapters = xl_ip
     model, clip, vae = handles
     image = F.interpolate(load_image_file(DATA / "chelsea_128.png")[0], size=(64, 64), mode="bilinear")

@@ -31,7 +31,7 @@ def test_pil_blur_is_diffusers_blur(radius, soft):
 def test_opencv_kernel_blur_is_the_seed_blur(kernel):
     masks = random_masks(H, W, 2, seed=kernel)
     out = mask_blur(as_mask(*masks), method="opencv", kernel_size=kernel)
-    k = kernel + 1 if kernel % 2 == 0 else kernel  # the seed article bumps even sizes
+    k = kernel + 1 if kernel % 2 == 0 else kernel  # the outpainting article bumps even sizes
     for m, o in zip(masks, out):
         expected = cv2.GaussianBlur(m, (k, k), 0)
         assert np.abs(o[0].numpy() * 255 - expected).max() <= 1.0

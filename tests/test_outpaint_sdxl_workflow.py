@@ -28,7 +28,7 @@ def overrides(models, repeat):
     base, adapters = models
     return {
         "ckpt.path": str(base),
-        "ipadapter.path": str(adapters.plus),  # the seed article uses ip-adapter-plus_sdxl
+        "ipadapter.path": str(adapters.plus),  # the outpainting article uses ip-adapter-plus_sdxl
         "ipadapter.image_encoder": str(adapters.encoder),
         "size.value": SIZE,
         "pixels.value": PIXELS,

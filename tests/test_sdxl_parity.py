@@ -3,7 +3,7 @@
 Same seed, same initial noise, same image latents on both sides; final latents must agree within 1e-4.
 The pipelines get prompts (not our embeddings), so the SDXL prompt encoding, the zero default negative
 and the time ids are checked along with the loop. Differential diffusion is checked against a fresh,
-plain implementation of DESIGN §5 written here, with SDXL's added conditioning made by hand.
+plain implementation of docs/design.md §4.5 written here, with SDXL's added conditioning made by hand.
 """
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def test_inpainting_checkpoint_matches_sdxl_inpaint_pipeline_9ch(xl_inpaint, sch
 
 
 def test_inpaint_then_refiner_handoff(xl, xl_inpaint, refiner):
-    """Seed article 001's chain in latent space: inpaint with denoising_end, the refiner inpaints the rest."""
+    """The inpainting guide's chain in latent space: inpaint with denoising_end, the refiner inpaints the rest."""
     mask = centre_mask()
     model, clip, vae = xl_inpaint
     latents = inpaint_conditioning(vae, photo(seed=3), mask)
@@ -260,7 +260,7 @@ def test_inpaint_then_refiner_handoff(xl, xl_inpaint, refiner):
 
 def reference_differential_xl(unet, make_scheduler, x0, noise, change, cond, pooled, guidance, steps, strength,
                               end=None):
-    """DESIGN §5 written out plainly for SDXL: O[i] = add_noise(x0, eps, t_i); start at O[0]; before step
+    """docs/design.md §4.5 written out plainly for SDXL: O[i] = add_noise(x0, eps, t_i); start at O[0]; before step
     i >= 1 reset pixels with (1 - c) > i/N to O[i]; c averaged over each 8x8 footprint. The UNet also gets
     the pooled embeds and time ids (original = target = the image size, crop 0), made here by hand."""
     scheduler = make_scheduler()
