@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 TEMP_SUFFIX = ".ngtmp"
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
@@ -42,6 +42,40 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def write_new_numbered(folder: Path, name_for: Callable[[int], str], first: int, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a new file ``folder/name_for(n)`` for the first free n >= ``first``, atomically, never replacing
+    an existing file: the data goes to a temporary file, which then gets its final name with ``os.link``
+    (which fails rather than overwrite; the next number is tried), or a checked ``os.replace`` on file
+    systems without hard links."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(folder)
+    temp = temp_path(folder, name_for(first))
+    # os.open with 0o666 so the file gets the usual permissions (umask applies), unlike mkstemp's 0o600
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        index = first
+        while True:
+            target = folder / name_for(index)
+            try:
+                os.link(temp, target)
+                return target
+            except FileExistsError:
+                index += 1
+            except OSError:  # no hard links here: check, then rename
+                if target.exists():
+                    index += 1
+                    continue
+                os.replace(temp, target)
+                return target
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:

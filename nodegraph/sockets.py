@@ -42,7 +42,6 @@ IMAGE, MASK, LATENT, CONDITIONING = "IMAGE", "MASK", "LATENT", "CONDITIONING"
 MODEL, CLIP, VAE = "MODEL", "CLIP", "VAE"
 # Scalar link types: what a param of a given python type accepts through a link.
 INT, FLOAT, STRING, BOOLEAN, ANY = "INT", "FLOAT", "STRING", "BOOLEAN", "ANY"
-SCALAR_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN})
 
 
 def _tensor(value: Any) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -14,7 +13,7 @@ from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph import node
-from nodegraph.atomic import clean_stale_temps, temp_path
+from nodegraph.atomic import write_new_numbered
 from nodegraph.context import default_temp_dir
 from nodegraph.errors import NodeError
 from nodegraph.files import open_regular
@@ -171,47 +170,19 @@ def next_index(folder: Path, name: str) -> int:
 
 
 def write_png(pixels: np.ndarray, folder: Path, name: str, text: dict[str, str], compress_level: int = 6) -> Path:
-    """Write ``folder/name_NNNNN.png`` atomically, never replacing an existing file.
-
-    The PNG goes to a hidden temporary file in the same folder first; it then gets its
-    final name with ``os.link``, which fails rather than overwrite (the next number is
-    tried), or ``os.replace`` where the file system has no hard links. An interrupted run
-    leaves no partly written PNG under a final name.
-    """
+    """Write ``folder/name_NNNNN.png`` atomically, numbered after the highest number there, never replacing an
+    existing file; an interrupted run leaves no partly written PNG under a final name."""
     from PIL import Image as PILImage
     from PIL.PngImagePlugin import PngInfo
 
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    # os.open with 0o666 so the file gets the usual permissions (umask applies), unlike mkstemp's 0o600;
-    # the temporary name says which process writes it, so a later run can remove it if that one died
-    clean_stale_temps(folder)
-    temp = str(temp_path(folder, name))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            PILImage.fromarray(pixels).save(handle, format="PNG", pnginfo=info, compress_level=compress_level)
-            handle.flush()
-            os.fsync(handle.fileno())
-        index = next_index(folder, name)
-        while True:
-            target = folder / f"{name}_{index:05d}.png"
-            try:
-                os.link(temp, target)
-                return target
-            except FileExistsError:
-                index += 1
-            except OSError:  # no hard links here: check, then rename
-                if target.exists():
-                    index += 1
-                    continue
-                os.replace(temp, target)
-                return target
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+
+    def write(handle) -> None:
+        PILImage.fromarray(pixels).save(handle, format="PNG", pnginfo=info, compress_level=compress_level)
+
+    return write_new_numbered(folder, lambda index: f"{name}_{index:05d}.png", next_index(folder, name), write)
 
 
 def run_manifest(ctx: RunContext, index: int, batch: int) -> dict:

@@ -1,5 +1,6 @@
 """The package as users install it: nodegraph.nodes inside nodegraph, nothing named nodes in site-packages."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -8,8 +9,13 @@ from .conftest import REPO
 
 
 def test_the_wheel_installs_the_node_library_as_nodegraph_nodes(tmp_path):
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("nodegraph", "nodes"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(REPO)], check=True, timeout=300)
+                    str(tmp_path), str(source)], check=True, timeout=300)
     (wheel,) = tmp_path.glob("nodegraph-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
