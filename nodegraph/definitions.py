@@ -238,7 +238,7 @@ def build_node_def(fn, type_name, version, category, outputs, cacheable, output,
     description = doc.strip().splitlines()[0] if doc.strip() else ""
     if not description:
         raise NodeDefinitionError(f"node type {type_name}: the function needs a docstring (its first line is the description)")
-    hints = typing.get_type_hints(fn, include_extras=True)
+    hints = _param_hints(fn)
     signature = inspect.signature(fn)
     inputs: dict[str, InputSpec] = {}
     ctx_arg = None
@@ -265,6 +265,19 @@ def build_node_def(fn, type_name, version, category, outputs, cacheable, output,
         ctx_arg=ctx_arg,
         reference=reference,
     )
+
+
+class _Params:
+    """A function's parameter annotations without its return annotation, for typing.get_type_hints: the
+    return type is documentation only, and evaluating it could import a heavy library (torch.Tensor)."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.__annotations__ = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k != "return"}
+        self.__globals__ = getattr(fn, "__globals__", {})
+
+
+def _param_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    return typing.get_type_hints(_Params(inspect.unwrap(fn)), include_extras=True)
 
 
 def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> InputSpec:

@@ -7,11 +7,13 @@ JSON scalars, lists, tuples, str-keyed dicts and dataclasses registered with
 """
 from __future__ import annotations
 
+from .lazy import lazy
+
 import dataclasses
 import json
 from typing import Any
 
-import torch
+torch = lazy("torch")
 
 _VALUE_TYPES: dict[str, type] = {}
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 from pydantic import ValidationError
 
 from .errors import Issue, WorkflowInvalid
@@ -44,7 +43,6 @@ class Graph:
     workflow: Workflow
     nodes: dict[str, GraphNode]  # group instances expanded into plain nodes
     origins: dict[str, Origin]  # flattened node id -> the group node it came from
-    dag: nx.DiGraph
     order: list[str]  # every node, in dependency order
     outputs: list[str]  # node ids of output nodes (or the requested targets)
 
@@ -74,9 +72,6 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
     broken = broken | workflow.broken
     base_dir = workflow.base_dir or Path.cwd()
     nodes: dict[str, GraphNode] = {}
-    dag = nx.DiGraph()
-    dag.add_nodes_from(flat)
-    edges = []
     for node_id, spec in flat.items():
         definition = registry.get(spec.type)
         if definition is None:
@@ -88,19 +83,16 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
                                 "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
         compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues)
         nodes[node_id] = compiled
-        edges.extend((src, node_id) for src, _ in compiled.links.values())
-    dag.add_edges_from(edges)
 
-    try:
-        order = list(nx.topological_sort(dag))
-    except nx.NetworkXUnfeasible:
+    order = _topological_order(nodes)
+    if order is None:
         order = []
-        issues.extend(_cycle_issues(dag, flat))
+        issues.extend(_cycle_issues(nodes, flat))
     left_out = bool(workflow.broken) or any(i.code == "too_many_nodes" for i in issues)
     outputs = _output_nodes(flat, nodes, targets, issues, left_out)
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
-    return Graph(workflow=workflow, nodes=nodes, origins=origins, dag=dag, order=order, outputs=outputs)
+    return Graph(workflow=workflow, nodes=nodes, origins=origins, order=order, outputs=outputs)
 
 
 def _once_per_group_node(issues: list[Issue]) -> list[Issue]:
@@ -258,7 +250,32 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path):
     return None, problem
 
 
-def _cycle_issues(dag: nx.DiGraph, all_nodes: dict[str, NodeSpec]) -> list[Issue]:
+def _topological_order(nodes: dict[str, GraphNode]) -> list[str] | None:
+    """Every node after the nodes it links from (Kahn's algorithm, iterative); None if the links form a cycle."""
+    waiting: dict[str, int] = {}
+    readers: dict[str, list[str]] = {}
+    for node_id, node in nodes.items():
+        sources = {src for src, _ in node.links.values() if src in nodes}
+        waiting[node_id] = len(sources)
+        for src in sources:
+            readers.setdefault(src, []).append(node_id)
+    order = [node_id for node_id, count in waiting.items() if count == 0]
+    for node_id in order:  # the list grows while it is walked
+        for reader in readers.get(node_id, ()):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                order.append(reader)
+    return order if len(order) == len(nodes) else None
+
+
+def _cycle_issues(nodes: dict[str, GraphNode], all_nodes: dict[str, NodeSpec]) -> list[Issue]:
+    """One issue per cycle, naming the nodes on it (networkx is imported only for this rare case)."""
+    import networkx as nx
+
+    dag = nx.DiGraph()
+    dag.add_nodes_from(nodes)
+    dag.add_edges_from((src, node_id) for node_id, node in nodes.items() for src, _ in node.links.values()
+                       if src in nodes)
     issues = []
     for component in nx.strongly_connected_components(dag):
         if len(component) > 1 or any(dag.has_edge(n, n) for n in component):

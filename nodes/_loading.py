@@ -62,12 +62,23 @@ def weights_folder_problem(folder: Path, what: str, convert: str) -> str | None:
     return f"{what} '{folder}' has no .safetensors weights"
 
 
+MAX_HEADER = 100 * 1024**2  # safetensors' own limit on the JSON header
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape from a .safetensors header, without reading the weights."""
-    from safetensors import SafetensorError, safe_open
+    """Every tensor's shape from a .safetensors header, without reading the weights (or importing torch):
+    8 bytes of little-endian header length, then the JSON header."""
+    import json
+    import struct
+
+    from nodegraph.files import open_regular
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:  # a damaged or foreign header
+        with open_regular(path) as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
+            header = json.loads(handle.read(size))
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as exc:  # a damaged or foreign header
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None

@@ -8,9 +8,11 @@ diffusers' ``numpy_to_pil`` does; coming back divides by 255, like diffusers'
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
-from PIL import Image as PILImage
+from nodegraph.lazy import lazy
+
+np = lazy("numpy")
+torch = lazy("torch")
+PILImage = lazy("PIL.Image")
 
 from nodegraph.errors import NodeError
 

@@ -24,10 +24,12 @@ give the same embedding. Samplers pad the shorter of positive/negative with empt
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, Optional
 
-import torch
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.context import RunContext

@@ -8,12 +8,14 @@ model works on that crop at full resolution; PasteCrop / Overlay resize it back
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
-import numpy as np
-import torch
-from PIL import Image as PILImage
+np = lazy("numpy")
+torch = lazy("torch")
+PILImage = lazy("PIL.Image")
 from pydantic import Field
 
 from nodegraph.errors import NodeError
@@ -24,7 +26,6 @@ from nodegraph.sockets import IMAGE, MASK, Image, Mask, socket
 from ._pixels import check_image, check_mask, check_same_size, from_pil, match_batches, size_text, to_pil, to_uint8
 
 CROP_REGION = "CROP_REGION"
-LANCZOS = PILImage.Resampling.LANCZOS
 
 
 @disk_cacheable
@@ -87,7 +88,7 @@ def resize_fill(image: PILImage.Image, width: int, height: int) -> PILImage.Imag
     ratio, src_ratio = width / height, image.width / image.height
     src_w = width if ratio < src_ratio else image.width * height // image.height
     src_h = height if ratio >= src_ratio else image.height * width // image.width
-    resized = image.resize((src_w, src_h), resample=LANCZOS)
+    resized = image.resize((src_w, src_h), resample=PILImage.Resampling.LANCZOS)
     out = PILImage.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
     if ratio < src_ratio:
@@ -111,7 +112,7 @@ def resize_crop(image: PILImage.Image, width: int, height: int) -> PILImage.Imag
     ratio, src_ratio = width / height, image.width / image.height
     src_w = width if ratio > src_ratio else image.width * height // image.height
     src_h = height if ratio <= src_ratio else image.height * width // image.width
-    resized = image.resize((src_w, src_h), resample=LANCZOS)
+    resized = image.resize((src_w, src_h), resample=PILImage.Resampling.LANCZOS)
     out = PILImage.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
     return out

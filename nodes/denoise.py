@@ -33,6 +33,8 @@ latents; ``denoising_start`` continues such latents (strength is ignored, nothin
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 import contextlib
 import inspect
 import threading
@@ -40,7 +42,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import torch
+torch = lazy("torch")
 
 from nodegraph.errors import NodeError
 

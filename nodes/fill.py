@@ -1,10 +1,12 @@
 """Filling a masked area from its surroundings with OpenCV's classical inpainting."""
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 from typing import Annotated, Literal
 
-import numpy as np
-import torch
+np = lazy("numpy")
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph import node

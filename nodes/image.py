@@ -1,11 +1,13 @@
 """Image geometry nodes: resize (images and masks), batch, grid."""
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 import math
 from typing import Annotated, Literal
 
-import numpy as np
-import torch
+np = lazy("numpy")
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.errors import NodeError

@@ -1,14 +1,16 @@
 """Reading images and masks from files, and saving PNGs (images, masks, previews) that carry their workflow."""
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 import json
 import re
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Literal, Optional
 
-import numpy as np
-import torch
+np = lazy("numpy")
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.context import RunContext

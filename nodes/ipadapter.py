@@ -34,6 +34,8 @@ before any sampling step. FaceID adapters (which need insightface embeddings) ar
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 import contextlib
 import json
 import logging
@@ -43,7 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.devices import resolve_dtype
@@ -305,9 +307,11 @@ def _identity(path: Path, folder: Path) -> tuple:
     return files_identity([path] + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")))
 
 
-def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dtype = torch.float32,
+def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> IPAdapterHandle:
-    """Inspect, check and load (once per process, dtype and device) an adapter and its image encoder."""
+    """Inspect, check and load (once per process, dtype and device; float32 by default) an adapter and its
+    image encoder."""
+    dtype = resolve_dtype(dtype)
     info, encoder_info = inspect_adapter(path), inspect_encoder(image_encoder)
     problem = encoder_fit_problem(info, encoder_info)
     if problem:

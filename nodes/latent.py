@@ -14,11 +14,13 @@ sampler draws from its own seeded generator in the pipeline's order (``nodes.den
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal, Optional
 
-import torch
-import torch.nn.functional as F
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 from pydantic import Field
 
 from nodegraph.errors import NodeError

@@ -5,10 +5,12 @@ function here works per batch item and returns a new tensor.
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 from typing import Annotated, Literal
 
-import numpy as np
-import torch
+np = lazy("numpy")
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.errors import NodeError

@@ -28,6 +28,8 @@ problems are reported at validation, before any weights load:
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 import json
 import logging
 import re
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-import torch
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.devices import resolve_dtype
@@ -480,9 +482,11 @@ def _identity(info: CheckpointInfo) -> tuple:
     return (str(info.path.resolve()),) + files_identity(sorted(info.path.glob("*/*.safetensors")))
 
 
-def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype = torch.float32,
+def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> tuple[ModelHandle, ClipHandle, VaeHandle]:
-    """Load (once per process, dtype and device) and wrap the components of an inspected checkpoint."""
+    """Load (once per process, dtype and device; float32 by default) and wrap the components of an inspected
+    checkpoint."""
+    dtype = resolve_dtype(dtype)
     device = torch.device(device)
     def load():
         components = _load_folder(info.path, dtype) if info.kind == "folder" else _load_file(info, dtype)

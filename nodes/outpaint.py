@@ -7,9 +7,11 @@ docs/design.md §2 (1 = change), so ExpandCanvas outputs ``change = 1 - map / 25
 """
 from __future__ import annotations
 
+from nodegraph.lazy import lazy
+
 from typing import Annotated, Literal
 
-import torch
+torch = lazy("torch")
 from pydantic import Field
 
 from nodegraph.errors import NodeError
