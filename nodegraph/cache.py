@@ -15,6 +15,7 @@ import json
 import os
 import re
 import struct
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -65,8 +66,9 @@ def default_cache_size() -> int:
 
 def value_nbytes(value: Any) -> int:
     """Approximate memory held by a node output: its tensors, not the weights of models it refers to."""
-    import torch
-
+    torch = sys.modules.get("torch")  # no tensor exists unless torch was imported
+    if torch is None:
+        return 0
     total = 0
     stack = [value]
     seen: set[int] = set()

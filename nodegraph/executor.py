@@ -24,7 +24,7 @@ from .cache import DiskCache, Facts, MemoryCache
 from .context import RunConfig, RunContext, RunRecord
 from .errors import Interrupted, NodeError, NodeFailed
 from .files import identity, path_fingerprint
-from .gcpause import gc_paused, gc_resumed
+from .gcpause import gc_paused
 from .keys import canonical_params, node_key, output_salt, run_salt
 from .limits import limits_in_force
 from .definitions import ParamProblem
@@ -34,11 +34,28 @@ RAN, CACHED, SKIPPED, FAILED, INTERRUPTED = "ran", "cached", "skipped", "failed"
 RANDOM_SEEDS = "random"  # manifest section for params drawn at random
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeStatus:
     status: str
     seconds: float = 0.0
     error: str | None = None
+
+
+_SKIPPED, _CACHED = NodeStatus(SKIPPED), NodeStatus(CACHED)
+
+
+class _TypeNames:
+    """Node id -> type name, read from the graph when asked (a run does not copy it)."""
+
+    def __init__(self, graph: Graph):
+        self._nodes = graph.nodes
+
+    def get(self, node_id: str, default: str | None = None) -> str | None:
+        node = self._nodes.get(node_id)
+        return node.definition.type_name if node is not None else default
+
+    def __getitem__(self, node_id: str) -> str:
+        return self._nodes[node_id].definition.type_name
 
 
 @dataclass
@@ -48,7 +65,7 @@ class RunResult:
     nodes: dict[str, NodeStatus] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
-    node_types: dict[str, str] = field(default_factory=dict)
+    node_types: Any = field(default_factory=dict)  # node id -> type name
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -80,11 +97,45 @@ class RunResult:
 
 
 @dataclass
+class _KeyPlan:
+    """The cache keys of a graph's needed nodes for one device, dtype and output folder: the same for every
+    run, so they are made once and kept in ``graph.memo``, as long as the files they hash are unchanged.
+    ``volatile`` nodes (never cached, params drawn at random, and every node after them) get new keys each run."""
+
+    order: list[str]
+    keys: dict[str, str]
+    identities: dict[str, dict[str, tuple]]  # node id -> param -> identity of the file when it was hashed
+    files: dict[str, dict[str, str]]  # node id -> param -> content fingerprint
+    salt: str
+    out_salt: str  # output nodes write into the run's folder: another folder is other work
+    volatile: list[str]
+
+    def key(self, node: GraphNode, canonical: str, keys: dict[str, str]) -> str:
+        definition = node.definition
+        links = [(name, keys[src], output) for name, (src, output) in node.links.items()]
+        return node_key(definition.type_name, definition.version, definition.code, canonical, links,
+                        self.out_salt if definition.output else self.salt, self.files.get(node.node_id, {}))
+
+    def files_unchanged(self, graph: Graph) -> bool:
+        for node_id, files in self.identities.items():
+            for name, before in files.items():
+                try:
+                    if identity(graph.nodes[node_id].paths[name]) != before:
+                        return False
+                except OSError:
+                    return False
+        return True
+
+
+@dataclass
 class _Plan:
     order: list[str]
     keys: dict[str, str]
     params: dict[str, dict]  # node id -> params of this run, where they differ from the graph's ("random")
-    identities: dict[str, dict[str, tuple]]  # node id -> param -> identity of the file when it was hashed
+    identities: dict[str, dict[str, tuple]]
+
+
+KEY_PLANS_KEPT = 4  # per graph: a few device / dtype / output folder combinations
 
 
 def execute(graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCache | None = None,
@@ -92,23 +143,27 @@ def execute(graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCach
     """Run ``graph`` with ``config``; raises NodeFailed or Interrupted carrying the partial result."""
     facts = facts or Facts(disk)
     record = RunRecord()
-    result = RunResult(node_types={i: n.definition.type_name for i, n in graph.nodes.items()},
-                       files=record.files, info=record.info, warnings=record.warnings)
+    result = RunResult(node_types=_TypeNames(graph), files=record.files, info=record.info, warnings=record.warnings)
+    statuses: dict[str, NodeStatus] = {}
+    to_run: set[str] = set()
+    order = _needed_in_order(graph)
     start = time.perf_counter()
     try:
         with limits_in_force(config.limits):
-            _execute(graph, config, record, result, memory, disk, facts)
+            _execute(graph, config, record, result, statuses, to_run, memory, disk, facts)
     finally:
         result.seconds = time.perf_counter() - start
-        order = {node_id: i for i, node_id in enumerate(graph.order)}
-        result.nodes = dict(sorted(result.nodes.items(), key=lambda item: order.get(item[0], 0)))
+        # dependency order; cut-off nodes are "skipped", nodes a failure kept from running are left out
+        result.nodes = {node_id: statuses.get(node_id, _SKIPPED) for node_id in order
+                        if node_id in statuses or node_id not in to_run}
     return result
 
 
-def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, memory, disk, facts) -> None:
+def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, statuses, to_run, memory, disk,
+             facts) -> None:
     with gc_paused():
         plan = _plan_keys(graph, config, record)
-        values, to_run = _plan(graph, plan, memory, disk, config, result)
+        values = _plan(graph, plan, memory, disk, config, statuses, to_run)
         if facts.memory or facts.disk is not None:
             for node_id in plan.order:  # what the cached and cut-off nodes recorded when they ran
                 if node_id not in to_run and (known := facts.get(plan.keys[node_id])):
@@ -127,12 +182,12 @@ def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, mem
             twin = memory.get(key) if cacheable else None
             if twin is not None:  # an identical node (same key) already ran earlier in this run
                 values[node_id] = twin
-                result.nodes[node_id] = NodeStatus(CACHED)
+                statuses[node_id] = _CACHED
                 if known := facts.get(key):
                     RunContext(config, record, node_id).replay(known)
             else:
                 params = plan.params.get(node_id, node.params)
-                values[node_id] = outputs = _run_node(node, params, values, config, record, result)
+                values[node_id] = outputs = _run_node(node, params, values, config, record, statuses, result)
                 if _changed_while_read(node, plan, tainted):
                     tainted.add(node_id)
                 own = record.recorded.pop(node_id, None)
@@ -160,7 +215,10 @@ def _check_interrupt(config: RunConfig, node_id: str | None, graph: Graph) -> No
 
 
 def _needed_in_order(graph: Graph) -> list[str]:
-    """The output nodes and their ancestors, in dependency order."""
+    """The output nodes and their ancestors, in dependency order (worked out once per graph)."""
+    order = graph.memo.get("needed")
+    if order is not None:
+        return order
     needed = set(graph.outputs)
     stack = list(graph.outputs)
     while stack:
@@ -168,39 +226,57 @@ def _needed_in_order(graph: Graph) -> list[str]:
             if src not in needed:
                 needed.add(src)
                 stack.append(src)
-    if len(needed) == len(graph.order):
-        return graph.order
-    return [node_id for node_id in graph.order if node_id in needed]
+    order = graph.order if len(needed) == len(graph.order) else [n for n in graph.order if n in needed]
+    graph.memo["needed"] = order
+    return order
 
 
 def _plan_keys(graph: Graph, config: RunConfig, record: RunRecord) -> _Plan:
-    order = _needed_in_order(graph)
     salt = run_salt(config.device, config.dtype)
-    keys: dict[str, str] = {}
-    params: dict[str, dict] = {}
-    identities: dict[str, dict[str, tuple]] = {}
+    memo_key = ("keys", salt, str(Path(config.out_dir).resolve()))
+    key_plan = graph.memo.get(memo_key)
+    if key_plan is None or not key_plan.files_unchanged(graph):
+        key_plan = _key_plan(graph, salt, output_salt(salt, config.out_dir))
+        kept = [k for k in graph.memo if isinstance(k, tuple) and k[0] == "keys"]
+        for old in kept[:max(0, len(kept) - KEY_PLANS_KEPT + 1)]:
+            graph.memo.pop(old, None)
+        graph.memo[memo_key] = key_plan
+    keys, params = key_plan.keys, {}
+    if key_plan.volatile:
+        keys = dict(keys)
+        for node_id in key_plan.volatile:
+            node = graph.nodes[node_id]
+            if not node.definition.cacheable:
+                keys[node_id] = uuid.uuid4().hex  # fresh every run, so everything after it reruns too
+                continue
+            canonical = node.canonical
+            if node.randomized:
+                drawn = {name: secrets.randbelow(2**63) for name in node.randomized}
+                params[node_id] = {**node.params, **drawn}
+                canonical = canonical_params({**_canonical_values(node), **drawn})
+                record.drawn[node_id] = drawn
+                RunContext(config, record, node_id).record(RANDOM_SEEDS, drawn)
+            keys[node_id] = key_plan.key(node, canonical, keys)
+    return _Plan(key_plan.order, keys, params, key_plan.identities)
+
+
+def _key_plan(graph: Graph, salt: str, out_salt: str) -> _KeyPlan:
+    order = _needed_in_order(graph)
+    plan = _KeyPlan(order, {}, {}, {}, salt, out_salt, [])
+    moving: set[str] = set()
     for node_id in order:
         node = graph.nodes[node_id]
-        definition = node.definition
-        if not definition.cacheable:
-            keys[node_id] = uuid.uuid4().hex  # fresh every run, so everything after it reruns too
-            continue
-        canonical = node.canonical
-        if node.randomized:
-            drawn = {name: secrets.randbelow(2**63) for name in node.randomized}
-            params[node_id] = {**node.params, **drawn}
-            canonical = canonical_params({**_canonical_values(node), **drawn})
-            record.drawn[node_id] = drawn
-            RunContext(config, record, node_id).record(RANDOM_SEEDS, drawn)
-        files = {}
         if node.paths:
-            identities[node_id] = {name: identity(path) for name, path in node.paths.items() if Path(path).exists()}
-            files = {name: path_fingerprint(path) for name, path in node.paths.items()}
-        node_salt = output_salt(salt, config.out_dir) if definition.output else salt
-        links = [(name, keys[src], output) for name, (src, output) in node.links.items()]
-        keys[node_id] = node_key(definition.type_name, definition.version, definition.code, canonical, links,
-                                 node_salt, files)
-    return _Plan(order, keys, params, identities)
+            plan.identities[node_id] = {name: identity(path) for name, path in node.paths.items()
+                                        if Path(path).exists()}
+            plan.files[node_id] = {name: path_fingerprint(path) for name, path in node.paths.items()}
+        if (not node.definition.cacheable or node.randomized
+                or any(src in moving for src, _ in node.links.values())):
+            moving.add(node_id)
+            plan.volatile.append(node_id)
+        else:
+            plan.keys[node_id] = plan.key(node, node.canonical, plan.keys)
+    return plan
 
 
 def _canonical_values(node: GraphNode) -> dict:
@@ -228,16 +304,15 @@ def _changed_while_read(node: GraphNode, plan: _Plan, tainted: set[str]) -> bool
     return False
 
 
-def _plan(graph: Graph, plan: _Plan, memory, disk, config: RunConfig, result: RunResult):
-    """Decide, from the outputs backwards, what comes from a cache and what must run."""
-    demanded = set(graph.outputs)
+def _plan(graph: Graph, plan: _Plan, memory, disk, config: RunConfig, statuses: dict, to_run: set[str]):
+    """Decide, from the outputs backwards, what comes from a cache and what must run (``to_run``; the rest is
+    skipped); returns the cached values."""
     values: dict[str, dict] = {}
-    to_run: set[str] = set()
-    for node_id in reversed(plan.order):
+    stack = list(reversed(graph.outputs))
+    seen = set(stack)
+    while stack:
+        node_id = stack.pop()
         node = graph.nodes[node_id]
-        if node_id not in demanded:
-            result.nodes[node_id] = NodeStatus(SKIPPED)
-            continue
         cached = None
         key = plan.keys[node_id]
         if node.definition.cacheable:
@@ -248,11 +323,14 @@ def _plan(graph: Graph, plan: _Plan, memory, disk, config: RunConfig, result: Ru
                     memory.put(key, cached)
         if cached is not None:
             values[node_id] = cached
-            result.nodes[node_id] = NodeStatus(CACHED)
-        else:
-            to_run.add(node_id)
-            demanded.update(src for src, _ in node.links.values())
-    return values, to_run
+            statuses[node_id] = _CACHED
+            continue
+        to_run.add(node_id)
+        for src, _ in node.links.values():
+            if src not in seen:
+                seen.add(src)
+                stack.append(src)
+    return values
 
 
 def _uses(graph: Graph, to_run: set[str]) -> dict[str, int]:
@@ -265,7 +343,7 @@ def _uses(graph: Graph, to_run: set[str]) -> dict[str, int]:
 
 
 def _run_node(node: GraphNode, params: dict, values: dict[str, dict], config: RunConfig, record: RunRecord,
-              result: RunResult) -> dict[str, Any]:
+              statuses: dict, result: RunResult) -> dict[str, Any]:
     definition = node.definition
     started = time.perf_counter()
     try:
@@ -276,19 +354,18 @@ def _run_node(node: GraphNode, params: dict, values: dict[str, dict], config: Ru
                 value = _check_linked_param(node, name, value)
             kwargs[name] = value
         ctx = RunContext(config, record, node.node_id, definition.type_name) if definition.ctx_arg else None
-        with gc_resumed():
-            outputs = definition.call(kwargs, ctx)
+        outputs = definition.call(kwargs, ctx)
     except Interrupted:
-        result.nodes[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
+        statuses[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
         raise
     except KeyboardInterrupt:
-        result.nodes[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
+        statuses[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
         raise Interrupted(f"interrupted in node '{node.node_id}' ({definition.type_name})", result) from None
     except BaseException as exc:  # any failure of a node, sys.exit() included, is reported with its id and type
         failure = NodeFailed(node.node_id, definition.type_name, exc, result)
-        result.nodes[node.node_id] = NodeStatus(FAILED, time.perf_counter() - started, str(failure))
+        statuses[node.node_id] = NodeStatus(FAILED, time.perf_counter() - started, str(failure))
         raise failure from exc
-    result.nodes[node.node_id] = NodeStatus(RAN, time.perf_counter() - started)
+    statuses[node.node_id] = NodeStatus(RAN, time.perf_counter() - started)
     return outputs
 
 

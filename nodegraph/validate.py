@@ -23,7 +23,7 @@ from .sockets import link_fits
 from .workflow import NodeSpec, Workflow
 
 
-@dataclass
+@dataclass(slots=True)
 class GraphNode:
     """A validated node: its definition, links and literal params."""
 
@@ -36,15 +36,17 @@ class GraphNode:
     randomized: tuple[str, ...] = ()  # params given as "random": drawn once per run
 
 
-@dataclass
+@dataclass(eq=False)
 class Graph:
-    """A validated workflow as a DAG, ready to execute."""
+    """A validated workflow as a DAG, ready to execute (and to execute again: what every run of it
+    would compute the same way is kept in ``memo``)."""
 
     workflow: Workflow
     nodes: dict[str, GraphNode]  # group instances expanded into plain nodes
     origins: dict[str, Origin]  # flattened node id -> the group node it came from
     order: list[str]  # every node, in dependency order
     outputs: list[str]  # node ids of output nodes (or the requested targets)
+    memo: dict = field(default_factory=dict, repr=False)
 
 
 def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None,
@@ -251,7 +253,19 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path):
 
 
 def _topological_order(nodes: dict[str, GraphNode]) -> list[str] | None:
-    """Every node after the nodes it links from (Kahn's algorithm, iterative); None if the links form a cycle."""
+    """Every node after the nodes it links from (Kahn's algorithm, iterative); None if the links form a cycle.
+    Workflows are mostly written in order already: that is checked first, in one pass."""
+    seen: set[str] = set()
+    for node_id, node in nodes.items():
+        for src, _ in node.links.values():
+            if src not in seen and src in nodes:
+                break
+        else:
+            seen.add(node_id)
+            continue
+        break
+    else:
+        return list(nodes)
     waiting: dict[str, int] = {}
     readers: dict[str, list[str]] = {}
     for node_id, node in nodes.items():
