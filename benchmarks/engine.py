@@ -33,7 +33,7 @@ from nodegraph.limits import Limits  # noqa: E402
 from nodegraph.registry import Registry  # noqa: E402
 from nodegraph.sockets import Socket  # noqa: E402
 
-Number = Annotated[int, Socket("NUMBER")]
+Number = Annotated[int, Socket("BENCH_INT")]
 LIMITS = Limits(max_nodes=10_000_000)
 
 
@@ -56,7 +56,7 @@ def registry() -> Registry:
     reg = Registry()
     for fn, name, output in ((bench_source, "BenchSource", False), (bench_add, "BenchAdd", False),
                              (bench_add, "BenchAddOut", True), (bench_sink, "BenchSink", True)):
-        reg.add(build_node_def(fn, name, 1, "bench", {"x": "NUMBER"}, True, output, None, None), origin="bench")
+        reg.add(build_node_def(fn, name, 1, "bench", {"x": "BENCH_INT"}, True, output, None, None), origin="bench")
     return reg
 
 

@@ -17,17 +17,19 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .cache import DEFAULT_MEMORY_BUDGET, DiskCache, Facts, MemoryCache, default_cache_dir, default_cache_size
+from .cache import (DEFAULT_MEMORY_BUDGET, DiskCache, Facts, MemoryCache, default_cache_dir, default_cache_size,
+                    parse_size)
 from .context import InterruptFlag, ProgressListener, RunConfig, default_temp_dir
 from .devices import resolve_device, resolve_dtype
-from .errors import Issue, WorkflowInvalid
+from .errors import Issue, NodegraphError, WorkflowInvalid
 from .executor import RunResult, execute
 from .gcpause import gc_paused
 from .groups import flat_params_owner
 from .limits import Limits
 from .registry import Registry
 from .validate import Graph, build_graph
-from .workflow import Workflow, load_workflow, read_workflow
+from .files import check_path, folder_problem
+from .workflow import Workflow, load_workflow, read_workflow, read_workflow_file
 
 VALIDATED_GRAPHS = 16  # how many validated workflows an engine remembers
 
@@ -55,38 +57,39 @@ class Engine:
         self.registry = registry
         if cache_dir is None or cache_dir is True:
             cache_dir = default_cache_dir()
-        from .cache import parse_size
-
-        size = parse_size(cache_size) if cache_size is not None else default_cache_size()
-        self.disk = DiskCache(cache_dir, size) if cache_dir not in (False, "", None) else None
+        self.disk = None
+        if cache_dir not in (False, "", None):  # the size is read only for a cache that is on
+            size = parse_size(cache_size) if cache_size is not None else default_cache_size()
+            self.disk = DiskCache(cache_dir, size)
         self.memory = MemoryCache(memory_budget)
         self.facts = Facts(self.disk)
         self.limits = limits or Limits()
         self._graphs: OrderedDict[str, Graph] = OrderedDict()  # validated workflows, by content
         self._lock = threading.Lock()
 
-    def load(self, source: str | Path | Workflow | dict) -> Workflow:
+    def load(self, source: str | Path | Workflow | dict, raw: bytes | None = None) -> Workflow:
         """A Workflow from a path (JSON, or a PNG that SaveImage wrote), a dict or a Workflow. Structural
         problems are kept in ``workflow.problems`` and reported by validation with the rest."""
         if isinstance(source, Workflow):
             return source
         if isinstance(source, dict):
             return read_workflow(source, base_dir=Path.cwd())
-        return load_workflow(source, strict=False)
+        return load_workflow(source, strict=False, raw=raw)
 
     def compile(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> Graph:
         """Load, apply overrides and validate; raises WorkflowInvalid listing every problem.
 
         A workflow already validated by this engine (same content, overrides, folder and targets, its
-        files still there) is not validated again: a server or notebook rerunning one workflow pays for
-        its checks once."""
+        files still there and still regular files) is not validated again: a server or notebook rerunning
+        one workflow pays for its checks once."""
         with gc_paused():
-            digest = _digest(source, overrides, targets)
+            raw = read_workflow_file(source) if isinstance(source, (str, Path)) else None  # read once
+            digest = _digest(source, raw, overrides, targets)
             graph = self._remembered(digest)
             if graph is None:
-                workflow = self.load(source)
+                workflow = self.load(source, raw)
                 if overrides:
-                    workflow = workflow.with_overrides(overrides)
+                    workflow = workflow.with_overrides(overrides, strict=False)
                 # the same content reached another way (an override that changes nothing, say)
                 content = _workflow_digest(workflow, targets)
                 graph = self._remembered(content)
@@ -103,9 +106,10 @@ class Engine:
             graph = self._graphs.get(digest)
             if graph is not None:
                 self._graphs.move_to_end(digest)
-        if graph is not None and all(Path(p).exists() for n in graph.nodes.values() for p in n.paths.values()):
+        if graph is not None and all(check_path(p, "any") is None for n in graph.nodes.values()
+                                     for p in (*n.paths.values(), *n.implied.values())):
             return graph
-        return None
+        return None  # a file is gone or is no longer a regular file: validate again, which says so
 
     def _remember(self, digest: str | None, graph: Graph) -> None:
         if digest is None:
@@ -140,6 +144,10 @@ class Engine:
         Raises WorkflowInvalid before anything runs, NodeFailed when a node raises (finished nodes stay
         cached), Interrupted when ``interrupt`` is set; both carry the partial result as ``.result``."""
         graph = self.compile(source, overrides, targets)
+        for folder, what in ((out_dir, "output folder"), (temp_dir, "temp folder")):
+            problem = folder_problem(folder, what) if folder is not None else None
+            if problem:
+                raise NodegraphError(problem)
         listeners = progress if isinstance(progress, list) else [progress] if progress else []
         config = RunConfig(
             device=resolve_device(device),
@@ -156,15 +164,11 @@ class Engine:
         return execute(graph, config, self.memory, self.disk, self.facts)
 
 
-def _digest(source, overrides, targets) -> str | None:
-    """A content digest of what compile() is given; None when there is nothing stable to hash."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            content = path.read_bytes()
-        except OSError:
-            return None  # load reports it
-        where = str(path.resolve().parent)
+def _digest(source, raw: bytes | None, overrides, targets) -> str | None:
+    """A content digest of what compile() is given (a file's bytes, not its parse); None when there is
+    nothing stable to hash."""
+    if raw is not None:
+        content, where = raw, str(Path(source).resolve().parent)
     elif isinstance(source, dict):
         content, where = repr(source).encode(), str(Path.cwd())
     elif isinstance(source, Workflow):

@@ -20,10 +20,11 @@ import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .atomic import TEMP_SUFFIX, atomic_path, clean_stale_temps, write_text_atomic
 from .errors import NodegraphError
+from .files import folder_problem
 from .serialize import NotStorable, flatten, from_metadata, to_metadata, unflatten
 
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
@@ -140,11 +141,12 @@ def save_file(tensors: dict, path: str, metadata: dict[str, str]) -> None:
     save(tensors, path, metadata=metadata)
 
 
-def tensors_digest(tensors: dict) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+def entry_digest(structure: str, tensors: dict) -> str:
+    """SHA-256 over a stored value's structure (its JSON text) and every tensor's name, dtype, shape and bytes,
+    in name order: any change to the entry, header or body, is a different digest."""
     import torch
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(structure.encode() + b"\0")
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -161,8 +163,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], bytes]:
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise ValueError("header runs past the end")
-    header = json.loads(data[8:8 + size])
-    return header.get("__metadata__") or {}, data
+    try:
+        header = json.loads(data[8:8 + size])
+    except RecursionError:
+        raise ValueError("header nested too deeply") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("no metadata of ours in the header")
+    return metadata, data
 
 
 class DiskCache:
@@ -171,11 +179,13 @@ class DiskCache:
 
     def __init__(self, root: str | Path, max_bytes: int = DEFAULT_DISK_BUDGET):
         self.root = Path(root).expanduser()
-        if self.root.exists() and not self.root.is_dir():
-            raise NodegraphError(f"cache folder {self.root}: that is a file, not a folder; name a folder")
+        problem = folder_problem(self.root, "cache folder")
+        if problem:
+            raise NodegraphError(problem)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._used: int | None = None  # bytes in the folder, counted on the first write
+        self._with_facts: set[str] | None = None  # keys with a facts file, listed on first use
         self._warned: set[str] = set()
 
     def _path(self, key: str) -> Path:
@@ -196,18 +206,23 @@ class DiskCache:
             return self._discard(path, exc)
         try:
             tensors = load(data)
-            if metadata.get(DIGEST_KEY) != tensors_digest(tensors):
+            if metadata.get(DIGEST_KEY) != entry_digest(metadata.get("nodegraph", ""), tensors):
                 return self._discard(path, ValueError("digest mismatch"))
             if str(device) != "cpu":
                 tensors = {name: t.to(device) for name, t in tensors.items()}
             value = unflatten(from_metadata(metadata), tensors)
-        except (SafetensorError, ValueError, KeyError, TypeError, NotStorable) as exc:
+        except (SafetensorError, ValueError, KeyError, TypeError, NotStorable, RecursionError) as exc:
             return self._discard(path, exc)
         if not isinstance(value, dict):
             return self._discard(path, ValueError("not a dict of outputs"))
-        with contextlib.suppress(OSError):
-            os.utime(path)  # most recently used
+        self._touch(key)
         return value
+
+    def _touch(self, key: str) -> None:
+        """Mark an entry (result and facts) most recently used."""
+        for path in (self._path(key), self._path(key).with_suffix(".facts.json")):
+            with contextlib.suppress(OSError):
+                os.utime(path)
 
     def _discard(self, path: Path, reason: Exception) -> None:
         """A damaged entry: removed, so the node runs again and writes a good one."""
@@ -215,8 +230,9 @@ class DiskCache:
             path.unlink()
         return None
 
-    def put(self, key: str, outputs: dict[str, Any]) -> bool:
-        """Store outputs; returns False (and stores nothing) if they hold a non-storable value or the write fails."""
+    def put(self, key: str, outputs: dict[str, Any], warn: Callable[[str], None] | None = None) -> bool:
+        """Store outputs; returns False (and stores nothing) if they hold a non-storable value or the write fails
+        (told once to ``warn``, by default a Python warning)."""
         path = self._path(key)
         try:
             structure, tensors = flatten(outputs)
@@ -224,19 +240,20 @@ class DiskCache:
             return False
         except Exception as exc:  # a tensor that cannot even be made contiguous (a sparse one, say)
             self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
-                                     "on without storing it")
+                                     "on without storing it", warn)
             return False
         try:
             # clone: views of one storage (batch slices) cannot be saved side by side
             tensors = {name: t.detach().cpu().clone() for name, t in tensors.items()}
-            metadata = {**to_metadata(structure), DIGEST_KEY: tensors_digest(tensors)}
+            metadata = to_metadata(structure)
+            metadata[DIGEST_KEY] = entry_digest(metadata["nodegraph"], tensors)
             self._prepare_folder(path.parent)
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
             size = path.stat().st_size
         except Exception as exc:  # full disk, file-size limit, read-only folder, a tensor safetensors refuses
             self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
-                                     "on without storing it")
+                                     "on without storing it", warn)
             return False
         self._account(size)
         return True
@@ -244,22 +261,35 @@ class DiskCache:
     # ------------------------------------------------------------------ facts
 
     def get_facts(self, key: str) -> dict[str, Any] | None:
-        """The manifest facts recorded with a node's result (kept even for results not storable)."""
+        """The manifest facts recorded with a node's result (kept even for results not storable). Which keys
+        have facts is listed once per process, so asking for the many keys that have none costs no file
+        access."""
+        with self._lock:
+            if self._with_facts is None:
+                self._with_facts = {p.name[:64] for p, _, _ in self.entries() if p.name.endswith(".facts.json")}
+            if key not in self._with_facts:
+                return None
         try:
             facts = json.loads(self._path(key).with_suffix(".facts.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
-        return facts if isinstance(facts, dict) else None
+        if not isinstance(facts, dict):
+            return None
+        self._touch(key)
+        return facts
 
-    def put_facts(self, key: str, facts: dict[str, Any]) -> None:
+    def put_facts(self, key: str, facts: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
         path = self._path(key).with_suffix(".facts.json")
         try:
             self._prepare_folder(path.parent)
             write_text_atomic(path, json.dumps(facts, default=str))
             size = path.stat().st_size
+            with self._lock:
+                if self._with_facts is not None:
+                    self._with_facts.add(key)
         except Exception as exc:  # as in put: a cache that cannot be written never stops a run
             self._warn_once("write", f"disk cache {self.root}: cannot store a result ({_reason(exc)}); the run goes "
-                                     "on without storing it")
+                                     "on without storing it", warn)
             return
         self._account(size)
 
@@ -299,15 +329,21 @@ class DiskCache:
         return found
 
     def _evict(self, target: int) -> int:
-        """Remove least recently used entries until at most ``target`` bytes remain; returns what remains."""
-        entries = sorted(self.entries(), key=lambda e: e[2])
-        total = sum(size for _, size, _ in entries)
-        for path, size, _ in entries:
+        """Remove least recently used entries (a result and its facts together) until at most ``target`` bytes
+        remain; returns what remains."""
+        by_key: dict[str, list] = {}
+        for path, size, used in self.entries():
+            by_key.setdefault(path.name[:64], []).append((path, size, used))
+        total = sum(size for files in by_key.values() for _, size, _ in files)
+        for key, files in sorted(by_key.items(), key=lambda item: max(used for _, _, used in item[1])):
             if total <= target:
                 break
-            with contextlib.suppress(OSError):
-                path.unlink()
-                total -= size
+            for path, size, _ in files:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    total -= size
+            if self._with_facts is not None:
+                self._with_facts.discard(key)
         return total
 
     def info(self) -> dict[str, Any]:
@@ -330,18 +366,22 @@ class DiskCache:
                 with contextlib.suppress(OSError):
                     path.unlink()
                     removed += 1
+            self._with_facts = set()
             for tmp in self.root.glob(f"*/*{TEMP_SUFFIX}"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             self._used = 0
         return removed
 
-    def _warn_once(self, kind: str, message: str) -> None:
+    def _warn_once(self, kind: str, message: str, warn: Callable[[str], None] | None = None) -> None:
         with self._lock:
             if kind in self._warned:
                 return
             self._warned.add(kind)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _reason(exc: Exception) -> str:
@@ -366,11 +406,11 @@ class Facts:
             facts = self.disk.get_facts(key)
         return facts
 
-    def put(self, key: str, facts: dict) -> None:
+    def put(self, key: str, facts: dict, warn: Callable[[str], None] | None = None) -> None:
         with self._lock:
             self.memory[key] = facts
             self.memory.move_to_end(key)
             while len(self.memory) > _FACTS_KEPT:
                 self.memory.popitem(last=False)
         if self.disk is not None:
-            self.disk.put_facts(key, facts)
+            self.disk.put_facts(key, facts, warn)

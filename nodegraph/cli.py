@@ -17,6 +17,8 @@ import threading
 import warnings
 from typing import Any, Iterator
 
+from .context import InterruptFlag
+
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -25,7 +27,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of printing and exiting, so --json can still answer."""
+    """argparse that raises UsageError instead of printing and exiting, so --json can still answer, and takes
+    no abbreviations (``--js`` must not silently mean ``--json``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -39,13 +46,13 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         target, eq, text = item.partition("=")
         if not eq or "." not in target:
-            raise UsageError(f"--set '{short_repr(item)}': write NODE.PARAM=VALUE, e.g. --set sampler.seed=7")
+            raise UsageError(f"--set {short_repr(item)}: write NODE.PARAM=VALUE, e.g. --set sampler.seed=7")
         try:
             overrides[target] = json.loads(text)
         except json.JSONDecodeError:
             overrides[target] = text
         except (ValueError, RecursionError):  # an integer of thousands of digits, nesting past Python's limit
-            raise UsageError(f"--set '{short_repr(target)}': the value is too long or too deeply nested to be a "
+            raise UsageError(f"--set {short_repr(target)}: the value is too long or too deeply nested to be a "
                              "param") from None
     return overrides
 
@@ -113,14 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
-    with _json_stdout(as_json) as emit, _one_line_warnings():
-        code, document = _main(argv)
+    flag = InterruptFlag()
+    with _json_stdout(as_json) as emit, _one_line_warnings(), _stop_on_signals(flag):
+        code, document = _main(argv, flag)
         if as_json:  # a listing is a list; every other answer says ok and exit
             emit(document if isinstance(document, list) else {"ok": code == EXIT_OK, "exit": code, **(document or {})})
     return code
 
 
-def _main(argv: list[str]) -> tuple[int, dict | None]:
+def _main(argv: list[str], flag: "InterruptFlag") -> tuple[int, dict | None]:
     from .errors import NodegraphError
 
     debug = "--debug" in argv
@@ -133,7 +141,7 @@ def _main(argv: list[str]) -> tuple[int, dict | None]:
         if args.command is None:
             parser.print_help()
             return EXIT_OK, None
-        return _dispatch(args)
+        return _dispatch(args, flag)
     except UsageError as exc:
         return _error(f"{exc}", EXIT_INVALID)
     except KeyboardInterrupt as exc:
@@ -142,6 +150,9 @@ def _main(argv: list[str]) -> tuple[int, dict | None]:
         if debug:
             raise
         return _error(str(exc), EXIT_INVALID)
+    except SystemExit as exc:  # plugin code (a check, say) calling sys.exit(): not a success
+        return _error(f"sys.exit({exc.code!r}) was called by plugin code while working; fix or remove it",
+                      EXIT_FAILED)
     except Exception as exc:  # a bug, not a user error: the traceback helps whoever reports it
         if debug:
             raise
@@ -169,7 +180,7 @@ def _registry(args):
     return registry
 
 
-def _dispatch(args: argparse.Namespace) -> tuple[int, dict | None]:
+def _dispatch(args: argparse.Namespace, flag) -> tuple[int, dict | None]:
     if args.command == "cache":
         return _cache(args)
     registry = _registry(args)
@@ -182,7 +193,7 @@ def _dispatch(args: argparse.Namespace) -> tuple[int, dict | None]:
         return EXIT_OK, None
     if args.command == "validate":
         return _validate(registry, args)
-    return _run(registry, args)
+    return _run(registry, args, flag)
 
 
 def _nodes(registry, args) -> tuple[int, dict | None]:
@@ -238,20 +249,18 @@ def _disk_cache_choice(args):
     return args.cache_dir  # None: the default folder
 
 
-def _run(registry, args) -> tuple[int, dict | None]:
+def _run(registry, args, flag) -> tuple[int, dict | None]:
     from .api import Engine
-    from .context import InterruptFlag
     from .errors import Interrupted, NodeFailed, WorkflowInvalid
 
     overrides = parse_set(args.set)
     engine = Engine(registry=registry, cache_dir=_disk_cache_choice(args), cache_size=args.cache_size,
                     limits=_limits(args))
-    flag = InterruptFlag()
     bars = ProgressBars(enabled=not args.json)
     try:
-        with _stop_on_signals(flag):
-            result = engine.run(args.workflow, overrides=overrides, out_dir=args.out, targets=args.target or None,
-                                device=args.device, dtype=args.dtype, progress=bars, interrupt=flag)
+        flag.running = True  # from now on a first Ctrl-C stops at the next step instead of at once
+        result = engine.run(args.workflow, overrides=overrides, out_dir=args.out, targets=args.target or None,
+                            device=args.device, dtype=args.dtype, progress=bars, interrupt=flag)
     except WorkflowInvalid as exc:
         return _invalid(exc)
     except NodeFailed as exc:
@@ -333,15 +342,17 @@ def _one_line_warnings() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _stop_on_signals(flag) -> Iterator[None]:
-    """First Ctrl-C or SIGTERM: stop at the next node or sampler step. Second: stop now (and if the node
-    swallows that, the run still stops after it: the flag stays set)."""
+    """Ctrl-C or SIGTERM while starting up: stop at once (one line). While a workflow runs, the first stops
+    at the next node or sampler step; a second stops at once (and if the node swallows that, the run still
+    stops after it: the flag stays set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if flag.is_set():
-            raise KeyboardInterrupt("interrupted")
+        if flag.is_set() or not flag.running:
+            flag.set()
+            raise KeyboardInterrupt("interrupted" if signum == signal.SIGINT else "stopped by SIGTERM")
         flag.set()
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\nnodegraph: {name}: stopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr)

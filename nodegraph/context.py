@@ -43,6 +43,7 @@ class InterruptFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.running = False  # whether a run is under way to honour it (else a stop is immediate)
 
     def set(self) -> None:
         self._event.set()

@@ -22,8 +22,9 @@ from pydantic import ValidationError
 
 from .cache import DiskCache, Facts, MemoryCache
 from .context import RunConfig, RunContext, RunRecord
-from .errors import Interrupted, NodeError, NodeFailed
+from .errors import Interrupted, Issue, NodeError, NodeFailed, WorkflowInvalid
 from .files import identity, path_fingerprint
+from .groups import param_owner
 from .gcpause import gc_paused
 from .keys import canonical_params, node_key, output_salt, run_salt
 from .limits import limits_in_force
@@ -69,6 +70,7 @@ class RunResult:
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def status(self) -> dict[str, str]:
@@ -79,7 +81,8 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return all(s.status in (RAN, CACHED, SKIPPED) for s in self.nodes.values())
+        """Every needed node ran or came from a cache, and nobody asked the run to stop."""
+        return not self.interrupted and all(s.status in (RAN, CACHED, SKIPPED) for s in self.nodes.values())
 
     def to_dict(self) -> dict:
         return {
@@ -120,7 +123,8 @@ class _KeyPlan:
         for node_id, files in self.identities.items():
             for name, before in files.items():
                 try:
-                    if identity(graph.nodes[node_id].paths[name]) != before:
+                    node = graph.nodes[node_id]
+                    if identity({**node.paths, **node.implied}[name]) != before:
                         return False
                 except OSError:
                     return False
@@ -171,6 +175,11 @@ def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, sta
         uses = _uses(graph, to_run)
     keep = set(graph.outputs)
     tainted: set[str] = set()
+
+    def warn(text: str) -> None:  # the engine's own warnings go in the result too
+        record.warnings.append(text)
+        warnings.warn(text, UserWarning, stacklevel=3)
+
     try:
         for node_id in plan.order:
             if node_id not in to_run:
@@ -188,21 +197,22 @@ def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, sta
             else:
                 params = plan.params.get(node_id, node.params)
                 values[node_id] = outputs = _run_node(node, params, values, config, record, statuses, result)
-                if _changed_while_read(node, plan, tainted):
+                if _changed_while_read(node, plan, tainted, warn):
                     tainted.add(node_id)
                 own = record.recorded.pop(node_id, None)
                 if cacheable and node_id not in tainted:
                     if own:
-                        facts.put(key, own)
+                        facts.put(key, own, warn)
                     memory.put(key, outputs)
                     if disk is not None and not node.definition.output:
-                        disk.put(key, outputs)
+                        disk.put(key, outputs, warn)
             for src in {src for src, _ in node.links.values()}:
                 uses[src] -= 1
                 if uses[src] == 0 and src not in keep:
                     values.pop(src, None)  # nothing later needs it: free it now
         _check_interrupt(config, None, graph)  # a stop asked for during the last node is still a stop
     except Interrupted as exc:
+        result.interrupted = True
         exc.result = result
         raise
     result.outputs = {node_id: values[node_id] for node_id in graph.outputs if node_id in values}
@@ -244,6 +254,7 @@ def _plan_keys(graph: Graph, config: RunConfig, record: RunRecord) -> _Plan:
     keys, params = key_plan.keys, {}
     if key_plan.volatile:
         keys = dict(keys)
+        draws: dict[tuple, int] = {}  # one draw per place "random" is written (shared by a group's repetitions)
         for node_id in key_plan.volatile:
             node = graph.nodes[node_id]
             if not node.definition.cacheable:
@@ -251,7 +262,8 @@ def _plan_keys(graph: Graph, config: RunConfig, record: RunRecord) -> _Plan:
                 continue
             canonical = node.canonical
             if node.randomized:
-                drawn = {name: secrets.randbelow(2**63) for name in node.randomized}
+                drawn = {name: draws.setdefault(param_owner(graph.workflow, graph.origins.get(node_id), node_id, name),
+                                                secrets.randbelow(2**63)) for name in node.randomized}
                 params[node_id] = {**node.params, **drawn}
                 canonical = canonical_params({**_canonical_values(node), **drawn})
                 record.drawn[node_id] = drawn
@@ -267,9 +279,15 @@ def _key_plan(graph: Graph, salt: str, out_salt: str) -> _KeyPlan:
     for node_id in order:
         node = graph.nodes[node_id]
         if node.paths:
-            plan.identities[node_id] = {name: identity(path) for name, path in node.paths.items()
-                                        if Path(path).exists()}
-            plan.files[node_id] = {name: path_fingerprint(path) for name, path in node.paths.items()}
+            read = {**node.paths, **node.implied}
+            try:
+                plan.identities[node_id] = {name: identity(path) for name, path in read.items()
+                                            if Path(path).exists()}
+                plan.files[node_id] = {name: path_fingerprint(path) for name, path in read.items()}
+            except OSError as exc:  # gone, or swapped for a FIFO or a device, since validation
+                raise WorkflowInvalid([Issue("bad_file", f"cannot be read any more: {exc}", node_id=node_id,
+                                             node_type=node.definition.type_name,
+                                             field=next(iter(node.paths)), kind="param")]) from None
         if (not node.definition.cacheable or node.randomized
                 or any(src in moving for src, _ in node.links.values())):
             moving.add(node_id)
@@ -287,19 +305,20 @@ def _canonical_values(node: GraphNode) -> dict:
     return values
 
 
-def _changed_while_read(node: GraphNode, plan: _Plan, tainted: set[str]) -> bool:
+def _changed_while_read(node: GraphNode, plan: _Plan, tainted: set[str], warn) -> bool:
     """Whether a file the node read changed after it was hashed (its result must not be cached under the
     old content's key), or the node used such a result."""
     if any(src in tainted for src, _ in node.links.values()):
         return True
+    read = {**node.paths, **node.implied}
     for name, before in plan.identities.get(node.node_id, {}).items():
         try:
-            now = identity(node.paths[name])
+            now = identity(read[name])
         except OSError:
             now = None
         if now != before:
-            warnings.warn(f"node '{node.node_id}' ({node.definition.type_name}): '{node.paths[name]}' changed while "
-                          "the run read it; results made from it are not cached", UserWarning, stacklevel=2)
+            warn(f"node '{node.node_id}' ({node.definition.type_name}): '{read[name]}' changed while the run read "
+                 "it; results made from it are not cached")
             return True
     return False
 
@@ -371,6 +390,9 @@ def _run_node(node: GraphNode, params: dict, values: dict[str, dict], config: Ru
 
 def _check_linked_param(node: GraphNode, name: str, value: Any) -> Any:
     spec = node.definition.inputs[name]
+    if spec.randomizable and value == "random":
+        raise NodeError(f"param '{name}' = 'random' (linked): \"random\" is drawn only where it is written as a "
+                        "literal; give it in this node's params, or link a number")
     try:
         value = spec.validate(value)
     except (ValidationError, TypeError, ValueError) as exc:

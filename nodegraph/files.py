@@ -35,11 +35,15 @@ class UnsafeFile(OSError):
     """A path that is not a regular file (or folder of them) where one was expected."""
 
 
+def _too_long(path: Path) -> bool:
+    return any(len(part.encode()) > 255 for part in Path(path).parts)
+
+
 def _stat_problem(path: Path, exc: OSError, kind: str = "any") -> FileProblem:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         word = {"file": "file", "dir": "folder"}.get(kind, "file or folder")
         return FileProblem("missing_file", f"no such {word} '{path}'")
-    if exc.errno == errno.ENAMETOOLONG:
+    if exc.errno == errno.ENAMETOOLONG or (exc.errno == errno.ENOENT and _too_long(path)):
         longest = max((len(part) for part in Path(path).parts), default=0)
         return FileProblem("bad_file", f"the path is too long for the file system ({len(str(path))} characters, a "
                                        f"name of {longest}; names may have at most 255); shorten it")
@@ -191,3 +195,17 @@ def path_fingerprint(path: str) -> str:
     if os.path.lexists(p):
         return file_hash(p)
     return f"absent:{path}"
+
+
+def folder_problem(path: str | Path, what: str) -> str | None:
+    """Why ``path`` cannot be used as a folder to write into (None: it is a folder, or can be made)."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{what}: {_stat_problem(path, exc).message}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{what} '{path}' is a file, not a folder; name a folder"
+    return None

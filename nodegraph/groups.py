@@ -113,6 +113,18 @@ def flat_params_owner(data: dict, origin: Origin | None, node_id: str, name: str
     return spec, name
 
 
+def param_owner(workflow: Workflow, origin: Origin | None, node_id: str, name: str) -> tuple:
+    """Where a flattened node's literal param is written, as a key: every repetition of a group shares its
+    inner node's literals (and an instance's literals are shared by its repetitions)."""
+    if origin is None:
+        return ("node", node_id, name)
+    inner = workflow.groups[origin.group].nodes[origin.inner]
+    source, _, port = inner.inputs.get(name, "").partition(".")
+    if source == GROUP_INPUT:
+        return ("instance", origin.instance, port)
+    return ("group", origin.group, origin.inner, name)
+
+
 def _check_group(name: str, group: GroupSpec) -> list[Issue]:
     where = {"node_id": f"{GROUP_PREFIX}{name}", "node_type": "group"}
     issues = []

@@ -73,7 +73,13 @@ def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
     """Every `*.py` file and package (folder with __init__.py) in each folder is a plugin."""
     for folder in folders:
         folder = Path(folder).expanduser()
-        if not folder.is_dir():
+        try:
+            is_folder = folder.is_dir()
+        except OSError as exc:  # a name too long for the file system, say
+            registry.problems.append(PluginError(f"plugin folder '{str(folder)[:80]}...' cannot be read: "
+                                                 f"{exc.strerror or exc}"))
+            continue
+        if not is_folder:
             registry.problems.append(PluginError(f"plugin folder '{folder}' does not exist"))
             continue
         for path in sorted(folder.iterdir()):

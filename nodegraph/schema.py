@@ -14,8 +14,9 @@ def workflow_schema(registry: Registry) -> dict:
         name = definition.type_name
         inputs, params = {}, {}
         for spec in definition.inputs.values():
-            inputs[spec.name] = {"$ref": "#/$defs/link", "description": f"{spec.type_name}"
-                                 + (f": {spec.description}" if spec.description else "")}
+            if spec.path is None:  # a file param must be literal: its content goes into the cache key
+                inputs[spec.name] = {"$ref": "#/$defs/link", "description": f"{spec.type_name}"
+                                     + (f": {spec.description}" if spec.description else "")}
             if not spec.is_socket:
                 schema = spec.adapter.json_schema(ref_template=f"#/$defs/{name}__{{model}}")
                 for key, sub in schema.pop("$defs", {}).items():
@@ -36,8 +37,15 @@ def workflow_schema(registry: Registry) -> dict:
         if required_inputs:
             then["required"] = ["inputs"]
             then["properties"]["inputs"]["required"] = required_inputs
+        # a required param is given in params, or linked
+        required_params = [p.name for p in definition.inputs.values() if p.required and not p.is_socket]
+        if required_params:
+            then["allOf"] = [{"anyOf": [
+                {"required": ["params"], "properties": {"params": {"required": [name]}}},
+                *([{"required": ["inputs"], "properties": {"inputs": {"required": [name]}}}]
+                  if name in inputs else []),
+            ]} for name in required_params]
         defs[f"node_{name}"] = then
-        # A required param may come through a link instead, so params list no "required".
         branches.append({"if": {"properties": {"type": {"const": name}}, "required": ["type"]},
                          "then": {"$ref": f"#/$defs/node_{name}"}})
     defs["node"] = {

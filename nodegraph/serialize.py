@@ -42,13 +42,13 @@ def flatten(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             name = str(len(tensors))
             tensors[name] = item.detach().contiguous()
             parent[slot] = {"$t": name}
-        elif item is None or isinstance(item, (bool, int, float, str)):
+        elif item is None or type(item) in (bool, int, float, str):  # exact types: an IntEnum would come back an int
             parent[slot] = item
-        elif isinstance(item, (list, tuple)):
+        elif type(item) in (list, tuple):  # a NamedTuple would come back a plain tuple: kept in memory only
             items: list[Any] = [None] * len(item)
             parent[slot] = {"$l": items} if isinstance(item, list) else {"$tu": items}
             stack.extend((child, items, i) for i, child in enumerate(item))
-        elif isinstance(item, dict) and all(isinstance(k, str) for k in item):
+        elif type(item) is dict and all(type(k) is str for k in item):
             fields: dict[str, Any] = {}
             parent[slot] = {"$d": fields}
             stack.extend((child, fields, key) for key, child in item.items())

@@ -30,6 +30,9 @@ class InputPath:
 
     kind: str = "file"  # "file", "dir" or "any"
     must_exist: bool = True
+    # Other files the node reads because of this one (a single-file checkpoint's config folder, a hub id's
+    # local snapshot): given the resolved value, their paths; their content goes into the key as well.
+    implies: Callable[[str], list[str]] | None = None
 
 
 @dataclass(frozen=True)

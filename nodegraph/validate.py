@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import Issue, WorkflowInvalid
+from .errors import Issue, NodegraphError, WorkflowInvalid
 from .files import check_path
 from .groups import Origin, expand_groups, parse_flat_id
 from .keys import canonical_params
@@ -34,6 +34,7 @@ class GraphNode:
     canonical: str  # every literal param, defaults included, as validated values: part of the cache key
     paths: dict[str, str] = field(default_factory=dict)  # param -> resolved path it reads
     randomized: tuple[str, ...] = ()  # params given as "random": drawn once per run
+    implied: dict[str, str] = field(default_factory=dict)  # "param+n" -> other files the param makes it read
 
 
 @dataclass(eq=False)
@@ -90,8 +91,8 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
     if order is None:
         order = []
         issues.extend(_cycle_issues(nodes, flat))
-    left_out = bool(workflow.broken) or any(i.code == "too_many_nodes" for i in issues)
-    outputs = _output_nodes(flat, nodes, targets, issues, left_out)
+    left_out = bool(workflow.broken) or any(i.code in ("too_many_nodes", "bad_structure") for i in issues)
+    outputs = _output_nodes(flat, nodes, targets, issues, left_out, workflow.broken)
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
     return Graph(workflow=workflow, nodes=nodes, origins=origins, order=order, outputs=outputs)
@@ -159,6 +160,7 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
 
     params: dict[str, Any] = {}
     paths: dict[str, str] = {}
+    implied: dict[str, str] = {}
     randomized: list[str] = []
     for name, value in spec.params.items():
         input_spec = definition.inputs.get(name)
@@ -187,6 +189,12 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
             issue("invalid_param", f"a {type(value).__name__} is not a JSON value; give a number, string, "
                   "boolean, list or object", field=name, kind="param", value=value)
             continue
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin's own validator that fails in another way
+            issue("check_failed", f"validating it raised {type(exc).__name__}: {exc} (in {definition.origin})",
+                  field=name, kind="param", value=value)
+            continue
         if input_spec.randomizable and params[name] == "random":
             randomized.append(name)
         if input_spec.path is not None and isinstance(params[name], str):
@@ -197,6 +205,7 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
                       field=name, kind="param", value=value)
             else:
                 params[name] = paths[name] = resolved
+                implied.update(_implied(name, resolved, input_spec))
 
     canonical = dict(params)
     for name, input_spec in definition.inputs.items():
@@ -217,12 +226,21 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
         known.update({k: v for k, v in params.items() if k not in randomized})
         for name in [*randomized, *(n for n in spec.params if n not in params)]:
             known.pop(name, None)  # drawn when the run starts, or already reported as invalid
-        for field_name, message in definition.check(known):
+        try:
+            found = list(definition.check(known))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin's check that raises (even sys.exit) is that node's problem
+            found = []
+            issue("check_failed", f"the node type's validation check ({definition.origin}) raised "
+                  f"{type(exc).__name__}: {exc}; this is a bug in that node type, report it to its authors")
+        for field_name, message in found:
             kind = definition.inputs[field_name].kind if field_name in definition.inputs else None
             has = field_name in spec.params
             issue("invalid_param", message, field=field_name, kind=kind,
                   **({"value": spec.params[field_name]} if has else {}))
-    return GraphNode(node_id, definition, links, params, canonical_params(canonical), paths, tuple(randomized))
+    return GraphNode(node_id, definition, links, params, canonical_params(canonical), paths, tuple(randomized),
+                     implied)
 
 
 def _pydantic_reason(err: dict) -> str:
@@ -232,6 +250,17 @@ def _pydantic_reason(err: dict) -> str:
 
 def _names(inputs: dict[str, InputSpec]) -> str:
     return ", ".join(inputs) if inputs else "none"
+
+
+def _implied(name: str, resolved: str, spec: InputSpec) -> dict[str, str]:
+    """The readable files a path param makes its node read besides itself (see InputPath.implies)."""
+    if spec.path.implies is None:
+        return {}
+    try:
+        extras = spec.path.implies(resolved)
+    except (NodegraphError, OSError, ValueError):  # the node's own check reports what is wrong with the path
+        return {}
+    return {f"{name}+{i}": extra for i, extra in enumerate(extras) if check_path(extra, "any") is None}
 
 
 def _resolve_path(value: str, spec: InputSpec, base_dir: Path):
@@ -303,12 +332,12 @@ def _cycle_issues(nodes: dict[str, GraphNode], all_nodes: dict[str, NodeSpec]) -
 
 
 def _output_nodes(all_nodes: dict[str, NodeSpec], nodes: dict[str, GraphNode], targets: list[str] | None,
-                  issues: list[Issue], some_left_out: bool = False) -> list[str]:
+                  issues: list[Issue], some_left_out: bool = False, left_out_ids: set[str] = frozenset()) -> list[str]:
     if targets:
-        missing = [t for t in targets if t not in all_nodes]
+        missing = [t for t in targets if t not in all_nodes and t not in left_out_ids]
         for target in missing:
             issues.append(Issue("unknown_target", f"--target '{target}' is not a node of the workflow", node_id=target))
-        return [t for t in targets if t not in missing]
+        return [t for t in targets if t in all_nodes]
     outputs = [node_id for node_id, n in nodes.items() if n.definition.output]
     # With an unknown type or a malformed node among the nodes, that node may well be the output node.
     if not outputs and not some_left_out and not any(i.code == "unknown_type" for i in issues):

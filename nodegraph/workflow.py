@@ -96,11 +96,13 @@ class Workflow(BaseModel):
         """Write the workflow as JSON, atomically."""
         return write_text_atomic(Path(path), self.to_json())
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Workflow":
+    def with_overrides(self, overrides: dict[str, Any], strict: bool = True) -> "Workflow":
         """A copy with ``{"node.param": value}`` set as literal params (links to them dropped).
 
         ``"group:NAME/INNER.param"`` sets a param of node INNER inside group NAME, for every
-        instance and repetition of the group.
+        instance and repetition of the group. A bad override raises WorkflowInvalid, or with
+        ``strict=False`` joins the copy's ``problems`` (reported by validation with the rest).
+        An override of a node left out for a structural mistake is dropped: that mistake is reported.
         """
         import os
 
@@ -115,15 +117,18 @@ class Workflow(BaseModel):
                 group = copy.groups.get(group_name)
                 nodes = group.nodes if group is not None else {}
             if not dot or not name:
-                problems.append(Issue("bad_override", f"--set '{short_repr(target)}': write NODE.PARAM=VALUE"))
+                problems.append(Issue("bad_override", f"--set {short_repr(target)}: write NODE.PARAM=VALUE"))
+            elif node_id in self._broken or f"group:{shown[len('group:'):].partition('/')[0]}" in self._broken:
+                continue
             elif node_id not in nodes:
-                problems.append(Issue("bad_override", f"--set '{short_repr(target)}': no node '{shown}' in the workflow"))
+                problems.append(Issue("bad_override", f"--set {short_repr(target)}: no node '{shown}' in the workflow"))
             else:
                 spec = nodes[node_id]
                 spec.inputs.pop(name, None)
                 spec.params[name] = os.fspath(value) if isinstance(value, os.PathLike) else value
-        if problems:
+        if problems and strict:
             raise WorkflowInvalid(problems)
+        copy._problems.extend(problems)
         return copy
 
 
@@ -196,7 +201,7 @@ def _marked_problems(data: Any) -> list[Issue]:
         value, path = stack.pop()
         if isinstance(value, dict):
             for key in getattr(value, "duplicates", ()):
-                issues.append(_located("duplicate_key", path + (key,), f"the key '{short_repr(key)}' is given "
+                issues.append(_located("duplicate_key", path + (key,), f"the key {short_repr(key)} is given "
                                        "twice in one JSON object; keep one (JSON readers disagree on which wins)"))
             stack.extend((v, path + (k,)) for k, v in value.items())
         elif isinstance(value, list):
@@ -252,7 +257,7 @@ def read_workflow(data: Any, base_dir: Path | None = None, found: list[Issue] | 
         if key not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; the keys are {', '.join(TOP_KEYS)}"
-            issues.append(Issue("bad_structure", f"unknown key '{short_repr(key)}' at the top of the workflow{hint}"))
+            issues.append(Issue("bad_structure", f"unknown key {short_repr(key)} at the top of the workflow{hint}"))
     if "nodes" not in data:
         issues.append(Issue("bad_structure", "a workflow needs \"nodes\": {node id: {\"type\": ..., ...}}"))
     description = data.get("description", "")
@@ -260,6 +265,8 @@ def read_workflow(data: Any, base_dir: Path | None = None, found: list[Issue] | 
         issues.append(Issue("bad_structure", "description must be a string"))
         description = ""
     schema_url = data.get("$schema")
+    if schema_url is not None and not isinstance(schema_url, str):
+        issues.append(Issue("bad_structure", "$schema must be a string (the schema's address)"))
     nodes = _read_nodes(data.get("nodes", {}), "nodes", issues, broken)
     groups: dict[str, GroupSpec] = {}
     raw_groups = data.get("groups", {})
@@ -274,12 +281,17 @@ def read_workflow(data: Any, base_dir: Path | None = None, found: list[Issue] | 
             continue
         if where in broken:
             continue
+        if isinstance(raw, dict) and "nodes" not in raw:
+            issues.append(Issue("bad_structure", "a group needs \"nodes\"", node_id=where, node_type="group",
+                                field="nodes"))
+            broken.add(where)
+            continue
         raw_nodes = raw.get("nodes", {}) if isinstance(raw, dict) else {}
         inner_issues: list[Issue] = []
         inner = _read_nodes(raw_nodes, f"group '{name}'", inner_issues, set())
         for issue in inner_issues:
-            issues.append(Issue(issue.code, issue.message, node_id=where, node_type="group",
-                                field=f"nodes.{issue.node_id}" + (f".{issue.field}" if issue.field else "")))
+            field = ".".join(part for part in ("nodes", issue.node_id, issue.field) if part)
+            issues.append(Issue(issue.code, issue.message, node_id=where, node_type="group", field=field))
         try:
             groups[name] = GroupSpec.model_validate({**raw, "nodes": {}} if isinstance(raw, dict) else raw)
             groups[name].nodes = inner
@@ -324,20 +336,30 @@ def parse_workflow(data: Any, base_dir: Path | None = None) -> Workflow:
     return workflow
 
 
-def load_workflow(path: str | Path, strict: bool = True) -> Workflow:
-    """Load a workflow file, or the workflow embedded in a PNG that SaveImage wrote. ``strict=False`` keeps
-    structural problems in ``workflow.problems`` instead of raising them."""
+def read_workflow_file(path: str | Path) -> bytes:
+    """The bytes of a workflow file, read once; only a regular file is read (a FIFO or a device would block
+    or never end)."""
+    from .files import check_path, open_regular
+
     path = Path(path)
+    problem = check_path(path, "file")
+    if problem is not None:
+        raise WorkflowInvalid([Issue("unreadable_file", f"cannot read workflow file: {problem.message}")])
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        with open_regular(path) as handle:
+            return handle.read()
     except OSError as exc:
-        raise WorkflowInvalid([Issue("unreadable_file", f"cannot read workflow file '{short_repr(str(path))}': "
-                                     f"{exc.strerror or exc}")]) from None
-    if raw.startswith(b"\x89PNG"):
-        text = _png_workflow_text(path)
-    else:
-        text = raw.decode("utf-8", errors="replace")
+        raise WorkflowInvalid([Issue("unreadable_file", f"cannot read workflow file {short_repr(str(path), 200)}"
+                                     f": {exc.strerror or exc}")]) from None
+
+
+def load_workflow(path: str | Path, strict: bool = True, raw: bytes | None = None) -> Workflow:
+    """Load a workflow file, or the workflow embedded in a PNG that SaveImage wrote. ``strict=False`` keeps
+    structural problems in ``workflow.problems`` instead of raising them; ``raw`` is the file's bytes if
+    they were read already."""
+    path = Path(path)
+    raw = read_workflow_file(path) if raw is None else raw
+    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else raw.decode("utf-8", errors="replace")
     return loads_workflow(text, base_dir=path.resolve().parent, source=str(path), strict=strict)
 
 
@@ -348,18 +370,21 @@ def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<stri
         raise WorkflowInvalid(workflow.problems)
     return workflow
 
-def _png_workflow_text(path: Path) -> str:
+
+def _png_workflow_text(raw: bytes, path: Path) -> str:
+    import io
+
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(raw)) as image:
             text = image.info.get(PNG_WORKFLOW_KEY)
     except Exception as exc:  # PIL raises many kinds for broken files
         raise WorkflowInvalid([Issue("unreadable_file", f"cannot read PNG '{path}': {exc}")]) from None
     if not text:
         raise WorkflowInvalid(
             [Issue("no_workflow", f"'{path}' has no embedded workflow ('{PNG_WORKFLOW_KEY}' text chunk); "
-                   "only images saved by SaveImage carry one")]
+                   "only images saved by SaveImage, SaveMask or PreviewImage carry one")]
         )
     return text
 

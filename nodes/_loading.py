@@ -11,17 +11,21 @@ from nodegraph.errors import NodeError
 
 
 class LoadedOnce:
-    """Loaded models by identity: one load per process, shared by every node that asks."""
+    """Loaded models: one load per process, shared by every node that asks. Kept by where they come from
+    (``slot``: paths, dtype, device) with the content they were loaded from (``identity``): when the files
+    change, the next request loads them again and the old model is let go."""
 
     def __init__(self) -> None:
-        self._items: dict[tuple, Any] = {}
+        self._items: dict[tuple, tuple[tuple, Any]] = {}
         self.lock = threading.RLock()
 
-    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+    def get(self, slot: tuple, identity: tuple, load: Callable[[], Any]) -> Any:
         with self.lock:
-            if key not in self._items:
-                self._items[key] = load()
-            return self._items[key]
+            held = self._items.get(slot)
+            if held is None or held[0] != identity:
+                self._items.pop(slot, None)  # free the stale model before loading the new one
+                self._items[slot] = (identity, load())
+            return self._items[slot][1]
 
     def clear(self) -> None:
         with self.lock:
@@ -29,12 +33,11 @@ class LoadedOnce:
 
 
 def files_identity(paths: Iterable[Path]) -> tuple:
-    """The resolved files with their sizes and modification times: an edited file is another load."""
-    identity = []
-    for path in paths:
-        stat = path.stat()
-        identity.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-    return tuple(identity)
+    """The content of the files and folders a model is loaded from (the same fingerprints the cache keys
+    hold): a model edited in any way, even keeping sizes and times, or a changed config, is another load."""
+    from nodegraph.files import path_fingerprint
+
+    return tuple((str(Path(p).resolve()), path_fingerprint(str(p))) for p in paths)
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")

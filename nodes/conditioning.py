@@ -193,7 +193,7 @@ def with_size(conditioning: PromptEmbeds, **size) -> PromptEmbeds:
 def clip_encode(
     clip: Clip,
     ctx: RunContext,
-    text: str = "",
+    text: Annotated[str, Field(description="the prompt")] = "",
     clip_skip: Annotated[int, Field(ge=0, le=11, description="use the layer this many before the last (diffusers "
                                                             "clip_skip); 0 = last layer (SDXL: the penultimate)")] = 0,
     long_prompt: Annotated[Literal["truncate", "chunk"], Field(description="past 77 tokens: cut (diffusers) or "

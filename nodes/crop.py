@@ -19,6 +19,7 @@ PILImage = lazy("PIL.Image")
 from pydantic import Field
 
 from nodegraph.errors import NodeError
+from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, MASK, Image, Mask, socket
@@ -126,6 +127,7 @@ def crop_to_mask(image: torch.Tensor, mask: torch.Tensor, padding: int, width: i
     image, mask = check_image(image), check_mask(mask)
     check_same_size(image, mask)
     image, mask = match_batches(image, mask, names=("image", "mask"))
+    current_limits().check_pixels(width, height, image.shape[0], "the resized crop")
     levels = to_uint8(mask)[..., 0]
     boxes, images, masks = [], [], []
     for i in range(image.shape[0]):
@@ -171,7 +173,15 @@ def overlay(original: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, reg
 _Size = Annotated[int, Field(ge=8, le=8192, multiple_of=8)]  # the crop goes to the VAE
 
 
+def _check_crop(params: dict):
+    if isinstance(params.get("width"), int) and isinstance(params.get("height"), int):
+        problem = current_limits().pixels_problem(params["width"], params["height"])
+        if problem:
+            yield "width", f"the resized crop: {problem}"
+
+
 @node("CropToMask", version=1, category="image", outputs={"image": IMAGE, "mask": MASK, "region": CROP_REGION},
+      check=_check_crop,
       reference="diffusers VaeImageProcessor.get_crop_region + preprocess(resize_mode='fill') (padding_mask_crop)")
 def crop_to_mask_node(
     image: Image,

@@ -102,6 +102,7 @@ def batch_images(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = check_image(a, "a"), check_image(b, "b")
     if a.shape[-2:] != b.shape[-2:]:
         raise NodeError(f"a is {size_text(a)} but b is {size_text(b)}; resize one with ImageResize first")
+    current_limits().check_pixels(a.shape[-1], a.shape[-2], a.shape[0] + b.shape[0], "the joined batch")
     return torch.cat([a, b.to(a.device)])
 
 

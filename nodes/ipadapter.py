@@ -304,7 +304,7 @@ def clear_loaded_adapters() -> None:
 
 
 def _identity(path: Path, folder: Path) -> tuple:
-    return files_identity([path] + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")))
+    return files_identity([path, folder])
 
 
 def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dtype | None = None,
@@ -327,7 +327,8 @@ def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dt
         processor = _image_processor(encoder_info.path, encoder_info.image_size)
         return IPAdapterHandle(info, encoder_info, _read_state_dict(info.path), encoder, processor)
 
-    return _LOADED.get((_identity(info.path, encoder_info.path), str(dtype), str(device)), load)
+    identity = _identity(info.path, encoder_info.path)
+    return _LOADED.get((tuple(p for p, _ in identity), str(dtype), str(device)), identity, load)
 
 
 # ---------------------------------------------------------------------------------------------- the patch
@@ -486,7 +487,8 @@ def load_ip_adapter_node(
                              Field(description="CLIP vision encoder folder (CLIPVisionModelWithProjection, "
                                                "transformers layout, safetensors), e.g. models/image_encoder")],
     ctx: RunContext,
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"],
+                     Field(description="weights' dtype; auto follows the run's --dtype")] = "auto",
 ):
     """Load an IP-Adapter (.safetensors) and the CLIP vision encoder it was trained with.
 

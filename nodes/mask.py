@@ -174,8 +174,8 @@ def mask_blur(
     """Gaussian-blur a mask to feather its edge.
 
     method "pil" is Pillow's GaussianBlur with the given radius on the 8-bit mask, pixel for
-    pixel what diffusers' `VaeImageProcessor.blur(mask, blur_factor=radius)` returns (seed
-    article 001). method "opencv" is `cv2.GaussianBlur` on the 8-bit mask: with `kernel_size` it is
+    pixel what diffusers' `VaeImageProcessor.blur(mask, blur_factor=radius)` returns (the
+    diffusers inpainting guide). method "opencv" is `cv2.GaussianBlur` on the 8-bit mask: with `kernel_size` it is
     the outpainting article's `cv2.GaussianBlur(mask, (k, k), 0)` (its `blur_radius`, even sizes
     grow by one); with `kernel_size` 0 the sigma is `radius`. Polarity is unchanged (1 = repaint).
     """

@@ -476,10 +476,10 @@ def clear_loaded_models() -> None:
 
 
 def _identity(info: CheckpointInfo) -> tuple:
-    """What makes two loads the same checkpoint: the resolved files with their sizes and mtimes."""
+    """What makes two loads the same checkpoint: the content of its files and config folder."""
     if info.kind == "file":
-        return files_identity([info.path]) + (str(info.config_dir.resolve()),)
-    return (str(info.path.resolve()),) + files_identity(sorted(info.path.glob("*/*.safetensors")))
+        return files_identity([info.path, info.config_dir])
+    return files_identity([info.path])
 
 
 def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype | None = None,
@@ -492,7 +492,8 @@ def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype | None = None,
         components = _load_folder(info.path, dtype) if info.kind == "folder" else _load_file(info, dtype)
         return _wrap(info, components, device)
 
-    return _LOADED.get((_identity(info), str(dtype), str(device)), load)
+    identity = _identity(info)
+    return _LOADED.get((tuple(p for p, _ in identity), str(dtype), str(device)), identity, load)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
@@ -563,6 +564,27 @@ def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHan
 
 # ---------------------------------------------------------------------------------------------- node
 
+def _implied_by_checkpoint(value: str) -> list[str]:
+    """What LoadCheckpoint reads besides ``path``: a single file's config folder (the sidecar, or the local
+    hub cache copy), or a hub id's local snapshot. Their content goes into the cache key, so an edited config
+    or a new snapshot is never served a result made from the old one."""
+    local = Path(value)
+    if local.is_file():
+        return [str(inspect_file(local).config_dir)]
+    if not local.exists() and looks_like_hub_id(value):
+        snapshot = _cached_snapshot(value)
+        return [str(snapshot)] if snapshot is not None else []
+    return []
+
+
+def _implied_by_config(value: str) -> list[str]:
+    """A config given as a hub id: its local snapshot (a folder given by path is hashed as it is)."""
+    if not Path(value).exists() and looks_like_hub_id(value):
+        snapshot = _cached_snapshot(value)
+        return [str(snapshot)] if snapshot is not None else []
+    return []
+
+
 def _check_load(params: dict):
     path = params.get("path")
     if isinstance(path, str):
@@ -585,13 +607,14 @@ def _check_load(params: dict):
 @node("LoadCheckpoint", version=1, category="loaders", outputs={"model": MODEL, "clip": CLIP, "vae": VAE},
       check=_check_load, reference="diffusers from_pretrained / from_single_file")
 def load_checkpoint_node(
-    path: Annotated[str, InputPath(kind="any", must_exist=False),
+    path: Annotated[str, InputPath(kind="any", must_exist=False, implies=_implied_by_checkpoint),
                     Field(description="diffusers folder, single-file .safetensors, or hub id 'owner/name' (local cache)")],
     ctx: RunContext,
-    config: Optional[Annotated[str, InputPath(kind="dir", must_exist=False),
+    config: Optional[Annotated[str, InputPath(kind="dir", must_exist=False, implies=_implied_by_config),
                                Field(description="single files only: diffusers config folder or hub id; default: the "
                                                  "sidecar '<stem>.config/' folder, then the local hub cache")]] = None,
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
+    dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"],
+                     Field(description="weights' dtype; auto follows the run's --dtype")] = "auto",
 ):
     """Load a Stable Diffusion 1.x/2.x/XL checkpoint: model (UNet + scheduler config), clip, vae.
 

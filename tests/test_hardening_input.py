@@ -148,6 +148,13 @@ def test_schema_and_validate_agree_on_what_is_required(stub_registry):
         assert schema_ok == engine_ok == (drop is None), drop
         if drop:
             assert any(drop in i.message for i in engine.validate(data))
+    # a required param missing, a file param linked, a group without nodes: both refuse each
+    for bad in ({**good, "nodes": {"r": {"type": "StubReadFile"}, **SINK_OF}},
+                {**good, "nodes": {"s": {"type": "StubSource"}, "r": {"type": "StubReadFile", "inputs": {"path": "s.x"}},
+                                   **SINK_OF}},
+                {**good, "groups": {"g": {"inputs": {}}}}):
+        assert list(jsonschema.Draft202012Validator(schema).iter_errors(bad)), bad
+        assert engine.validate(bad), bad
 
 
 def test_prompt_truncation_style_warning_is_one_line_naming_the_node(tmp_path):
