@@ -3,6 +3,7 @@ policy on weight files: safetensors only, pickles (.ckpt, .pt, .pth, .bin) refus
 run arbitrary code."""
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -85,3 +86,49 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as exc:  # a damaged or foreign header
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+
+
+# safetensors dtype names -> torch dtype names
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def read_state_dict(path: Path, dtype=None) -> dict:
+    """The tensors of a .safetensors file, read one at a time with plain reads (no memory map, whose pages
+    would count as the process's memory) and each converted to ``dtype`` (floating point ones) as soon as it
+    is read: a float16 file loaded as float32 never has both copies of the model alive, so the peak is the
+    float32 model and one tensor."""
+    import json
+    import struct
+
+    import torch
+
+    from nodegraph.files import open_regular
+
+    state = {}
+    try:
+        with open_regular(path) as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
+            header = json.loads(handle.read(size))
+            end_of_file = os.fstat(handle.fileno()).st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = (8 + size + offset for offset in info["data_offsets"])
+                if not start <= end <= end_of_file:
+                    raise ValueError(f"tensor {name} lies outside the file")
+                kind = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+                data = bytearray(end - start)
+                handle.seek(start)
+                if handle.readinto(data) != len(data):
+                    raise ValueError(f"tensor {name} is cut short")
+                tensor = (torch.frombuffer(data, dtype=kind) if data else torch.empty(0, dtype=kind)).reshape(info["shape"])
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                state[name] = tensor
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+    return state

@@ -46,8 +46,8 @@ from nodegraph.errors import NodeError
 from nodegraph import node
 from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
 
-from ._loading import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadedOnce, files_identity, safetensors_shapes,
-                       weights_file_problem, weights_folder_problem)
+from ._loading import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoadedOnce, files_identity, read_state_dict,
+                       safetensors_shapes, weights_file_problem, weights_folder_problem)
 
 log = logging.getLogger("nodegraph.models")
 
@@ -524,27 +524,33 @@ def _pipeline_config(folder: Path) -> dict:
     return _read_json(index) if index.is_file() else {}
 
 
-def _single_file_pipeline(info: CheckpointInfo):
-    import diffusers
-
-    if info.family in SDXL_FAMILIES:
-        if info.family == "sdxl_refiner":
-            return diffusers.StableDiffusionXLImg2ImgPipeline
-        return diffusers.StableDiffusionXLInpaintPipeline if info.inpainting else diffusers.StableDiffusionXLPipeline
-    return diffusers.StableDiffusionInpaintPipeline if info.inpainting else diffusers.StableDiffusionPipeline
-
-
 def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
-    cls = _single_file_pipeline(info)
-    extra = {} if info.family in SDXL_FAMILIES else dict(safety_checker=None, feature_extractor=None,
-                                                          requires_safety_checker=False)
-    pipe = cls.from_single_file(str(info.path), config=str(info.config_dir), torch_dtype=dtype, local_files_only=True,
-                                **extra)
-    components = {name: getattr(pipe, name, None) for name in
-                  ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    """The components of a single file, through the same diffusers converters the pipelines' ``from_single_file``
+    uses, from a state dict converted to ``dtype`` tensor by tensor as it is read (``read_state_dict``): the
+    models take over its tensors, so the peak memory is the model in ``dtype`` and not the file's copy too."""
+    from diffusers import pipelines
+    from diffusers.loaders.single_file import load_single_file_sub_model
+    from transformers import CLIPTokenizer
+
+    checkpoint = read_state_dict(info.path, dtype)
+    index = _pipeline_config(info.config_dir)
+    components = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        library, class_name = index.get(name) or (None, None)
+        if library is None or not (info.config_dir / name).is_dir():
+            continue
+        components[name] = load_single_file_sub_model(
+            library_name=library, class_name=class_name, name=name, checkpoint=checkpoint, pipelines=pipelines,
+            is_pipeline_module=hasattr(pipelines, library), cached_model_config_path=str(info.config_dir),
+            torch_dtype=dtype, local_files_only=True)
+    del checkpoint
+    for name in ("tokenizer", "tokenizer_2"):
+        if (info.config_dir / name).is_dir():
+            components[name] = CLIPTokenizer.from_pretrained(str(info.config_dir), subfolder=name,
+                                                             local_files_only=True)
     components["scheduler_config"] = _read_json(info.config_dir / "scheduler" / "scheduler_config.json")
-    components["pipeline_config"] = _pipeline_config(info.config_dir)
-    return {k: v for k, v in components.items() if v is not None}
+    components["pipeline_config"] = index
+    return components
 
 
 def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHandle, ClipHandle, VaeHandle]:

@@ -267,3 +267,24 @@ def test_family_mismatch_errors(tiny, sd):
         denoise.sample(model, encode_prompt(clip, "x"), None, empty_latent(64, 64), **{**kwargs, "strength": 0.5})
     with pytest.raises(NodeError, match="no step to run"):
         denoise.sample(model, encode_prompt(clip, "x"), None, plain, **{**kwargs, "steps": 2, "strength": 0.3})
+
+
+@pytest.mark.parametrize("stored, loaded", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                            (torch.float32, torch.float16)])
+def test_single_files_load_tensor_by_tensor_to_diffusers_weights(tiny, tmp_path, stored, loaded):
+    """read_state_dict converts each tensor as it is read; the models equal diffusers' from_single_file."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "model.safetensors"
+    save_file({k: (v.to(stored) if v.is_floating_point() else v) for k, v in load_file(str(tiny.sd15_file)).items()},
+              str(file))
+    shutil.copytree(tiny.sd15_file_config, tmp_path / "model.config")
+    model, clip, vae = load_checkpoint(inspect_checkpoint(str(file)), loaded)
+    pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(tmp_path / "model.config"), torch_dtype=loaded,
+                                                    local_files_only=True, safety_checker=None, feature_extractor=None,
+                                                    requires_safety_checker=False)
+    for ours, theirs in ((model.unet, pipe.unet), (vae.vae, pipe.vae), (clip.text_encoder, pipe.text_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == loaded for k in a if a[k].is_floating_point())
+        assert all(torch.equal(a[k], b[k]) for k in a)
