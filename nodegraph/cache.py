@@ -65,10 +65,13 @@ def default_cache_size() -> int:
     return parse_size(value) if value else DEFAULT_DISK_BUDGET
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
 def value_nbytes(value: Any) -> int:
     """Approximate memory held by a node output: its tensors, not the weights of models it refers to."""
     torch = sys.modules.get("torch")  # no tensor exists unless torch was imported
-    if torch is None:
+    if torch is None or (type(value) is dict and all(type(v) in _PLAIN for v in value.values())):
         return 0
     total = 0
     stack = [value]

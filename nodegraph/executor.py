@@ -25,7 +25,7 @@ from .context import RunConfig, RunContext, RunRecord
 from .errors import Interrupted, Issue, NodeError, NodeFailed, WorkflowInvalid
 from .files import identity, path_fingerprint
 from .groups import param_owner
-from .gcpause import gc_paused
+from .gcpause import gc_frozen, gc_paused
 from .keys import canonical_params, node_key, output_salt, run_salt
 from .limits import limits_in_force
 from .definitions import ParamProblem
@@ -112,6 +112,7 @@ class _KeyPlan:
     salt: str
     out_salt: str  # output nodes write into the run's folder: another folder is other work
     volatile: list[str]
+    repeated: set[str] = field(default_factory=set)
 
     def key(self, node: GraphNode, canonical: str, keys: dict[str, str]) -> str:
         definition = node.definition
@@ -137,6 +138,7 @@ class _Plan:
     keys: dict[str, str]
     params: dict[str, dict]  # node id -> params of this run, where they differ from the graph's ("random")
     identities: dict[str, dict[str, tuple]]
+    repeated: set[str]  # keys of more than one node: the later ones are served what the first made
 
 
 KEY_PLANS_KEPT = 4  # per graph: a few device / dtype / output folder combinations
@@ -145,77 +147,93 @@ KEY_PLANS_KEPT = 4  # per graph: a few device / dtype / output folder combinatio
 def execute(graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCache | None = None,
             facts: Facts | None = None) -> RunResult:
     """Run ``graph`` with ``config``; raises NodeFailed or Interrupted carrying the partial result."""
-    facts = facts or Facts(disk)
-    record = RunRecord()
-    result = RunResult(node_types=_TypeNames(graph), files=record.files, info=record.info, warnings=record.warnings)
-    statuses: dict[str, NodeStatus] = {}
-    to_run: set[str] = set()
-    order = _needed_in_order(graph)
+    run = _Run(graph, config, memory, disk, facts or Facts(disk))
     start = time.perf_counter()
     try:
         with limits_in_force(config.limits):
-            _execute(graph, config, record, result, statuses, to_run, memory, disk, facts)
+            run.plan()
+            run.run_nodes()
     finally:
-        result.seconds = time.perf_counter() - start
+        run.result.seconds = time.perf_counter() - start
         # dependency order; cut-off nodes are "skipped", nodes a failure kept from running are left out
-        result.nodes = {node_id: statuses.get(node_id, _SKIPPED) for node_id in order
-                        if node_id in statuses or node_id not in to_run}
-    return result
+        run.result.nodes = {node_id: run.statuses.get(node_id, _SKIPPED) for node_id in _needed_in_order(graph)
+                            if node_id in run.statuses or node_id not in run.to_run}
+    return run.result
 
 
-def _execute(graph, config: RunConfig, record: RunRecord, result: RunResult, statuses, to_run, memory, disk,
-             facts) -> None:
-    with gc_paused():
-        plan = _plan_keys(graph, config, record)
-        values = _plan(graph, plan, memory, disk, config, statuses, to_run)
-        if facts.memory or facts.disk is not None:
-            for node_id in plan.order:  # what the cached and cut-off nodes recorded when they ran
-                if node_id not in to_run and (known := facts.get(plan.keys[node_id])):
-                    RunContext(config, record, node_id).replay(known)
-        uses = _uses(graph, to_run)
-    keep = set(graph.outputs)
-    tainted: set[str] = set()
+class _Run:
+    """The state of one run: what it planned, the values it holds, what it did."""
 
-    def warn(text: str) -> None:  # the engine's own warnings go in the result too
-        record.warnings.append(text)
+    def __init__(self, graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCache | None, facts: Facts):
+        self.graph, self.config, self.memory, self.disk, self.facts = graph, config, memory, disk, facts
+        self.record = RunRecord()
+        self.result = RunResult(node_types=_TypeNames(graph), files=self.record.files, info=self.record.info,
+                                warnings=self.record.warnings)
+        self.statuses: dict[str, NodeStatus] = {}
+        self.to_run: set[str] = set()
+        self.values: dict[str, dict] = {}
+        self.uses: dict[str, int] = {}
+        self.tainted: set[str] = set()  # made from a file that changed while the run read it: not cached
+        self.keep = set(graph.outputs)
+
+    def warn(self, text: str) -> None:
+        """The engine's own warnings: in the result, and as Python warnings."""
+        self.record.warnings.append(text)
         warnings.warn(text, UserWarning, stacklevel=3)
 
-    try:
-        for node_id in plan.order:
-            if node_id not in to_run:
-                continue
-            _check_interrupt(config, node_id, graph)
-            node = graph.nodes[node_id]
-            key = plan.keys[node_id]
-            cacheable = node.definition.cacheable
-            twin = memory.get(key) if cacheable else None
-            if twin is not None:  # an identical node (same key) already ran earlier in this run
-                values[node_id] = twin
-                statuses[node_id] = _CACHED
-                if known := facts.get(key):
-                    RunContext(config, record, node_id).replay(known)
-            else:
-                params = plan.params.get(node_id, node.params)
-                values[node_id] = outputs = _run_node(node, params, values, config, record, statuses, result)
-                if _changed_while_read(node, plan, tainted, warn):
-                    tainted.add(node_id)
-                own = record.recorded.pop(node_id, None)
-                if cacheable and node_id not in tainted:
-                    if own:
-                        facts.put(key, own, warn)
-                    memory.put(key, outputs)
-                    if disk is not None and not node.definition.output:
-                        disk.put(key, outputs, warn)
-            for src in {src for src, _ in node.links.values()}:
-                uses[src] -= 1
-                if uses[src] == 0 and src not in keep:
-                    values.pop(src, None)  # nothing later needs it: free it now
-        _check_interrupt(config, None, graph)  # a stop asked for during the last node is still a stop
-    except Interrupted as exc:
-        result.interrupted = True
-        exc.result = result
-        raise
-    result.outputs = {node_id: values[node_id] for node_id in graph.outputs if node_id in values}
+    def plan(self) -> None:
+        with gc_paused():
+            self.keys = _plan_keys(self.graph, self.config, self.record)
+            self.values = _plan(self.graph, self.keys, self.memory, self.disk, self.config, self.statuses, self.to_run)
+            if self.facts.memory or self.facts.disk is not None:
+                for node_id in self.keys.order:  # what the cached and cut-off nodes recorded when they ran
+                    if node_id not in self.to_run and (known := self.facts.get(self.keys.keys[node_id])):
+                        RunContext(self.config, self.record, node_id).replay(known)
+            self.uses = _uses(self.graph, self.keys.order, self.to_run)
+
+    def run_nodes(self) -> None:
+        try:
+            with gc_frozen():
+                for node_id in self.keys.order:
+                    if node_id in self.to_run:
+                        self.run_one(node_id)
+                _check_interrupt(self.config, None, self.graph)  # a stop during the last node is still a stop
+        except Interrupted as exc:
+            self.result.interrupted = True
+            exc.result = self.result
+            raise
+        self.result.outputs = {n: self.values[n] for n in self.graph.outputs if n in self.values}
+
+    def run_one(self, node_id: str) -> None:
+        """Run one node (or take what an identical node made earlier in this run), cache what it made, and
+        let go of the values nothing later needs."""
+        _check_interrupt(self.config, node_id, self.graph)
+        node, plan = self.graph.nodes[node_id], self.keys
+        key = plan.keys[node_id]
+        cacheable = node.definition.cacheable
+        twin = self.memory.get(key) if cacheable and key in plan.repeated else None
+        if twin is not None:  # an identical node (same key) already ran earlier in this run
+            self.values[node_id] = twin
+            self.statuses[node_id] = _CACHED
+            if known := self.facts.get(key):
+                RunContext(self.config, self.record, node_id).replay(known)
+        else:
+            params = plan.params.get(node_id, node.params)
+            self.values[node_id] = outputs = _run_node(node, params, self.values, self.config, self.record,
+                                                       self.statuses, self.result)
+            if _changed_while_read(node, plan, self.tainted, self.warn):
+                self.tainted.add(node_id)
+            own = self.record.recorded.pop(node_id, None)
+            if cacheable and node_id not in self.tainted:
+                if own:
+                    self.facts.put(key, own, self.warn)
+                self.memory.put(key, outputs)
+                if self.disk is not None and not node.definition.output:
+                    self.disk.put(key, outputs, self.warn)
+        for src in _sources(node):
+            left = self.uses[src] = self.uses[src] - 1
+            if left == 0 and src not in self.keep:
+                self.values.pop(src, None)  # nothing later needs it: free it now
 
 
 def _check_interrupt(config: RunConfig, node_id: str | None, graph: Graph) -> None:
@@ -269,7 +287,13 @@ def _plan_keys(graph: Graph, config: RunConfig, record: RunRecord) -> _Plan:
                 record.drawn[node_id] = drawn
                 RunContext(config, record, node_id).record(RANDOM_SEEDS, drawn)
             keys[node_id] = key_plan.key(node, canonical, keys)
-    return _Plan(key_plan.order, keys, params, key_plan.identities)
+    repeated = key_plan.repeated if not key_plan.volatile else _repeated(keys.values())
+    return _Plan(key_plan.order, keys, params, key_plan.identities, repeated)
+
+
+def _repeated(keys) -> set[str]:
+    seen: set[str] = set()
+    return {key for key in keys if key in seen or seen.add(key)}
 
 
 def _key_plan(graph: Graph, salt: str, out_salt: str) -> _KeyPlan:
@@ -294,6 +318,7 @@ def _key_plan(graph: Graph, salt: str, out_salt: str) -> _KeyPlan:
             plan.volatile.append(node_id)
         else:
             plan.keys[node_id] = plan.key(node, node.canonical, plan.keys)
+    plan.repeated = _repeated(plan.keys.values())
     return plan
 
 
@@ -308,8 +333,10 @@ def _canonical_values(node: GraphNode) -> dict:
 def _changed_while_read(node: GraphNode, plan: _Plan, tainted: set[str], warn) -> bool:
     """Whether a file the node read changed after it was hashed (its result must not be cached under the
     old content's key), or the node used such a result."""
-    if any(src in tainted for src, _ in node.links.values()):
+    if tainted and any(src in tainted for src, _ in node.links.values()):
         return True
+    if not node.paths:
+        return False
     read = {**node.paths, **node.implied}
     for name, before in plan.identities.get(node.node_id, {}).items():
         try:
@@ -352,13 +379,28 @@ def _plan(graph: Graph, plan: _Plan, memory, disk, config: RunConfig, statuses: 
     return values
 
 
-def _uses(graph: Graph, to_run: set[str]) -> dict[str, int]:
-    """How many nodes that will run read each node's outputs."""
+def _uses(graph: Graph, order: list[str], to_run: set[str]) -> dict[str, int]:
+    """How many nodes that will run read each node's outputs (for a run of every needed node, counted once
+    per graph)."""
+    everything = len(to_run) == len(order)
+    if everything and "uses" in graph.memo:
+        return dict(graph.memo["uses"])
     uses: dict[str, int] = {}
-    for node_id in to_run:
-        for src in {src for src, _ in graph.nodes[node_id].links.values()}:
-            uses[src] = uses.get(src, 0) + 1
+    for node_id in order:
+        if everything or node_id in to_run:
+            for src in _sources(graph.nodes[node_id]):
+                uses[src] = uses.get(src, 0) + 1
+    if everything:
+        graph.memo["uses"] = dict(uses)
     return uses
+
+
+def _sources(node: GraphNode) -> tuple[str, ...] | set[str]:
+    """The nodes a node reads from, each once."""
+    links = node.links
+    if len(links) == 1:
+        return (next(iter(links.values()))[0],)
+    return {src for src, _ in links.values()}
 
 
 def _run_node(node: GraphNode, params: dict, values: dict[str, dict], config: RunConfig, record: RunRecord,

@@ -38,3 +38,25 @@ def gc_paused() -> Iterator[None]:
                 gc.unfreeze()
                 if _was_enabled:
                     gc.enable()
+
+
+_frozen = 0
+
+
+@contextlib.contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Keep every object alive now out of the collector's reach for a block (``gc.freeze``): the collections
+    that a run's own allocations trigger then scan only what the run made since, never the graph, its keys
+    and the caches. Counted across threads: the last block to end gives the objects back to the oldest
+    generation (``gc.unfreeze``), where the interpreter's rare full collections see them."""
+    global _frozen
+    with _lock:
+        _frozen += 1
+        gc.freeze()
+    try:
+        yield
+    finally:
+        with _lock:
+            _frozen -= 1
+            if _frozen == 0:
+                gc.unfreeze()

@@ -23,6 +23,9 @@ from .sockets import link_fits
 from .workflow import NodeSpec, Workflow
 
 
+_NO_PATHS: dict[str, str] = {}
+
+
 @dataclass(slots=True)
 class GraphNode:
     """A validated node: its definition, links and literal params."""
@@ -239,8 +242,9 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
             has = field_name in spec.params
             issue("invalid_param", message, field=field_name, kind=kind,
                   **({"value": spec.params[field_name]} if has else {}))
-    return GraphNode(node_id, definition, links, params, canonical_params(canonical), paths, tuple(randomized),
-                     implied)
+    # most nodes read no file: they share one empty mapping (never written to) rather than two new dicts each
+    return GraphNode(node_id, definition, links, params, canonical_params(canonical), paths or _NO_PATHS,
+                     tuple(randomized), implied or _NO_PATHS)
 
 
 def _pydantic_reason(err: dict) -> str:
