@@ -1,29 +1,31 @@
 """Diffusion nodes against diffusers on the same model and settings, on CPU.
 
-    PYTHONPATH=. python benchmarks/diffusion.py [--repeat 5] [--steps 20] [--skip-sd15] [--skip-sdxl] [--sd15-dir DIR]
+    PYTHONPATH=. python benchmarks/diffusion.py [--repeat 9] [--steps 20] [--sd15-dir DIR] [--skip-tiny] [--skip-sd15] [--skip-sdxl]
 
-Part 1, the tiny random SD 1.x model (tests/tiny_models.py), 64x64:
-  - one Sampler stage (CLIPEncode + Sampler through the engine, fresh caches) vs one
-    StableDiffusionPipeline call with output_type="latent" (target <= 1.03x); also the Sampler
-    node's loop alone vs the pipeline given prompt embeddings;
-  - the three-stage chain (workflows/txt2img_inpaint_img2img.json, first run) vs three diffusers
-    pipelines chained as the diffusers inpainting guide does it, sharing components via from_pipe and handing
-    latents on with output_type="latent" (target <= 1.0x);
-  - a rerun with only the img2img strength changed vs the first run (target <= 0.45x).
-Part 2, a randomly initialised checkpoint of the real SD 1.5 architecture (UNet 320/640/1280/1280,
-768-wide CLIP text encoder, configs written out in tests/tiny_models.py), as one fp32 single-file
-.safetensors, 64x64, 4 Euler steps: load time, s/step and peak RSS, each measured in a fresh process,
-for our nodes and for diffusers' from_single_file + pipeline, beside ComfyUI's published figures.
+Every comparison runs in interleaved pairs: each repetition times ours and the reference back to back,
+alternating which goes first, and keeps the ratio of that pair. A burst of load from another process then
+hits both sides of a pair alike, and the figures are the median ratio with its min-max (and each side's
+median seconds), so one lucky run cannot carry a claim. Our engine runs with its disk cache off: a fresh
+engine with the disk cache on serves the sampler's result from an earlier run.
 
-Part 3, the tiny random SDXL model (tests/tiny_sdxl.py: two text encoders, text_time UNet), 64x64,
-DPM++ 2M Karras (the outpaint workflow's scheduler):
-  - one SDXL stage (CLIPEncode + Sampler through the engine, fresh caches) vs one
-    StableDiffusionXLPipeline call with output_type="latent"; the loop alone given embeddings;
-  - the base -> refiner hand-off (Sampler denoising_end 0.8, refiner Sampler denoising_start 0.8,
-    through the engine) vs StableDiffusionXLPipeline(denoising_end) + the refiner's
-    StableDiffusionXLImg2ImgPipeline(denoising_start), latents handed on.
-
-Times are the best of --repeat runs (the machine is shared), ours and diffusers' interleaved. CPU only (no GPU here).
+Part 1, the tiny random SD 1.x model (tests/tiny_models.py), 64x64, Euler:
+  - one stage (CLIPEncode prompt + CLIPEncode "" as the negative + Sampler through a fresh engine) vs one
+    StableDiffusionPipeline call with negative_prompt="" and output_type="latent": both encode the same two
+    prompts every run (target <= 1.03x); also the Sampler loop alone vs the pipeline given embeddings;
+  - the three-stage chain (workflows/txt2img_inpaint_img2img.json, fresh engine, to the decoded image) vs
+    three diffusers pipelines chained as the diffusers inpainting guide does it, sharing components via
+    from_pipe and handing latents on with output_type="latent" (target <= 1.0x);
+  - a rerun with only the img2img strength changed (the engine reruns that stage and the decode from its
+    cache) vs the first run (target <= 0.45x), and vs diffusers running only that stage: the img2img
+    pipeline alone on the latents its earlier stages produced.
+Part 2, an SD 1.5-sized fp16 single file loaded as float32 in fresh processes: benchmarks/loading.py.
+Part 3, the tiny random SDXL model (tests/tiny_sdxl.py), 64x64, DPM++ 2M Karras:
+  - one SDXL stage (CLIPEncode + Sampler through a fresh engine) vs one StableDiffusionXLPipeline call;
+    with no negative both sides use zeros (force_zeros_for_empty_prompt); the loop alone given embeddings;
+  - the base -> refiner hand-off (denoising_end / denoising_start 0.8) vs StableDiffusionXLPipeline +
+    the refiner's StableDiffusionXLImg2ImgPipeline, latents handed on; the refiner encodes "" as its
+    negative on both sides.
+CPU only (no GPU here).
 """
 from __future__ import annotations
 
@@ -31,55 +33,51 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-COMFY = {"load_s": 3.0, "s_per_step": 1.04, "peak_rss_gib": 6.1}
-PROMPT = "concept art digital painting of an elven castle, inspired by lord of the rings, highly detailed, 8k"
-
-
-def quiet() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
+import loading  # noqa: E402
+from loading import PROMPT, machine, quiet, summary, verdict  # noqa: E402
 
 
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def pairs(ours, ref, repeat: int) -> dict:
+    """Interleaved pairs: ours and the reference back to back, alternating which goes first (whichever runs
+    second finds the caches warmer), summarised as medians and the per-pair ratio's min-max."""
+    times = {ours: [], ref: []}
+    for i in range(repeat):
+        for fn in (ours, ref) if i % 2 == 0 else (ref, ours):
+            times[fn].append(seconds(fn))
+    return summary(times[ours], times[ref])
 
 
 def interleaved(fns: dict, repeat: int) -> dict:
-    """Best-of-``repeat`` seconds of each callable, taking turns so that load from other processes on a
-    shared machine hits all alike (the minimum is the least disturbed run, as timeit reports)."""
+    """Median seconds of each callable, run in turns whose order alternates (benchmarks/outpaint.py uses it)."""
     times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    for i in range(repeat):
+        for name in list(fns) if i % 2 == 0 else list(fns)[::-1]:
+            times[name].append(seconds(fns[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def row(title: str, s: dict, target: float | None = None, ref: str = "diffusers") -> str:
+    return (f"  {title:51s} ours {s['ours']:.3f} s  {ref} {s['ref']:.3f} s  ratio {s['ratio']:.3f}x "
+            f"({s['min']:.3f}-{s['max']:.3f}, {s['n']} pairs){verdict(s['ratio'], target)}")
 
 
 # ---------------------------------------------------------------------------------------------- part 1
 
-def tiny_part(repeat: int, steps: int) -> dict:
+def tiny_part(repeat: int, steps: int) -> list[str]:
     import torch
     from diffusers.utils import load_image
     from diffusers import (EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
@@ -93,6 +91,7 @@ def tiny_part(repeat: int, steps: int) -> dict:
     from tests.tiny_models import build_tiny_models
 
     tiny = build_tiny_models()
+    # the handles the engine's LoadCheckpoint gets too (one load per process, dtype and device)
     model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
     scheduler = EulerDiscreteScheduler.from_config(model.scheduler_config)
     t2i = StableDiffusionPipeline(vae=vae.vae, text_encoder=clip.text_encoder, tokenizer=clip.tokenizer,
@@ -102,39 +101,39 @@ def tiny_part(repeat: int, steps: int) -> dict:
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(t2i)
     for pipe in (t2i, inpaint, img2img):
         pipe.set_progress_bar_config(disable=True)
-    size = 64
+    size, tmp = 64, tempfile.gettempdir()
 
-    # --- one stage
+    def fresh() -> Engine:
+        return Engine(cache_dir=False)
+
+    # --- one stage. The CLIP handle remembers the empty prompt's embedding for the process (the default
+    # negative); an explicit "" negative on both sides makes each run encode the prompt and "" itself.
     stage = {"format": "nodegraph/1", "nodes": {
         "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(tiny.sd15)}},
         "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": PROMPT}},
+        "neg": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": ""}},
         "empty": {"type": "EmptyLatent", "params": {"width": size, "height": size}},
         "t2i": {"type": "Sampler", "inputs": {"model": "ckpt.model", "positive": "pos.conditioning",
-                                               "latent": "empty.latent"},
+                                               "negative": "neg.conditioning", "latent": "empty.latent"},
                 "params": {"seed": 7, "steps": steps, "scheduler": "euler"}},
     }}
-    cond = encode_prompt(clip, PROMPT)
-    pe, ne = t2i.encode_prompt(PROMPT, "cpu", 1, True)
+    cond, uncond = encode_prompt(clip, PROMPT), encode_prompt(clip, "")
+    pe, ne = t2i.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt="")
 
     def ours_stage():
-        Engine().run(stage, targets=["t2i"], out_dir=tempfile.gettempdir())
+        fresh().run(stage, targets=["t2i"], out_dir=tmp)
 
     def diffusers_stage():
-        t2i(PROMPT, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(7),
-            output_type="latent")
+        t2i(PROMPT, negative_prompt="", num_inference_steps=steps, height=size, width=size,
+            generator=torch.Generator().manual_seed(7), output_type="latent")
 
     def ours_loop():
-        denoise.sample(model, cond, None, empty_latent(size, size), seed=7, steps=steps, guidance_scale=7.5,
+        denoise.sample(model, cond, uncond, empty_latent(size, size), seed=7, steps=steps, guidance_scale=7.5,
                        scheduler="euler", strength=1.0)
 
     def diffusers_loop():
         t2i(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, height=size, width=size,
             generator=torch.Generator().manual_seed(7), output_type="latent")
-
-    for fn in (ours_stage, diffusers_stage, ours_loop, diffusers_loop):
-        fn()  # warm-up
-    stage_times = interleaved({"ours": ours_stage, "diffusers": diffusers_stage}, repeat)
-    loop_times = interleaved({"ours": ours_loop, "diffusers": diffusers_loop}, repeat)
 
     # --- the chain
     chain = REPO / "workflows" / "txt2img_inpaint_img2img.json"
@@ -144,157 +143,68 @@ def tiny_part(repeat: int, steps: int) -> dict:
     nodes = json.loads(chain.read_text())["nodes"]
     mask_file = chain.parent / nodes["centre"]["params"]["path"]
     out_dir = Path(tempfile.mkdtemp(prefix="nodegraph-bench-"))
-    prompts = [nodes[k]["params"]["text"] for k in ("castle", "waterfall", "negative")]
+    castle, waterfall, negative = (nodes[k]["params"]["text"] for k in ("castle", "waterfall", "negative"))
 
-    def diffusers_chain():  # the diffusers inpainting guide: text2img -> inpaint -> img2img, latents handed on
-        mask = load_image(str(mask_file))  # as the article loads its mask
-        latents = t2i(prompts[0], num_inference_steps=steps, height=size, width=size,
+    def diffusers_first_two():
+        mask = load_image(str(mask_file))  # as the guide loads its mask
+        latents = t2i(castle, num_inference_steps=steps, height=size, width=size,
                       generator=torch.Generator().manual_seed(7), output_type="latent").images
-        latents = inpaint(prompts[1], image=latents, mask_image=mask, masked_image_latents=latents, height=size,
-                          width=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(92),
-                          output_type="latent").images
-        img2img(prompts[0], negative_prompt=prompts[2], image=latents, strength=0.35, num_inference_steps=steps,
+        return inpaint(waterfall, image=latents, mask_image=mask, masked_image_latents=latents, height=size,
+                       width=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(92),
+                       output_type="latent").images
+
+    def diffusers_last(latents, strength=0.35):
+        img2img(castle, negative_prompt=negative, image=latents, strength=strength, num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(11), output_type="pil")
 
-    def ours_chain():  # up to the decoded image, like the pipelines (no PNG writing)
-        Engine().run(chain, overrides=overrides, targets=["decode"], out_dir=out_dir)
+    def diffusers_chain():  # the diffusers inpainting guide: text2img -> inpaint -> img2img, latents handed on
+        diffusers_last(diffusers_first_two())
 
-    ours_chain(), diffusers_chain()
-    chain_times = interleaved({"ours": ours_chain, "diffusers": diffusers_chain}, repeat)
+    def ours_chain(engine=None):  # up to the decoded image, like the pipelines (no PNG writing)
+        # Forget the remembered empty prompt so that each run encodes it (once, shared by the two stages
+        # without a negative), where each pipeline call encodes its own.
+        clip.memo.clear()
+        return (engine or fresh()).run(chain, overrides=overrides, targets=["decode"], out_dir=out_dir)
 
-    # --- rerun with only the last stage changed (the whole workflow, SaveImage included)
-    firsts, reruns = [], []
+    for fn in (ours_stage, diffusers_stage, ours_loop, diffusers_loop, ours_chain, diffusers_chain):
+        fn()  # warm-up
+    stage_s = pairs(ours_stage, diffusers_stage, repeat)
+    loop_s = pairs(ours_loop, diffusers_loop, repeat)
+    chain_s = pairs(ours_chain, diffusers_chain, repeat)
+
+    # --- rerun with only the img2img strength changed: vs our first run, and vs diffusers running that
+    # stage alone on the latents its first two stages made (which cost it nothing here)
+    inpainted = diffusers_first_two()
+    firsts, reruns, alone = [], [], []
     for i in range(repeat):
-        engine = Engine()
-        start = time.perf_counter()
-        engine.run(chain, overrides=overrides, out_dir=out_dir)
-        firsts.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        result = engine.run(chain, overrides={**overrides, "i2i.strength": 0.5 + i * 0.01}, out_dir=out_dir)
-        reruns.append(time.perf_counter() - start)
-        assert result.ran() == {"i2i", "decode", "save"}, result.status
-    return {
-        "steps": steps, "size": size,
-        "stage": stage_times, "loop": loop_times, "chain": chain_times,
-        "first_run": min(firsts), "rerun_last_stage": min(reruns),
-    }
+        engine = fresh()
+        firsts.append(seconds(lambda: ours_chain(engine)))
+        strength, results = 0.5 + i * 0.01, []
+        rerun = lambda: results.append(engine.run(chain, overrides={**overrides, "i2i.strength": strength},  # noqa: E731
+                                                  targets=["decode"], out_dir=out_dir))
+        last = lambda: diffusers_last(inpainted, strength)  # noqa: E731
+        pair = {}
+        for name, fn in (("rerun", rerun), ("last", last)) if i % 2 == 0 else (("last", last), ("rerun", rerun)):
+            pair[name] = seconds(fn)
+        assert results[0].ran() == {"i2i", "decode"}, results[0].status
+        reruns.append(pair["rerun"])
+        alone.append(pair["last"])
+    vs_first, vs_alone = summary(reruns, firsts), summary(reruns, alone)
 
-
-# ---------------------------------------------------------------------------------------------- part 2
-
-def build_sd15(folder: Path) -> Path:
-    """The random SD 1.5-architecture single file (built once; reused when present)."""
-    path = folder / "sd15-random.safetensors"
-    if not path.exists():
-        from tests.tiny_models import build_single_file, sd15_configs
-
-        build_single_file(path, in_channels=4, seed=0, configs=sd15_configs())
-    return path
-
-
-def peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
-
-
-def sd15_ours(path: str, steps: int) -> dict:
-    started = time.perf_counter()
-    quiet()  # imports diffusers and transformers
-    import torch
-
-    from nodegraph.context import RunContext
-    from nodegraph.nodes.conditioning import clip_encode
-    from nodegraph.nodes.latent import empty_latent, vae_decode_node
-    from nodegraph.nodes.models import load_checkpoint_node
-    from nodegraph.nodes.sampling import sampler_node
-    from diffusers import StableDiffusionPipeline  # noqa: F401  what LoadCheckpoint imports on first use
-    imports = time.perf_counter() - started
-    step_times = []
-    last = [time.perf_counter()]
-
-    def on_step(event):
-        now = time.perf_counter()
-        step_times.append(now - last[0])
-        last[0] = now
-
-    ctx = RunContext(listeners=[on_step])
-    start = time.perf_counter()
-    handles = load_checkpoint_node(path=path, ctx=ctx, config=None, dtype="float32")
-    load = time.perf_counter() - start
-    cond = clip_encode(handles["clip"], ctx, text=PROMPT, clip_skip=0, long_prompt="truncate")
-    samples = []
-    for _ in range(2):  # the first run also pages weights in and warms oneDNN up; the second is the figure
-        step_times.clear()
-        last[0] = time.perf_counter()
-        start = time.perf_counter()
-        latent = sampler_node(model=handles["model"], positive=cond, latent=empty_latent(64, 64), ctx=ctx, seed=0,
-                              steps=steps, scheduler="euler")
-        samples.append(time.perf_counter() - start)
-    sample = samples[-1]
-    image = vae_decode_node(handles["vae"], latent)
-    assert torch.isfinite(image).all()
-    from nodegraph.keys import path_fingerprint
-
-    start = time.perf_counter()
-    path_fingerprint(path)  # what the engine adds on a process's first run: the file's hash for the cache key
-    fingerprint = time.perf_counter() - start
-    return {"load_s": load, "import_s": imports, "engine_hash_s": fingerprint, "sample_s": sample,
-            "s_per_step": statistics.median(step_times), "peak_rss_gib": peak_rss_gib()}
-
-
-def sd15_diffusers(path: str, steps: int) -> dict:
-    started = time.perf_counter()
-    quiet()
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-    imports = time.perf_counter() - started
-
-    config = str(Path(path).with_suffix(".config"))
-    start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True, safety_checker=None,
-                                                    feature_extractor=None, requires_safety_checker=False,
-                                                    torch_dtype=torch.float32)
-    load = time.perf_counter() - start
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    step_times = []
-    last = [0.0]
-
-    def on_step(pipeline, i, t, kwargs):
-        now = time.perf_counter()
-        step_times.append(now - last[0])
-        last[0] = now
-        return kwargs
-
-    for _ in range(2):  # as on our side: the second run is the figure
-        step_times.clear()
-        last[0] = time.perf_counter()
-        start = time.perf_counter()
-        pipe(PROMPT, num_inference_steps=steps, height=64, width=64, generator=torch.Generator().manual_seed(0),
-             output_type="latent", callback_on_step_end=on_step)
-        sample = time.perf_counter() - start
-    # the first interval includes prompt encoding; the median of the steps is the per-step figure
-    return {"load_s": load, "import_s": imports, "sample_s": sample, "s_per_step": statistics.median(step_times),
-            "peak_rss_gib": peak_rss_gib()}
-
-
-def sd15_part(folder: Path, steps: int) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--build-sd15", str(folder)], check=True, cwd=REPO)
-    path = build_sd15(folder)
-    out = {"file_gib": path.stat().st_size / 1024**3, "build_s": time.perf_counter() - start}
-    for side in ("ours", "diffusers"):
-        proc = subprocess.run([sys.executable, __file__, f"--sd15-{side}", str(path), "--steps", str(steps)],
-                              check=True, cwd=REPO, capture_output=True, text=True)
-        out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    return [
+        f"tiny SD 1.x, CPU, {size}x{size}, {steps} Euler steps per stage; median of {repeat} interleaved pairs "
+        "(min-max of the per-pair ratio)",
+        row("one stage (CLIPEncode x2 + Sampler, fresh engine)", stage_s, 1.03),
+        row("sampler loop alone (given embeddings)", loop_s),
+        row("three-stage chain vs 3 chained pipelines", chain_s, 1.0),
+        row("rerun, only img2img strength changed, vs first run", vs_first, 0.45, ref="first run"),
+        row("the same rerun vs diffusers' img2img stage alone", vs_alone, ref="diffusers"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- part 3
 
-def sdxl_part(repeat: int, steps: int) -> dict:
+def sdxl_part(repeat: int, steps: int) -> list[str]:
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -321,8 +231,9 @@ def sdxl_part(repeat: int, steps: int) -> dict:
                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
-    size, sched = 64, "dpmpp_2m_karras"
+    size, sched, tmp = 64, "dpmpp_2m_karras", tempfile.gettempdir()
     common = {"seed": 7, "steps": steps, "scheduler": sched, "guidance_scale": 5.0}
+    # the base's negative is zeros on both sides (force_zeros_for_empty_prompt): nothing to encode
     stage = {"format": "nodegraph/1", "nodes": {
         "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(tiny.base)}},
         "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": PROMPT}},
@@ -330,20 +241,23 @@ def sdxl_part(repeat: int, steps: int) -> dict:
         "t2i": {"type": "Sampler", "inputs": {"model": "ckpt.model", "positive": "pos.conditioning",
                                                "latent": "empty.latent"}, "params": dict(common)},
     }}
+    # the refiner encodes "" as its negative (its config does not force zeros): explicitly on both sides, so
+    # that neither uses the embedding the CLIP handle remembers
     handoff = {"format": "nodegraph/1", "nodes": {
         **stage["nodes"],
         "t2i": {**stage["nodes"]["t2i"], "params": {**common, "denoising_end": 0.8}},
         "ref": {"type": "LoadCheckpoint", "params": {"path": str(tiny.refiner)}},
         "ref_pos": {"type": "CLIPEncode", "inputs": {"clip": "ref.clip"}, "params": {"text": PROMPT}},
+        "ref_neg": {"type": "CLIPEncode", "inputs": {"clip": "ref.clip"}, "params": {"text": ""}},
         "refine": {"type": "Sampler", "inputs": {"model": "ref.model", "positive": "ref_pos.conditioning",
-                                                  "latent": "t2i.latent"},
+                                                  "negative": "ref_neg.conditioning", "latent": "t2i.latent"},
                    "params": {**common, "seed": 8, "denoising_start": 0.8}},
     }}
     cond = encode_prompt(clip, PROMPT)
     pe, ne, pp, npp = base.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True)
 
     def ours_stage():
-        Engine().run(stage, targets=["t2i"], out_dir=tempfile.gettempdir())
+        Engine(cache_dir=False).run(stage, targets=["t2i"], out_dir=tmp)
 
     def diffusers_stage():
         base(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=5.0,
@@ -359,101 +273,48 @@ def sdxl_part(repeat: int, steps: int) -> dict:
              generator=torch.Generator().manual_seed(7), output_type="latent")
 
     def ours_handoff():
-        Engine().run(handoff, targets=["refine"], out_dir=tempfile.gettempdir())
+        Engine(cache_dir=False).run(handoff, targets=["refine"], out_dir=tmp)
 
     def diffusers_handoff():
         latents = base(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=5.0,
                        denoising_end=0.8, generator=torch.Generator().manual_seed(7), output_type="latent").images
-        refiner(PROMPT, image=latents, num_inference_steps=steps, guidance_scale=5.0, denoising_start=0.8,
-                generator=torch.Generator().manual_seed(8), output_type="latent")
+        refiner(PROMPT, negative_prompt="", image=latents, num_inference_steps=steps, guidance_scale=5.0,
+                denoising_start=0.8, generator=torch.Generator().manual_seed(8), output_type="latent")
 
     for fn in (ours_stage, diffusers_stage, ours_loop, diffusers_loop, ours_handoff, diffusers_handoff):
         fn()  # warm-up
-    return {
-        "steps": steps, "size": size,
-        "stage": interleaved({"ours": ours_stage, "diffusers": diffusers_stage}, repeat),
-        "loop": interleaved({"ours": ours_loop, "diffusers": diffusers_loop}, repeat),
-        "handoff": interleaved({"ours": ours_handoff, "diffusers": diffusers_handoff}, repeat),
-    }
+    return [
+        f"tiny SDXL, CPU, {size}x{size}, {steps} DPM++ 2M Karras steps; median of {repeat} interleaved pairs "
+        "(min-max of the per-pair ratio)",
+        row("one stage (CLIPEncode + Sampler, fresh engine)", pairs(ours_stage, diffusers_stage, repeat)),
+        row("sampler loop alone (given embeddings)", pairs(ours_loop, diffusers_loop, repeat)),
+        row("base -> refiner hand-off (end/start 0.8)", pairs(ours_handoff, diffusers_handoff, repeat)),
+    ]
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-def report(tiny: dict | None, sd15: dict | None, sdxl: dict | None = None) -> str:
-    lines = []
-    if tiny:
-        s, l, c = tiny["stage"], tiny["loop"], tiny["chain"]
-        ratio = lambda d: d["ours"] / d["diffusers"]  # noqa: E731
-        lines += [
-            f"tiny SD 1.x, CPU, {tiny['size']}x{tiny['size']}, {tiny['steps']} Euler steps per stage (best of runs)",
-            f"  one stage  (CLIPEncode + Sampler via engine)  ours {s['ours']:.3f} s  diffusers {s['diffusers']:.3f} s"
-            f"  ratio {ratio(s):.3f}x  (target <= 1.03x)",
-            f"  sampler loop alone (given embeddings)         ours {l['ours']:.3f} s  diffusers {l['diffusers']:.3f} s"
-            f"  ratio {ratio(l):.3f}x",
-            f"  three-stage chain vs 3 chained pipelines      ours {c['ours']:.3f} s  diffusers {c['diffusers']:.3f} s"
-            f"  ratio {ratio(c):.3f}x  (target <= 1.0x)",
-            f"  rerun, only img2img strength changed           {tiny['rerun_last_stage']:.3f} s vs first run "
-            f"{tiny['first_run']:.3f} s  ratio {tiny['rerun_last_stage'] / tiny['first_run']:.3f}x  (target <= 0.45x)",
-        ]
-    if sd15:
-        o, d = sd15["ours"], sd15["diffusers"]
-        lines += [
-            f"random SD 1.5 architecture, single fp32 .safetensors ({sd15['file_gib']:.2f} GiB), CPU, 64x64, "
-            "4 Euler steps (second run), each side in a fresh process, file in the OS page cache",
-            f"  {'':10s} {'load s':>8s} {'s/step':>8s} {'peak RSS GiB':>13s}   (load excludes the one-time library "
-            "import, shown apart)",
-            f"  {'ours':10s} {o['load_s']:8.2f} {o['s_per_step']:8.3f} {o['peak_rss_gib']:13.2f}   import {o['import_s']:.2f} s",
-            f"  {'diffusers':10s} {d['load_s']:8.2f} {d['s_per_step']:8.3f} {d['peak_rss_gib']:13.2f}   import "
-            f"{d['import_s']:.2f} s",
-            f"  {'ComfyUI':10s} {COMFY['load_s']:8.2f} {COMFY['s_per_step']:8.3f} {COMFY['peak_rss_gib']:13.2f}"
-            "   (published figures, other hardware)",
-            f"  through the engine, a process's first run also hashes the file for the cache key: "
-            f"{o['engine_hash_s']:.2f} s",
-        ]
-    if sdxl:
-        ratio = lambda d: d["ours"] / d["diffusers"]  # noqa: E731
-        rows = [("one stage  (CLIPEncode + Sampler via engine)", "stage"),
-                ("sampler loop alone (given embeddings)", "loop"),
-                ("base -> refiner hand-off (end/start 0.8)", "handoff")]
-        lines.append(f"tiny SDXL, CPU, {sdxl['size']}x{sdxl['size']}, {sdxl['steps']} DPM++ 2M Karras steps "
-                     "(best of runs)")
-        for title, key in rows:
-            d = sdxl[key]
-            lines.append(f"  {title:45s} ours {d['ours']:.3f} s  diffusers {d['diffusers']:.3f} s  "
-                         f"ratio {ratio(d):.3f}x")
-    lines.append("No GPU was available: every figure is CPU.")
-    return "\n".join(lines)
-
+# ---------------------------------------------------------------------------------------------- main
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=20, help="steps per stage for the tiny model")
+    parser.add_argument("--repeat", type=int, default=9, help="interleaved pairs per tiny-model comparison")
+    parser.add_argument("--steps", type=int, default=20, help="steps per stage for the tiny models")
+    parser.add_argument("--sd15-dir", default=os.path.join(tempfile.gettempdir(), "nodegraph-sd15-fp16"),
+                        help="where the 2 GB SD 1.5-sized fp16 file is built once and reused")
+    parser.add_argument("--sd15-repeat", type=int, default=3, help="interleaved pairs of fresh processes")
     parser.add_argument("--sd15-steps", type=int, default=4)
-    parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--skip-sdxl", action="store_true")
-    parser.add_argument("--sd15-dir", default=os.path.join(tempfile.gettempdir(), "nodegraph-sd15-random"))
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--build-sd15", help=argparse.SUPPRESS)
-    parser.add_argument("--sd15-ours", help=argparse.SUPPRESS)
-    parser.add_argument("--sd15-diffusers", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.build_sd15:
-        quiet()
-        build_sd15(Path(args.build_sd15))
-        return
-    if args.sd15_ours or args.sd15_diffusers:
-        fn = sd15_ours if args.sd15_ours else sd15_diffusers
-        print(json.dumps(fn(args.sd15_ours or args.sd15_diffusers, args.steps)))
-        return
     quiet()
-    tiny = None if args.skip_tiny else tiny_part(args.repeat, args.steps)
-    sdxl = None if args.skip_sdxl else sdxl_part(args.repeat, args.steps)
-    sd15 = None if args.skip_sd15 else sd15_part(Path(args.sd15_dir), args.sd15_steps)
-    if args.json:
-        print(json.dumps({"tiny": tiny, "sd15": sd15, "sdxl": sdxl}, indent=2))
-    print(report(tiny, sd15, sdxl))
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    if not args.skip_tiny:
+        print("\n".join(tiny_part(args.repeat, args.steps)), flush=True)
+    if not args.skip_sdxl:
+        print("\n".join(sdxl_part(args.repeat, args.steps)), flush=True)
+    if not args.skip_sd15:
+        print(loading.report(loading.measure(Path(args.sd15_dir), args.sd15_repeat, args.sd15_steps)), flush=True)
+    print(f"No GPU was available: CPU figures. Took {time.perf_counter() - started:.0f} s; {machine(load)}.")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def ours(base, adapters, size: int, times: int, steps: int):
     out = tempfile.mkdtemp(prefix="nodegraph-bench-out-")
 
     def first_run():
-        engine = Engine()
+        engine = Engine(cache_dir=False)  # measure the work, not the disk cache
         engine.run(WORKFLOW, overrides=overrides, out_dir=out)
         return engine
 
