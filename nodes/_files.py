@@ -75,7 +75,8 @@ def read_state_dict(path: Path, dtype=None) -> dict:
     """The tensors of a .safetensors file, read one at a time with plain reads (no memory map, whose pages
     would count as the process's memory) and each converted to ``dtype`` (floating point ones) as soon as it
     is read: a float16 file loaded as float32 never has both copies of the model alive, so the peak is the
-    float32 model and one tensor."""
+    model in ``dtype`` and one tensor. Reads go through one reused buffer (a fresh one per tensor would be
+    zeroed first, which costs as much as the read)."""
     import json
     import struct
 
@@ -91,21 +92,20 @@ def read_state_dict(path: Path, dtype=None) -> dict:
                 raise ValueError(f"a header of {size} bytes is more than safetensors allows")
             header = json.loads(handle.read(size))
             end_of_file = os.fstat(handle.fileno()).st_size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = (8 + size + offset for offset in info["data_offsets"])
+            entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
+            spans = [(8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1]) for _, info in entries]
+            scratch = bytearray(max((end - start for start, end in spans), default=0))
+            for (name, info), (start, end) in sorted(zip(entries, spans), key=lambda item: item[1][0]):
                 if not start <= end <= end_of_file:
                     raise ValueError(f"tensor {name} lies outside the file")
                 kind = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-                data = bytearray(end - start)
+                view = memoryview(scratch)[:end - start]
                 handle.seek(start)
-                if handle.readinto(data) != len(data):
+                if handle.readinto(view) != len(view):
                     raise ValueError(f"tensor {name} is cut short")
-                tensor = (torch.frombuffer(data, dtype=kind) if data else torch.empty(0, dtype=kind)).reshape(info["shape"])
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                state[name] = tensor
+                raw = torch.frombuffer(view, dtype=kind) if len(view) else torch.empty(0, dtype=kind)
+                target = dtype if dtype is not None and raw.is_floating_point() else raw.dtype
+                state[name] = raw.to(target, copy=True).reshape(info["shape"])  # a copy: the buffer is reused
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
     return state
