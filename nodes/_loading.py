@@ -1,14 +1,20 @@
-"""What the model loaders share: one load per process, file identities, safetensors headers, and the one
-policy on weight files: safetensors only, pickles (.ckpt, .pt, .pth, .bin) refused because unpickling can
-run arbitrary code."""
+"""Loading a checkpoint into MODEL / CLIP / VAE handles: once per process, dtype and device, shared by every
+node that uses it. Diffusers folders load component by component (safetensors only); single files load tensor
+by tensor into the target dtype and through diffusers' own converters."""
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from nodegraph.errors import NodeError
+from nodegraph.devices import resolve_dtype
+from nodegraph.lazy import lazy
+
+from ._detection import CheckpointInfo, _read_json
+from ._files import files_identity, read_state_dict
+from ._handles import ClipHandle, ModelHandle, VaeHandle
+
+torch = lazy("torch")
 
 
 class LoadedOnce:
@@ -33,102 +39,102 @@ class LoadedOnce:
             self._items.clear()
 
 
-def files_identity(paths: Iterable[Path]) -> tuple:
-    """The content of the files and folders a model is loaded from (the same fingerprints the cache keys
-    hold): a model edited in any way, even keeping sizes and times, or a changed config, is another load."""
-    from nodegraph.files import path_fingerprint
-
-    return tuple((str(Path(p).resolve()), path_fingerprint(str(p))) for p in paths)
+_LOADED = LoadedOnce()  # (identity, dtype, device) -> (MODEL, CLIP, VAE) handles
 
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+def clear_loaded_models() -> None:
+    """Forget every loaded checkpoint (the next LoadCheckpoint reloads from disk)."""
+    _LOADED.clear()
 
 
-def weights_file_problem(path: str | Path, what: str, instead: str) -> str | None:
-    """Why a weights file is refused by its name (None: a .safetensors file). ``what`` names it ("checkpoint",
-    "IP-Adapter"), ``instead`` says what to give instead."""
-    p = Path(path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        return (f"'{p.name}' is a pickle {what}, which can run arbitrary code when loaded and is refused; {instead}")
-    if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return f"'{p.name}' is not a .safetensors {what}; {instead}"
-    return None
+def _identity(info: CheckpointInfo) -> tuple:
+    """What makes two loads the same checkpoint: the content of its files and config folder."""
+    if info.kind == "file":
+        return files_identity([info.path, info.config_dir])
+    return files_identity([info.path])
 
 
-def weights_folder_problem(folder: Path, what: str, convert: str) -> str | None:
-    """Why a folder of weights is refused (None: it holds .safetensors files). ``convert`` says how to convert
-    a folder that holds only pickles."""
-    if any(folder.glob("*.safetensors")):
-        return None
-    if any(p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir() if p.is_file()):
-        return f"{what} '{folder}' holds only pickle weights (.bin, .ckpt), which are refused; convert them ({convert})"
-    return f"{what} '{folder}' has no .safetensors weights"
+def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+    """Load (once per process, dtype and device; float32 by default) and wrap the components of an inspected
+    checkpoint."""
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    def load():
+        components = _load_folder(info.path, dtype) if info.kind == "folder" else _load_file(info, dtype)
+        return _wrap(info, components, device)
+
+    identity = _identity(info)
+    return _LOADED.get((tuple(p for p, _ in identity), str(dtype), str(device)), identity, load)
 
 
-MAX_HEADER = 100 * 1024**2  # safetensors' own limit on the JSON header
+def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    common = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    components = {
+        "unet": UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **common),
+        "vae": AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **common),
+        "scheduler_config": _read_json(folder / "scheduler" / "scheduler_config.json"),
+        "pipeline_config": _pipeline_config(folder),
+    }
+    if (folder / "text_encoder").is_dir():
+        components["text_encoder"] = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **common)
+        components["tokenizer"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer",
+                                                                local_files_only=True)
+    if (folder / "text_encoder_2").is_dir():
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            str(folder), subfolder="text_encoder_2", **common)
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2",
+                                                                  local_files_only=True)
+    return components
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape from a .safetensors header, without reading the weights (or importing torch):
-    8 bytes of little-endian header length, then the JSON header."""
-    import json
-    import struct
-
-    from nodegraph.files import open_regular
-
-    try:
-        with open_regular(path) as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > MAX_HEADER:
-                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
-            header = json.loads(handle.read(size))
-        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as exc:  # a damaged or foreign header
-        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+def _pipeline_config(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
 
 
-# safetensors dtype names -> torch dtype names
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
+    """The components of a single file, through the same diffusers converters the pipelines' ``from_single_file``
+    uses, from a state dict converted to ``dtype`` tensor by tensor as it is read (``read_state_dict``): the
+    models take over its tensors, so the peak memory is the model in ``dtype`` and not the file's copy too."""
+    from diffusers import pipelines
+    from diffusers.loaders.single_file import load_single_file_sub_model
+    from transformers import CLIPTokenizer
+
+    checkpoint = read_state_dict(info.path, dtype)
+    index = _pipeline_config(info.config_dir)
+    components = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        library, class_name = index.get(name) or (None, None)
+        if library is None or not (info.config_dir / name).is_dir():
+            continue
+        components[name] = load_single_file_sub_model(
+            library_name=library, class_name=class_name, name=name, checkpoint=checkpoint, pipelines=pipelines,
+            is_pipeline_module=hasattr(pipelines, library), cached_model_config_path=str(info.config_dir),
+            torch_dtype=dtype, local_files_only=True)
+    del checkpoint
+    for name in ("tokenizer", "tokenizer_2"):
+        if (info.config_dir / name).is_dir():
+            components[name] = CLIPTokenizer.from_pretrained(str(info.config_dir), subfolder=name,
+                                                             local_files_only=True)
+    components["scheduler_config"] = _read_json(info.config_dir / "scheduler" / "scheduler_config.json")
+    components["pipeline_config"] = index
+    return components
 
 
-def read_state_dict(path: Path, dtype=None) -> dict:
-    """The tensors of a .safetensors file, read one at a time with plain reads (no memory map, whose pages
-    would count as the process's memory) and each converted to ``dtype`` (floating point ones) as soon as it
-    is read: a float16 file loaded as float32 never has both copies of the model alive, so the peak is the
-    float32 model and one tensor."""
-    import json
-    import struct
-
-    import torch
-
-    from nodegraph.files import open_regular
-
-    state = {}
-    try:
-        with open_regular(path) as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > MAX_HEADER:
-                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
-            header = json.loads(handle.read(size))
-            end_of_file = os.fstat(handle.fileno()).st_size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = (8 + size + offset for offset in info["data_offsets"])
-                if not start <= end <= end_of_file:
-                    raise ValueError(f"tensor {name} lies outside the file")
-                kind = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-                data = bytearray(end - start)
-                handle.seek(start)
-                if handle.readinto(data) != len(data):
-                    raise ValueError(f"tensor {name} is cut short")
-                tensor = (torch.frombuffer(data, dtype=kind) if data else torch.empty(0, dtype=kind)).reshape(info["shape"])
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                state[name] = tensor
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
-        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
-    return state
+def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+    source = info.hub_id or str(info.path)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if c.get(name) is not None:
+            c[name].to(device).eval().requires_grad_(False)
+    vae = VaeHandle(c["vae"], info.family, source)
+    model = ModelHandle(c["unet"], dict(c["scheduler_config"]), info.family, source, vae.scale_factor)
+    # diffusers' SDXL pipelines default force_zeros_for_empty_prompt to True; the refiner's config sets False
+    zeros = info.family_kind.text_time and bool(c.get("pipeline_config", {}).get("force_zeros_for_empty_prompt", True))
+    clip = ClipHandle(c.get("tokenizer"), c.get("text_encoder"), info.family, source,
+                      tokenizer_2=c.get("tokenizer_2"), text_encoder_2=c.get("text_encoder_2"),
+                      force_zeros_for_empty_prompt=zeros)
+    return model, clip, vae

@@ -46,7 +46,7 @@ torch = lazy("torch")
 
 from nodegraph.errors import NodeError
 
-from .models import FAMILY_LABELS, sdxl_time_id_count
+from ._families import FAMILY_NAMES, family, micro_conditioning, takes_text_time
 from .schedulers import make_scheduler
 
 Progress = Callable[[int, int], None]
@@ -92,49 +92,16 @@ def _batched(value, batch: int, device, dtype, what: str):
     return value
 
 
-def is_sdxl_unet(unet) -> bool:
-    """SDXL's UNet takes pooled text embeds and time ids (``addition_embed_type="text_time"``)."""
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-
 def _check_fits(unet, conditioning, side: str) -> None:
     """SD 1.x/2.x conditioning on an SDXL model (or the reverse) fails with a clear message."""
-    label = FAMILY_LABELS.get(conditioning.family, conditioning.family)
-    if is_sdxl_unet(unet) and conditioning.pooled is None:
+    label = family(conditioning.family).label if conditioning.family in FAMILY_NAMES else conditioning.family
+    if takes_text_time(unet) and conditioning.pooled is None:
         raise NodeError(f"the {side} conditioning comes from an {label} CLIP but the model is SDXL, which needs both "
                         "text encoders' embeddings and the pooled embedding: encode the prompt with the SDXL "
                         "checkpoint's clip")
-    if not is_sdxl_unet(unet) and conditioning.pooled is not None:
+    if not takes_text_time(unet) and conditioning.pooled is not None:
         raise NodeError(f"the {side} conditioning comes from an {label} CLIP but the model is not SDXL: encode the "
                         "prompt with this checkpoint's clip")
-
-
-def sdxl_time_ids(unet, pooled_dim: int, pixel_size: Optional[tuple[int, int]], size: dict,
-                  negative_size: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' ``_get_add_time_ids`` (positive, negative), each (1, 5 or 6).
-
-    Defaults as in the pipelines: original and target size = the sampled (height, width), crop (0, 0),
-    aesthetic score 6.0 / 2.5. Unset negative values follow the positive ones (the refiner's negative crop
-    defaults to (0, 0), as there)."""
-    if pixel_size is None:
-        raise NodeError("SDXL needs the sampled image size for its time ids")
-    count = sdxl_time_id_count(dict(unet.config), pooled_dim)
-    if count not in (5, 6):
-        raise NodeError(f"the model's added embedding takes {unet.config.projection_class_embeddings_input_dim} inputs, "
-                        f"which does not fit time ids of {unet.config.addition_time_embed_dim} plus the pooled "
-                        f"embedding of {pooled_dim}: the conditioning does not come from this checkpoint's clip")
-    neg = negative_size or {}
-    original = tuple(size.get("original_size") or pixel_size)
-    crop = tuple(size.get("crop") or (0, 0))
-    neg_original = tuple(neg.get("original_size") or original)
-    if count == 6:
-        target = tuple(size.get("target_size") or pixel_size)
-        ids = original + crop + target
-        neg_ids = neg_original + tuple(neg.get("crop") or crop) + tuple(neg.get("target_size") or target)
-    else:
-        ids = original + crop + (float(size.get("aesthetic_score", 6.0)),)
-        neg_ids = neg_original + tuple(neg.get("crop") or (0, 0)) + (float(neg.get("aesthetic_score", 2.5)),)
-    return torch.tensor([ids], dtype=torch.float32), torch.tensor([neg_ids], dtype=torch.float32)
 
 
 def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
@@ -149,9 +116,9 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
     if negative is not None:
         _check_fits(unet, negative, "negative")
     time_ids = None
-    if is_sdxl_unet(unet) and "time_ids" not in positive.added:
-        time_ids = sdxl_time_ids(unet, positive.pooled.shape[-1], pixel_size, positive.size,
-                                 negative.size if negative is not None else None)
+    if takes_text_time(unet) and "time_ids" not in positive.added:
+        time_ids = micro_conditioning(unet.config, positive.pooled.shape[-1], pixel_size, positive.size,
+                                      negative.size if negative is not None else None)
     if positive.embeds.shape[-1] != width:
         raise NodeError(f"the positive conditioning is {positive.embeds.shape[-1]} wide but this model expects "
                         f"{width}: encode the prompt with this checkpoint's CLIP")
@@ -461,7 +428,7 @@ def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidan
                              (samples.shape[-2] * factor, samples.shape[-1] * factor))
     sched = make_scheduler(scheduler, model.scheduler_config)
     timesteps, total = schedule(sched, steps, strength, device, partial, denoising_start, denoising_end,
-                                begin_at_zero=is_sdxl_unet(unet))
+                                begin_at_zero=takes_text_time(unet))
     generator = torch.Generator("cpu").manual_seed(seed)
     x0, noise, masked = samples, None, latents.masked_image_latents
     for draw in draws:

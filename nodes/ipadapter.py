@@ -54,7 +54,8 @@ from nodegraph.errors import NodeError
 from nodegraph import node
 from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 
-from ._loading import LoadedOnce, files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
+from ._files import files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
+from ._loading import LoadedOnce
 from ._pixels import check_image, to_pil
 from .denoise import ModelPatch, UNetConditioning, unet_lock
 

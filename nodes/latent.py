@@ -30,7 +30,7 @@ from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
 
 from ._params import Seed
-from .models import SDXL_FAMILIES
+from ._families import family
 
 LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
 LATENT_CHANNELS = 4
@@ -131,7 +131,7 @@ def _draw_dtype(vae, module) -> torch.dtype:
     """The dtype diffusers draws a VAE sample in: the VAE's own, or float32 where the SDXL pipelines upcast it
     (force_upcast). The SD 1.x/2.x pipelines encode in float16 even where ``compute_module`` upcasts, and
     CPU ``randn`` gives other values in float16 for sizes that are not multiples of 16."""
-    return module.dtype if vae.family in SDXL_FAMILIES else vae.vae.dtype
+    return module.dtype if family(vae.family).upcast_vae_draws() else vae.vae.dtype
 
 
 def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:

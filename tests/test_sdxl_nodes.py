@@ -12,6 +12,7 @@ import torch
 from nodegraph.api import Engine
 from nodegraph.errors import NodeError, WorkflowInvalid
 from nodegraph.nodes import denoise
+from nodegraph.nodes._families import micro_conditioning
 from nodegraph.nodes.conditioning import encode_prompt, sdxl_size_conditioning
 from nodegraph.nodes.latent import Latents, decode_latents, empty_latent, encode_pixels
 from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
@@ -183,7 +184,7 @@ def test_size_conditioning_node(xl):
     pos = encode_prompt(clip, "x")
     sized = sdxl_size_conditioning(pos, original_width=1024, original_height=768, crop_left=8, crop_top=16)
     assert sized.size == {"original_size": (768, 1024), "crop": (16, 8)} and pos.size == {}
-    ids, neg_ids = denoise.sdxl_time_ids(model.unet, 40, (64, 48), sized.size, None)
+    ids, neg_ids = micro_conditioning(model.unet.config, 40, (64, 48), sized.size, None)
     assert ids.tolist() == [[768, 1024, 16, 8, 64, 48]] and neg_ids.tolist() == ids.tolist()
     with pytest.raises(NodeError, match="needs an SDXL conditioning"):
         sdxl_size_conditioning(encode_prompt(load_checkpoint(inspect_checkpoint(str(build_tiny_models().sd15)))[1],

@@ -1,0 +1,111 @@
+"""Model files: the one policy on weight files (safetensors only; pickles such as .ckpt, .pt, .pth, .bin
+are refused because unpickling can run arbitrary code), file identities, safetensors headers, and reading
+a state dict tensor by tensor."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from nodegraph.errors import NodeError
+
+
+def files_identity(paths: Iterable[Path]) -> tuple:
+    """The content of the files and folders a model is loaded from (the same fingerprints the cache keys
+    hold): a model edited in any way, even keeping sizes and times, or a changed config, is another load."""
+    from nodegraph.files import path_fingerprint
+
+    return tuple((str(Path(p).resolve()), path_fingerprint(str(p))) for p in paths)
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def weights_file_problem(path: str | Path, what: str, instead: str) -> str | None:
+    """Why a weights file is refused by its name (None: a .safetensors file). ``what`` names it ("checkpoint",
+    "IP-Adapter"), ``instead`` says what to give instead."""
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        return (f"'{p.name}' is a pickle {what}, which can run arbitrary code when loaded and is refused; {instead}")
+    if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return f"'{p.name}' is not a .safetensors {what}; {instead}"
+    return None
+
+
+def weights_folder_problem(folder: Path, what: str, convert: str) -> str | None:
+    """Why a folder of weights is refused (None: it holds .safetensors files). ``convert`` says how to convert
+    a folder that holds only pickles."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    if any(p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir() if p.is_file()):
+        return f"{what} '{folder}' holds only pickle weights (.bin, .ckpt), which are refused; convert them ({convert})"
+    return f"{what} '{folder}' has no .safetensors weights"
+
+
+MAX_HEADER = 100 * 1024**2  # safetensors' own limit on the JSON header
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a .safetensors header, without reading the weights (or importing torch):
+    8 bytes of little-endian header length, then the JSON header."""
+    import json
+    import struct
+
+    from nodegraph.files import open_regular
+
+    try:
+        with open_regular(path) as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
+            header = json.loads(handle.read(size))
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as exc:  # a damaged or foreign header
+        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+
+
+# safetensors dtype names -> torch dtype names
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def read_state_dict(path: Path, dtype=None) -> dict:
+    """The tensors of a .safetensors file, read one at a time with plain reads (no memory map, whose pages
+    would count as the process's memory) and each converted to ``dtype`` (floating point ones) as soon as it
+    is read: a float16 file loaded as float32 never has both copies of the model alive, so the peak is the
+    model in ``dtype`` and one tensor. Reads go through one reused buffer (a fresh one per tensor would be
+    zeroed first, which costs as much as the read)."""
+    import json
+    import struct
+
+    import torch
+
+    from nodegraph.files import open_regular
+
+    state = {}
+    try:
+        with open_regular(path) as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
+            header = json.loads(handle.read(size))
+            end_of_file = os.fstat(handle.fileno()).st_size
+            entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
+            spans = [(8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1]) for _, info in entries]
+            scratch = bytearray(max((end - start for start, end in spans), default=0))
+            for (name, info), (start, end) in sorted(zip(entries, spans), key=lambda item: item[1][0]):
+                if not start <= end <= end_of_file:
+                    raise ValueError(f"tensor {name} lies outside the file")
+                kind = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+                view = memoryview(scratch)[:end - start]
+                handle.seek(start)
+                if handle.readinto(view) != len(view):
+                    raise ValueError(f"tensor {name} is cut short")
+                raw = torch.frombuffer(view, dtype=kind) if len(view) else torch.empty(0, dtype=kind)
+                target = dtype if dtype is not None and raw.is_floating_point() else raw.dtype
+                state[name] = raw.to(target, copy=True).reshape(info["shape"])  # a copy: the buffer is reused
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+    return state

@@ -1,0 +1,147 @@
+"""The MODEL, CLIP and VAE handles a checkpoint loads into: the diffusers / transformers modules with
+what the nodes that use them must know (family, source, scaling factors, memos shared by every user)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nodegraph.lazy import lazy
+
+from ._families import Family, family
+
+torch = lazy("torch")
+_UPCAST_LOCK = threading.Lock()
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """MODEL: the denoising UNet, the checkpoint's scheduler config and what samplers must know about it."""
+
+    unet: Any
+    scheduler_config: dict
+    family: str  # a Family's name: "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
+    source: str
+    vae_scale_factor: int = 8
+    patches: tuple = ()  # nodes.denoise.ModelPatch objects applied around each sampler run
+
+    def with_patch(self, patch) -> "ModelHandle":
+        """A new MODEL that applies ``patch`` while sampling; this one is unchanged."""
+        return replace(self, patches=(*self.patches, patch))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 9
+
+    @property
+    def kind(self) -> Family:
+        return family(self.family)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind.text_time
+
+    @property
+    def label(self) -> str:
+        return self.kind.label_for(self.inpainting)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def describe(self) -> str:
+        kind = "inpainting UNet (9 input channels)" if self.inpainting else f"UNet ({self.in_channels} input channels)"
+        return f"{self.kind.title} ({self.label}) {kind} from {self.source}"
+
+
+@dataclass(eq=False)
+class ClipHandle:
+    """CLIP: tokenizer + text encoder. Remembers the empty prompt's embedding (the default negative).
+
+    SDXL has two: ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP bigG with projection,
+    which also gives the pooled embedding); the refiner has only the second (``text_encoder`` None)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    family: str
+    source: str
+    memo: dict = field(default_factory=dict, repr=False)  # the empty prompt's conditioning, per dtype/device
+    # SDXL's second encoder (OpenCLIP bigG, which also gives the pooled embedding); None for SD 1.x/2.x
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    # SDXL pipelines' config: with no negative prompt the negative embeddings are zeros, not the encoded ""
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def kind(self) -> Family:
+        return family(self.family)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind.text_time
+
+    @property
+    def encoders(self) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs in use, in diffusers' order."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(t, e) for t, e in pairs if e is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoders[0][1].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoders[-1][1].dtype
+
+
+@dataclass(eq=False)
+class VaeHandle:
+    """VAE: the autoencoder with its spatial factor (8) and latent scaling factor."""
+
+    vae: Any
+    family: str
+    source: str
+    memo: dict = field(default_factory=dict, repr=False)  # the float32 copy for force_upcast
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float | None:
+        return getattr(self.vae.config, "shift_factor", None)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def force_upcast(self) -> bool:
+        """SDXL's VAE overflows in float16; diffusers runs it in float32 then (``config.force_upcast``)."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
+
+    def compute_module(self):
+        """The autoencoder to run: a float32 copy (made once) when the VAE is float16 and its config says
+        force_upcast, as diffusers' SDXL pipelines upcast it; else the VAE itself. A copy rather than
+        ``vae.to(float32)`` and back, so nodes sharing the handle never see it change."""
+        if not (self.force_upcast and self.vae.dtype == torch.float16):
+            return self.vae
+        with _UPCAST_LOCK:
+            if "float32" not in self.memo:
+                import copy
+
+                self.memo["float32"] = copy.deepcopy(self.vae).to(torch.float32)
+            return self.memo["float32"]
