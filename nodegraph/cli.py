@@ -286,9 +286,10 @@ def _models(registry, args) -> tuple[int, dict | None]:
     if not args.json:
         for folder, entries in listing.items():
             print(f"{folder}/")
+            width = max((len(e.name) for e in entries), default=0)
             for e in entries:
                 note = "  (shadowed by an earlier root)" if e.shadowed else ""
-                print(f"  {e.name}  {_size(e.size)}  {e.root.path}{note}")
+                print(f"  {e.name:<{width}}  {_size(e.size):>10}  {e.root.path}{note}")
             if not entries:
                 print("  (none)")
         print("roots, in search order:")
