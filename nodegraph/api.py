@@ -26,6 +26,7 @@ from .executor import RunResult, execute
 from .gcpause import gc_paused
 from .groups import flat_params_owner
 from .limits import Limits
+from .model_folders import ModelRoots
 from .registry import Registry
 from .validate import Graph, build_graph
 from .files import check_path, folder_problem
@@ -39,7 +40,10 @@ class Engine:
 
     ``cache_dir``: the disk cache folder; None uses $NODEGRAPH_CACHE_DIR or the user's cache folder,
     False turns the disk cache off. ``cache_size``: its limit in bytes (or "10GiB"); least recently used
-    results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels)."""
+    results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels). ``models``: models
+    roots searched for names in file params, before $NODEGRAPH_MODELS and the model paths file
+    (``model_paths``: a file, None for $NODEGRAPH_MODEL_PATHS or the user's one, False for none); a
+    ``ModelRoots`` is used as it is."""
 
     def __init__(
         self,
@@ -49,6 +53,8 @@ class Engine:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         cache_size: int | str | None = None,
         limits: Limits | None = None,
+        models: list[str | Path] | ModelRoots | None = None,
+        model_paths: str | Path | bool | None = None,
     ):
         if registry is None:
             from .plugins import default_registry
@@ -64,6 +70,10 @@ class Engine:
         self.memory = MemoryCache(memory_budget)
         self.facts = Facts(self.disk)
         self.limits = limits or Limits()
+        if isinstance(models, (str, Path)):
+            models = [models]
+        self.models = models if isinstance(models, ModelRoots) else ModelRoots.gather(
+            models or (), model_paths, origin="Engine(models=...)")
         self._graphs: OrderedDict[str, Graph] = OrderedDict()  # validated workflows, by content
         self._lock = threading.Lock()
 
@@ -94,7 +104,7 @@ class Engine:
                 content = _workflow_digest(workflow, targets)
                 graph = self._remembered(content)
                 if graph is None:
-                    graph = build_graph(workflow, self.registry, targets, self.limits)
+                    graph = build_graph(workflow, self.registry, targets, self.limits, self.models)
                 self._remember(content, graph)
             self._remember(digest, graph)
             return graph

@@ -1,4 +1,4 @@
-"""`nodegraph run | validate | nodes | schema | cache` (docs/design.md §3.2).
+"""`nodegraph run | validate | nodes | schema | models | cache` (docs/design.md §3.2).
 
 Exit status: 0 success, 1 a node failed at run time, 2 invalid workflow or usage,
 130 interrupted (Ctrl-C or SIGTERM). User errors print one line each, never a traceback
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-size", metavar="SIZE", help="disk cache limit, e.g. 10GiB (default; also "
                        "$NODEGRAPH_CACHE_SIZE); least recently used results go first")
 
+    def models(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models", action="append", default=[], metavar="DIR", help="a models root in ComfyUI's "
+                       "layout (checkpoints/, vae/, ...), searched for names in file params (repeatable; also "
+                       "$NODEGRAPH_MODELS)")
+        p.add_argument("--model-paths", metavar="FILE", help="model paths file (ComfyUI's extra_model_paths.yaml "
+                       "format; default: $NODEGRAPH_MODEL_PATHS, else model_paths.yaml in the user's config folder)")
+
     def limits(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-nodes", type=int, metavar="N", help="most nodes after group expansion (default 100000)")
         p.add_argument("--max-pixels", type=int, metavar="N", help="most pixels (width x height x batch) a node may "
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", action="append", default=[], metavar="NODE", help="run only this node and its inputs")
     run.add_argument("--json", action="store_true", help="print one machine-readable result")
     limits(run)
+    models(run)
     plugins(run)
 
     validate = sub.add_parser("validate", help="check a workflow; every error at once")
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE")
     validate.add_argument("--json", action="store_true")
     limits(validate)
+    models(validate)
     plugins(validate)
 
     nodes = sub.add_parser("nodes", help="list node types with their inputs, params and outputs")
@@ -109,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of workflow files")
     plugins(schema)
+
+    listing = sub.add_parser("models", help="list the models found in the models roots, per folder")
+    listing.add_argument("folder", nargs="?", help="show only this folder (checkpoints, vae, loras, ...)")
+    listing.add_argument("--json", action="store_true")
+    models(listing)
+    plugins(listing)
 
     cache = sub.add_parser("cache", help="the disk cache: info, prune (to its limit) or clear")
     cache.add_argument("action", choices=["info", "prune", "clear"])
@@ -193,6 +208,8 @@ def _dispatch(args: argparse.Namespace, flag) -> tuple[int, dict | None]:
         return EXIT_OK, None
     if args.command == "validate":
         return _validate(registry, args)
+    if args.command == "models":
+        return _models(registry, args)
     return _run(registry, args, flag)
 
 
@@ -233,7 +250,7 @@ def _validate(registry, args) -> tuple[int, dict | None]:
     from .api import Engine
     from .errors import WorkflowInvalid
 
-    engine = Engine(registry=registry, cache_dir=False, limits=_limits(args))
+    engine = Engine(registry=registry, cache_dir=False, limits=_limits(args), models=_model_roots(args))
     try:
         graph = engine.compile(args.workflow, parse_set(args.set))
     except WorkflowInvalid as exc:
@@ -241,6 +258,60 @@ def _validate(registry, args) -> tuple[int, dict | None]:
     if not args.json:
         print(f"{args.workflow}: valid ({len(graph.nodes)} nodes, outputs: {', '.join(graph.outputs)})")
     return EXIT_OK, {"nodes": len(graph.nodes), "outputs": graph.outputs}
+
+
+def _model_roots(args):
+    from .model_folders import ModelRoots
+
+    return ModelRoots.gather(args.models, args.model_paths)
+
+
+def _models(registry, args) -> tuple[int, dict | None]:
+    from .model_folders import FOLDERS
+
+    roots = _model_roots(args)
+    declared = {s.path.folder for d in registry.types.values() for s in d.inputs.values()
+                if s.path is not None and s.path.folder}
+    folders = [*FOLDERS, *sorted(declared - set(FOLDERS))]
+    if args.folder:
+        if args.folder not in folders:
+            import difflib
+
+            close = difflib.get_close_matches(args.folder, folders, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the folders are {', '.join(folders)}"
+            raise UsageError(f"no models folder '{args.folder}'; {hint}")
+        folders = [args.folder]
+    listing = roots.listing(folders)
+    problems = roots.problems()
+    if not args.json:
+        for folder, entries in listing.items():
+            print(f"{folder}/")
+            width = max((len(e.name) for e in entries), default=0)
+            for e in entries:
+                note = "  (shadowed by an earlier root)" if e.shadowed else ""
+                print(f"  {e.name:<{width}}  {_size(e.size):>10}  {e.root.path}{note}")
+            if not entries:
+                print("  (none)")
+        print("roots, in search order:")
+        for root in roots.roots:
+            print(f"  {root.path}  ({root.origin})")
+            for folder, places in (root.folders or {}).items():
+                print(f"    {folder}: {', '.join(str(p) for p in places)}")
+        if not roots.roots:
+            print("  (none: give --models DIR, set $NODEGRAPH_MODELS or write a model_paths.yaml; docs/models.md)")
+        for problem in problems:
+            print(f"nodegraph: warning: {problem}", file=sys.stderr)
+    return EXIT_OK, {"folders": {f: [e.to_dict() for e in entries] for f, entries in listing.items()},
+                     "roots": roots.to_dict(), "model_paths": str(roots.config) if roots.config else None,
+                     "problems": problems}
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 def _disk_cache_choice(args):
@@ -255,7 +326,7 @@ def _run(registry, args, flag) -> tuple[int, dict | None]:
 
     overrides = parse_set(args.set)
     engine = Engine(registry=registry, cache_dir=_disk_cache_choice(args), cache_size=args.cache_size,
-                    limits=_limits(args))
+                    limits=_limits(args), models=_model_roots(args))
     bars = ProgressBars(enabled=not args.json)
     try:
         flag.running = True  # from now on a first Ctrl-C stops at the next step instead of at once

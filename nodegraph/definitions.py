@@ -159,6 +159,7 @@ class NodeDef:
                     **({"default": _jsonable(s.default)} if not s.required else {}),
                     "description": s.description,
                     "schema": s.adapter.json_schema(),
+                    **({"models_folder": s.path.folder} if s.path is not None and s.path.folder else {}),
                 }
                 for s in self.inputs.values() if not s.is_socket
             },

@@ -20,10 +20,21 @@ def _bounds(spec: InputSpec) -> str:
     return ", ".join(words)
 
 
+def _folder_note(spec: InputSpec) -> str:
+    """Where a file param's names are looked up (docs/models.md), or nothing."""
+    if spec.path is None or spec.path.folder is None:
+        return ""
+    from .model_folders import searched_folders
+
+    return "or a name in the models folder " + " or ".join(f"{f}/" for f in searched_folders(spec.path.folder))
+
+
 def _param_line(spec: InputSpec) -> str:
     default = "required" if spec.required else f"default {spec.json_schema().get('default')!r}"
     bounds = _bounds(spec)
-    return f"{spec.name}: {spec.type_name} ({default}{', ' + bounds if bounds else ''})"
+    folder = _folder_note(spec)
+    extras = (", " + bounds if bounds else "") + ("; " + folder if folder else "")
+    return f"{spec.name}: {spec.type_name} ({default}{extras})"
 
 
 def nodes_text(definitions: Registry | list[NodeDef]) -> str:
@@ -77,8 +88,10 @@ def nodes_markdown(registry: Registry) -> str:
                 else:
                     default = "required" if spec.required else f"`{spec.json_schema().get('default')!r}`"
                     bounds = _bounds(spec)
+                    folder = _folder_note(spec)
+                    description = "; ".join(part for part in (spec.description, folder) if part)
                     rows.append(f"| param | `{spec.name}` | {spec.type_name} | {default}"
-                                f"{'; ' + bounds if bounds else ''} | {spec.description or ''} |")
+                                f"{'; ' + bounds if bounds else ''} | {description} |")
             for name, type_name in d.outputs.items():
                 rows.append(f"| output | `{name}` | {type_name} | | |")
             if rows:

@@ -23,13 +23,20 @@ class Socket:
 class InputPath:
     """Marker for a str param that names a file or folder the node reads.
 
-    The executor resolves a relative path against the workflow file's folder and
-    adds the file's content hash to the cache key, so an edited file is re-read.
-    ``must_exist=False`` accepts names that are not local paths (hub ids).
+    Validation resolves a relative path against the workflow file's folder, else (with ``folder``) as a
+    name in that folder of the models roots (docs/models.md), and the executor adds the file's content
+    hash to the cache key, so an edited file is re-read. ``must_exist=False`` accepts names that are not
+    local paths (hub ids): those ``remote`` accepts, or any when it is None.
     """
 
     kind: str = "file"  # "file", "dir" or "any"
     must_exist: bool = True
+    # The models folder a name is looked up in ("checkpoints", "vae", "loras", "controlnet", "clip_vision",
+    # "ipadapter", ...: ComfyUI's layout); None: paths only.
+    folder: str | None = None
+    # With must_exist=False: the values found nowhere that the node fetches itself (a hub id); the rest are
+    # missing models. None: every value found nowhere goes to the node.
+    remote: Callable[[str], bool] | None = None
     # Other files the node reads because of this one (a single-file checkpoint's config folder, a hub id's
     # local snapshot): given the resolved value, their paths; their content goes into the key as well.
     implies: Callable[[str], list[str]] | None = None

@@ -17,6 +17,7 @@ from .files import check_path
 from .groups import Origin, expand_groups, parse_flat_id
 from .keys import canonical_params
 from .limits import Limits, limits_in_force
+from .model_folders import ModelRoots, name_parts
 from .definitions import InputSpec, NodeDef, ParamProblem
 from .registry import Registry
 from .sockets import link_fits
@@ -54,25 +55,26 @@ class Graph:
 
 
 def validate(workflow: Workflow, registry: Registry, targets: list[str] | None = None,
-             limits: Limits | None = None) -> list[Issue]:
+             limits: Limits | None = None, models: ModelRoots | None = None) -> list[Issue]:
     """Every problem in the workflow (empty list: valid)."""
     try:
-        build_graph(workflow, registry, targets, limits)
+        build_graph(workflow, registry, targets, limits, models)
     except WorkflowInvalid as exc:
         return exc.issues
     return []
 
 
 def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None = None,
-                limits: Limits | None = None) -> Graph:
+                limits: Limits | None = None, models: ModelRoots | None = None) -> Graph:
     """Validate and compile; raises WorkflowInvalid with every issue found (those found while reading the
-    file included)."""
+    file included). ``models``: the roots where file params' names are looked up (none: paths only)."""
     limits = limits or Limits()
     with limits_in_force(limits):
-        return _build_graph(workflow, registry, targets, limits)
+        return _build_graph(workflow, registry, targets, limits, models or ModelRoots())
 
 
-def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None, limits: Limits) -> Graph:
+def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None, limits: Limits,
+                 models: ModelRoots) -> Graph:
     flat, origins, broken, issues = expand_groups(workflow, limits.max_nodes)
     issues = [*workflow.problems, *issues]
     broken = broken | workflow.broken
@@ -87,7 +89,7 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
             registered_by = " and ".join(registry.clashes[spec.type])
             issues.append(Issue("ambiguous_type", f"node type '{spec.type}' is registered by {registered_by}; "
                                 "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
-        compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues)
+        compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues, models)
         nodes[node_id] = compiled
 
     order = _topological_order(nodes)
@@ -122,7 +124,7 @@ def _unknown_type_message(type_name: str, registry: Registry) -> str:
 
 
 def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpec], reported: set[str],
-                registry: Registry, base_dir: Path, issues: list[Issue]) -> GraphNode:
+                registry: Registry, base_dir: Path, issues: list[Issue], models: ModelRoots) -> GraphNode:
     def issue(code: str, message: str, field: str | None = None, kind: str | None = None, **value: Any) -> None:
         issues.append(Issue(code, message, node_id=node_id, node_type=spec.type, field=field, kind=kind,
                             value=value.get("value"), has_value="value" in value))
@@ -201,11 +203,12 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
         if input_spec.randomizable and params[name] == "random":
             randomized.append(name)
         if input_spec.path is not None and isinstance(params[name], str):
-            resolved, problem = _resolve_path(params[name], input_spec, base_dir)
+            resolved, problem = _resolve_path(params[name], input_spec, base_dir, models)
             if problem is not None:
                 issue(problem.code, f"{problem.message}; check the path (relative paths start at the workflow "
                       "file's folder)" if problem.code == "missing_file" else problem.message,
                       field=name, kind="param", value=value)
+                del params[name]  # reported: the node's own check must not look at a path that resolved nowhere
             else:
                 params[name] = paths[name] = resolved
                 implied.update(_implied(name, resolved, input_spec))
@@ -267,12 +270,21 @@ def _implied(name: str, resolved: str, spec: InputSpec) -> dict[str, str]:
     return {f"{name}+{i}": extra for i, extra in enumerate(extras) if check_path(extra, "any") is None}
 
 
-def _resolve_path(value: str, spec: InputSpec, base_dir: Path):
-    """(absolute path, None) for a readable file param, or (None, problem). A name that need not exist (a hub
-    id) and is not a local path comes back as it is."""
-    if "\0" in value:
-        from .files import FileProblem
+def _resolve_path(value: str, spec: InputSpec, base_dir: Path, models: ModelRoots):
+    """(absolute path, None) for a readable file param, or (None, problem); the one place a file param is
+    resolved (docs/models.md). In this order:
 
+    1. a path that exists: absolute, or relative to the workflow file's folder. A real path wins over a name
+       so that a workflow that names its own files means the same whatever models roots are set up;
+    2. with ``spec.path.folder``, a name (relative, no "..") found in that folder of the models roots, the
+       first root that has it winning;
+    3. with ``must_exist=False``, a value the node fetches itself (a hub id, as ``spec.path.remote`` says)
+       comes back as it is;
+    4. else a problem: ``missing_model`` for a name, listing the closest names found, ``missing_file`` for
+       a path (absolute, or going up with "..")."""
+    from .files import FileProblem
+
+    if "\0" in value:
         return None, FileProblem("bad_file", "a path cannot contain a NUL character")
     path = Path(value).expanduser()
     if not path.is_absolute():
@@ -280,8 +292,18 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path):
     problem = check_path(path, spec.path.kind)
     if problem is None:
         return str(path.resolve()), None
-    if problem.code == "missing_file" and not spec.path.must_exist:
+    if problem.code != "missing_file":
+        return None, problem
+    folder = spec.path.folder
+    if folder is not None:
+        found = models.find(folder, value)
+        if found is not None:
+            problem = check_path(found, spec.path.kind)
+            return (str(found.resolve()), None) if problem is None else (None, problem)
+    if not spec.path.must_exist and (spec.path.remote is None or spec.path.remote(value)):
         return value, None
+    if folder is not None and name_parts(value) is not None:
+        return None, FileProblem("missing_model", models.missing(folder, value, path))
     return None, problem
 
 

@@ -482,9 +482,9 @@ def _check_load(params: dict):
 @node("LoadIPAdapter", version=1, category="loaders", outputs={"adapter": IP_ADAPTER}, check=_check_load,
       reference="diffusers IPAdapterMixin.load_ip_adapter (weights + CLIPVisionModelWithProjection + CLIPImageProcessor)")
 def load_ip_adapter_node(
-    path: Annotated[str, InputPath(kind="file"),
+    path: Annotated[str, InputPath(kind="file", folder="ipadapter"),
                     Field(description="IP-Adapter weights, .safetensors (image_proj.* and ip_adapter.* keys)")],
-    image_encoder: Annotated[str, InputPath(kind="dir"),
+    image_encoder: Annotated[str, InputPath(kind="dir", folder="clip_vision"),
                              Field(description="CLIP vision encoder folder (CLIPVisionModelWithProjection, "
                                                "transformers layout, safetensors), e.g. models/image_encoder")],
     ctx: RunContext,

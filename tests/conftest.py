@@ -7,6 +7,9 @@ import pytest
 # The disk cache is on by default in the user's cache folder; tests (and the CLI processes they start)
 # use it only where they name a folder, so results never leak from one test or test run into another.
 os.environ["NODEGRAPH_CACHE_DIR"] = "off"
+# Likewise no models roots but those a test names: not the user's model_paths.yaml, not $NODEGRAPH_MODELS.
+os.environ["NODEGRAPH_MODEL_PATHS"] = "off"
+os.environ.pop("NODEGRAPH_MODELS", None)
 
 REPO = Path(__file__).resolve().parent.parent
 STUB_PLUGINS = REPO / "tests" / "stub_plugins"

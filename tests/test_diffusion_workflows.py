@@ -136,7 +136,7 @@ def test_bad_params_are_reported_together_before_anything_loads(tiny, tmp_path):
 
 def test_bad_checkpoint_paths_fail_validation(tiny, tmp_path):
     missing = issues_of({"ckpt.path": str(tmp_path / "nowhere" / "model.safetensors")}, tiny)
-    assert "no such checkpoint" in missing[("ckpt", "path")]
+    assert "no such file or folder" in missing[("ckpt", "path")]  # an absolute path is a path, never a name
     (tmp_path / "not-a-model").mkdir()
     (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
     assert "not a diffusers model" in issues_of({"ckpt.path": str(tmp_path / "not-a-model")}, tiny)[("ckpt", "path")]

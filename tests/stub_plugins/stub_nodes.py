@@ -105,6 +105,13 @@ def stub_read_file(path: Annotated[str, InputPath(kind="file")]) -> torch.Tensor
     return torch.full((2,), float(Path(path).read_text().strip()))
 
 
+@node("StubReadModel", category="stub", outputs={"x": NUMBER})
+def stub_read_model(path: Annotated[str, InputPath(kind="file", folder="checkpoints")]) -> torch.Tensor:
+    """A number read from a text file named by path or by its name in the models folder checkpoints/."""
+    CALLS["StubReadModel"] += 1
+    return torch.full((2,), float(Path(path).read_text().strip()))
+
+
 def _even(params: dict):
     if params.get("value", 0) % 2:
         yield "value", "must be even"
