@@ -94,7 +94,8 @@ def _check_load(params: dict):
 @node("LoadCheckpoint", version=1, category="loaders", outputs={"model": MODEL, "clip": CLIP, "vae": VAE},
       check=_check_load, reference="diffusers from_pretrained / from_single_file")
 def load_checkpoint_node(
-    path: Annotated[str, InputPath(kind="any", must_exist=False, implies=_implied_by_checkpoint, folder="checkpoints", remote=looks_like_hub_id),
+    path: Annotated[str, InputPath(kind="any", must_exist=False, folder="checkpoints", remote=looks_like_hub_id,
+                                   implies=_implied_by_checkpoint),
                     Field(description="diffusers folder, single-file .safetensors, or hub id 'owner/name' (local cache)")],
     ctx: RunContext,
     config: Optional[Annotated[str, InputPath(kind="dir", must_exist=False, implies=_implied_by_config),
