@@ -58,15 +58,16 @@ def shipped_config_dir(family: str, inpainting: bool = False, *, v_prediction: b
 
 
 def load_clip_tokenizer(config_dir: str | Path, subfolder: str = "tokenizer", **kwargs):
-    """The ``CLIPTokenizer`` of ``config_dir/subfolder``: its own settings (pad token, max length), the BPE files
-    from the folder when it has them, else from the shared ``clip_tokenizer/``. Raises NodeError unless the
+    """The ``CLIPTokenizer`` of ``config_dir/subfolder``: its own settings (pad token, max length), the vocabulary
+    from the folder when it has one (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``), else the shared
+    ``clip_tokenizer/`` BPE files. Works for any diffusers folder, shipped or not. Raises NodeError unless the
     result has CLIP's 49,408 tokens (a folder without BPE files otherwise gives a useless tokenizer)."""
     from transformers import CLIPTokenizer
 
     folder = Path(config_dir) / subfolder
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "vocab.json").is_file():
         raise NodeError(f"{folder} is not a tokenizer folder (no tokenizer_config.json or vocab.json)")
-    if not (folder / "vocab.json").is_file():
+    if not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
         kwargs.setdefault("vocab_file", str(CLIP_TOKENIZER_DIR / "vocab.json"))
         kwargs.setdefault("merges_file", str(CLIP_TOKENIZER_DIR / "merges.txt"))
     tokenizer = CLIPTokenizer.from_pretrained(str(config_dir), subfolder=subfolder, local_files_only=True, **kwargs)

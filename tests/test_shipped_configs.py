@@ -231,6 +231,15 @@ def test_a_tokenizer_without_clips_vocabulary_is_refused(tmp_path):
         load_clip_tokenizer(tmp_path, "tokenizer_2")
 
 
+def test_a_tokenizer_folder_with_its_own_vocabulary_keeps_it(tmp_path):
+    """A folder saved by transformers (vocab.json + merges.txt, or transformers 5's tokenizer.json) loads as it is."""
+    load_clip_tokenizer(CONFIGS_DIR / "sdxl", "tokenizer_2").save_pretrained(tmp_path / "tokenizer_2")
+    saved = {p.name for p in (tmp_path / "tokenizer_2").iterdir()}
+    assert "vocab.json" in saved or "tokenizer.json" in saved
+    tokenizer = load_clip_tokenizer(tmp_path, "tokenizer_2")
+    assert tokenizer("a horse").input_ids == [49406, 320, 4558, 49407] and tokenizer.pad_token_id == 0
+
+
 def _layout(folder: str) -> dict:
     """A meta-device state dict in the original single-file layout of the folder's model."""
     import torch
