@@ -9,7 +9,9 @@ from pathlib import Path
 
 from nodegraph.errors import NodeError
 
-from ._families import UNET_IN, Family, family, family_of_configs, family_of_file
+from ._families import SD2, UNET_IN, Family, family, family_of_configs, family_of_file
+from ._files import read_tensor_values
+from ._shipped_configs import shipped_config_dir
 from ._files import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, safetensors_shapes, weights_file_problem,
                      weights_folder_problem)
 
@@ -113,12 +115,19 @@ def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
     shapes = safetensors_shapes(path)
     found = family_of_file(set(shapes), path.name)
     in_channels = int(shapes[UNET_IN][1])
-    config_dir = _config_for_file(path, found, in_channels, config)
+    v_prediction = found is SD2 and in_channels == 4 and sd2_v_prediction(path)
+    config_dir = _config_for_file(path, found, in_channels, config, v_prediction)
     unet_config = _read_json(config_dir / "unet" / "config.json")
     if int(unet_config.get("in_channels", 4)) != in_channels:
         raise NodeError(f"config folder {config_dir} describes a UNet with {unet_config.get('in_channels')} input "
                         f"channels but {path.name} has {in_channels}; give the config of the matching model "
                         "(an inpainting checkpoint needs an inpainting config)")
+    width = int(shapes[UNET_IN][0])
+    if width != int((unet_config.get("block_out_channels") or [width])[0]):
+        raise NodeError(f"{path.name}'s UNet is {width} channels wide but the config in {config_dir} describes "
+                        f"{unet_config.get('block_out_channels')[0]}: it is not a standard {found.title} model; set "
+                        f"the LoadCheckpoint param 'config' to its diffusers config folder, or put one beside the "
+                        f"file as '{path.with_suffix('.config').name}/'")
     config_family = _folder_family(config_dir, unet_config)
     if config_family is not found:
         raise NodeError(f"config folder {config_dir} is for {config_family.title} but {path.name} is "
@@ -126,8 +135,10 @@ def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
     return CheckpointInfo("file", path, found.name, in_channels, config_dir=config_dir)
 
 
-def _config_for_file(path: Path, family: Family, in_channels: int, config: str | None) -> Path:
-    """The diffusers config folder for a single file: the param, the sidecar, or the local hub cache."""
+def _config_for_file(path: Path, family: Family, in_channels: int, config: str | None,
+                     v_prediction: bool = True) -> Path:
+    """The diffusers config folder for a single file: the param, the sidecar, or the one shipped for its family
+    (nodes/configs/): a file in the original layout loads with no folder of its own and no network."""
     if config:
         folder = Path(config).expanduser()
         if folder.is_dir():
@@ -143,16 +154,28 @@ def _config_for_file(path: Path, family: Family, in_channels: int, config: str |
     sidecar = path.with_suffix(".config")
     if sidecar.is_dir():
         return _checked_config_dir(sidecar, family)
-    repo = family.config_repo(in_channels == 9)
-    cached = _cached_snapshot(repo) if repo else None
-    if cached is not None:
-        return _checked_config_dir(cached, family)
-    raise NodeError(
-        f"{path.name} is a single-file {family.title} checkpoint and loading it needs a diffusers config "
-        f"folder (configs + tokenizer, no weights), which is not fetched from the hub here. Either set the "
-        f"LoadCheckpoint param 'config' to such a folder, put one beside the file as '{sidecar.name}/', or "
-        f"download {repo}'s configs into the Hugging Face cache: "
-        f"`huggingface-cli download {repo} --include '*.json' '*.txt'`")
+    shipped = shipped_config_dir(family.name, in_channels == 9, v_prediction=v_prediction)
+    if shipped is None:
+        raise NodeError(f"{path.name} is a single-file {family.label_for(in_channels == 9)} checkpoint, for which no "
+                        f"configs are shipped; set the LoadCheckpoint param 'config' to its diffusers config folder, "
+                        f"or put one beside the file as '{sidecar.name}/'")
+    return shipped
+
+
+# ComfyUI's test for SD 2.x v-prediction weights: a layer norm bias that training spreads wider
+_V_PRED_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def sd2_v_prediction(path: Path) -> bool:
+    """Whether an SD 2.x single file is the 768-v (v-prediction) kind rather than the 512 base (epsilon): their
+    tensors are the same, so, as ComfyUI does, by the population standard deviation of one layer-norm bias
+    (above 0.09 for v-prediction), read without torch. A file without that tensor counts as v-prediction,
+    diffusers' choice for every SD 2.x file."""
+    values = read_tensor_values(path, _V_PRED_PROBE)
+    if not values:
+        return True
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 > 0.09
 
 
 def _checked_config_dir(folder: Path, family: Family) -> Path:

@@ -24,7 +24,7 @@ class Family:
     label: str  # "SD 1.x"
     encoders: tuple[str, ...]  # text encoder subfolders, in diffusers' order
     in_file: Callable[[set[str]], bool]  # whether a single file's tensor names are this family's
-    config_repos: tuple[str | None, str | None]  # hub repos diffusers takes configs from: (normal, inpainting)
+    configs: tuple[str | None, str | None]  # shipped config folders (nodes/configs/): (normal, inpainting)
     text_time: bool = False  # SDXL: the UNet also takes the pooled text embedding and micro-conditioning time ids
     time_ids: int = 0  # 6 (original size, crop, target size) or 5 (original size, crop, aesthetic score)
 
@@ -36,8 +36,9 @@ class Family:
     def tokenizers(self) -> tuple[str, ...]:
         return tuple(e.replace("text_encoder", "tokenizer") for e in self.encoders)
 
-    def config_repo(self, inpainting: bool) -> str | None:
-        return self.config_repos[1 if inpainting else 0]
+    def shipped_configs(self, inpainting: bool) -> str | None:
+        """The name of the config folder shipped for this family in nodes/configs/ (None: none is)."""
+        return self.configs[1 if inpainting else 0]
 
     def upcast_vae_draws(self) -> bool:
         """Whether diffusers' pipelines draw VAE samples in float32 (the SDXL pipelines upcast the VAE)."""
@@ -49,16 +50,16 @@ def _has(prefix: str) -> Callable[[set[str]], bool]:
 
 
 SD1 = Family("sd1", "Stable Diffusion 1.x", "SD 1.x", ("text_encoder",), _has("cond_stage_model.transformer."),
-             ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-inpainting"))
+             ("sd1", "sd1-inpainting"))
 SD2 = Family("sd2", "Stable Diffusion 2.x", "SD 2.x", ("text_encoder",),
              lambda keys: "cond_stage_model.model.token_embedding.weight" in keys,
-             ("stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-inpainting"))
+             ("sd2", "sd2-inpainting"))
 SDXL = Family("sdxl", "Stable Diffusion XL", "SDXL", ("text_encoder", "text_encoder_2"),
               _has("conditioner.embedders.1.model."),
-              ("stabilityai/stable-diffusion-xl-base-1.0", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"),
+              ("sdxl", "sdxl-inpainting"),
               text_time=True, time_ids=6)
 SDXL_REFINER = Family("sdxl_refiner", "Stable Diffusion XL refiner", "SDXL refiner", ("text_encoder_2",),
-                      _has("conditioner.embedders.0.model."), ("stabilityai/stable-diffusion-xl-refiner-1.0", None),
+                      _has("conditioner.embedders.0.model."), ("sdxl-refiner", None),
                       text_time=True, time_ids=5)
 
 # in the order single files are tested: an SDXL base file also has conditioner.embedders.0.* keys
@@ -84,6 +85,10 @@ def family_of_file(keys: set[str], file_name: str) -> Family:
     if found is None:
         raise NodeError(f"{file_name} has no text encoder weights (cond_stage_model.*, conditioner.*); it is not a "
                         "full Stable Diffusion checkpoint")
+    if found is SDXL_REFINER and "model.diffusion_model.label_emb.0.0.weight" not in keys:
+        # OpenCLIP under conditioner.embedders.0 without SDXL's added embedding: SD 2.x saved in the SGM layout
+        raise NodeError(f"{file_name} is an SD 2.x checkpoint saved in the SGM layout (conditioner.embedders.0.model.*),"
+                        " which is not supported; save it in the original layout (cond_stage_model.*)")
     if found is SDXL and not _has("conditioner.embedders.0.transformer.")(keys):
         raise NodeError(f"{file_name} looks like SDXL but lacks the first text encoder "
                         "(conditioner.embedders.0.transformer.*); it is not a full SDXL checkpoint")

@@ -71,6 +71,37 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
+def read_tensor_values(path: Path, name: str) -> list[float]:
+    """The values of one small float32/float16/bfloat16 tensor of a .safetensors file, without torch (empty when
+    the file has no such tensor)."""
+    import array
+    import json
+    import struct
+
+    from nodegraph.files import open_regular
+
+    try:
+        with open_regular(path) as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER:
+                return []
+            info = json.loads(handle.read(size)).get(name)
+            if not isinstance(info, dict):
+                return []
+            start, end = info["data_offsets"]
+            handle.seek(8 + size + start)
+            data = handle.read(end - start)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return []
+    if info.get("dtype") == "F32":
+        return list(array.array("f", data))
+    if info.get("dtype") == "F16":
+        return list(struct.unpack(f"<{len(data) // 2}e", data))
+    if info.get("dtype") == "BF16":
+        return [struct.unpack("<f", b"\0\0" + data[i:i + 2])[0] for i in range(0, len(data), 2)]
+    return []
+
+
 def read_state_dict(path: Path, dtype=None) -> dict:
     """The tensors of a .safetensors file, read one at a time with plain reads (no memory map, whose pages
     would count as the process's memory) and each converted to ``dtype`` (floating point ones) as soon as it

@@ -13,6 +13,7 @@ from nodegraph.lazy import lazy
 from ._detection import CheckpointInfo, _read_json
 from ._files import files_identity, read_state_dict
 from ._handles import ClipHandle, ModelHandle, VaeHandle
+from ._shipped_configs import load_clip_tokenizer
 
 torch = lazy("torch")
 
@@ -70,7 +71,7 @@ def load_checkpoint(info: CheckpointInfo, dtype: torch.dtype | None = None,
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     common = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
     components = {
@@ -81,13 +82,11 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     }
     if (folder / "text_encoder").is_dir():
         components["text_encoder"] = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **common)
-        components["tokenizer"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer",
-                                                                local_files_only=True)
+        components["tokenizer"] = load_clip_tokenizer(folder, "tokenizer")
     if (folder / "text_encoder_2").is_dir():
         components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             str(folder), subfolder="text_encoder_2", **common)
-        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2",
-                                                                  local_files_only=True)
+        components["tokenizer_2"] = load_clip_tokenizer(folder, "tokenizer_2")
     return components
 
 
@@ -102,8 +101,6 @@ def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
     models take over its tensors, so the peak memory is the model in ``dtype`` and not the file's copy too."""
     from diffusers import pipelines
     from diffusers.loaders.single_file import load_single_file_sub_model
-    from transformers import CLIPTokenizer
-
     checkpoint = read_state_dict(info.path, dtype)
     index = _pipeline_config(info.config_dir)
     components = {}
@@ -118,8 +115,7 @@ def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
     del checkpoint
     for name in ("tokenizer", "tokenizer_2"):
         if (info.config_dir / name).is_dir():
-            components[name] = CLIPTokenizer.from_pretrained(str(info.config_dir), subfolder=name,
-                                                             local_files_only=True)
+            components[name] = load_clip_tokenizer(info.config_dir, name)
     components["scheduler_config"] = _read_json(info.config_dir / "scheduler" / "scheduler_config.json")
     components["pipeline_config"] = index
     return components

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from nodegraph.errors import NodeError
 
+from ._families import FAMILIES
+
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 CLIP_TOKENIZER_DIR = CONFIGS_DIR / "clip_tokenizer"
 CLIP_VOCAB_SIZE = 49408  # 48,894 merges + 512 byte symbols + <|startoftext|> (49406) and <|endoftext|> (49407)
@@ -32,17 +34,9 @@ SHIPPED_REPOS = {
     "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
 }
 
-# (family as nodes.models names it, 9-channel inpainting UNet) -> folder. SD 2.x text-to-image has two
-# folders that only the weights tell apart (768-v: v_prediction, 512 base: epsilon); see shipped_config_dir.
-SHIPPED_CONFIGS = {
-    ("sd1", False): "sd1",
-    ("sd1", True): "sd1-inpainting",
-    ("sd2", False): "sd2",
-    ("sd2", True): "sd2-inpainting",
-    ("sdxl", False): "sdxl",
-    ("sdxl", True): "sdxl-inpainting",
-    ("sdxl_refiner", False): "sdxl-refiner",
-}
+# (family name, 9-channel inpainting UNet) -> folder, as each family in nodes/_families.py names it
+SHIPPED_CONFIGS = {(f.name, inpainting): f.shipped_configs(inpainting) for f in FAMILIES for inpainting in (False, True)
+                   if f.shipped_configs(inpainting)}
 
 
 def shipped_config_dir(family: str, inpainting: bool = False, *, v_prediction: bool = True) -> Path | None:
@@ -67,11 +61,12 @@ def load_clip_tokenizer(config_dir: str | Path, subfolder: str = "tokenizer", **
     folder = Path(config_dir) / subfolder
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "vocab.json").is_file():
         raise NodeError(f"{folder} is not a tokenizer folder (no tokenizer_config.json or vocab.json)")
-    if not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
+    shared = not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file()
+    if shared:
         kwargs.setdefault("vocab_file", str(CLIP_TOKENIZER_DIR / "vocab.json"))
         kwargs.setdefault("merges_file", str(CLIP_TOKENIZER_DIR / "merges.txt"))
     tokenizer = CLIPTokenizer.from_pretrained(str(config_dir), subfolder=subfolder, local_files_only=True, **kwargs)
-    if len(tokenizer) != CLIP_VOCAB_SIZE:
+    if shared and len(tokenizer) != CLIP_VOCAB_SIZE:  # a folder's own (small, test) vocabulary is its business
         raise NodeError(f"the tokenizer in {folder} has {len(tokenizer)} tokens, not CLIP's {CLIP_VOCAB_SIZE}: its "
                         "vocab.json / merges.txt are missing or not CLIP's")
     return tokenizer

@@ -58,7 +58,7 @@ def test_single_file_config_problems(tiny_xl, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     lonely = tmp_path / "lonely-xl.safetensors"
     shutil.copy(tiny_xl.base_file, lonely)
-    with pytest.raises(NodeError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+    with pytest.raises(NodeError, match="not a standard Stable Diffusion XL model"):  # the shipped SDXL configs
         inspect_checkpoint(str(lonely))
     # an SD 1.x config for an SDXL file, or a base config for an inpainting file, is caught before loading
     sd_config = build_tiny_models().sd15_file_config
