@@ -34,6 +34,7 @@ class CheckpointInfo:
     in_channels: int
     config_dir: Path | None = None  # single files: the diffusers config folder used
     hub_id: str | None = None
+    has_vae: bool = True  # single files may come without one (first_stage_model.*): LoadVAE supplies it
 
     @property
     def inpainting(self) -> bool:
@@ -132,7 +133,8 @@ def inspect_file(path: Path, config: str | None = None) -> CheckpointInfo:
     if config_family is not found:
         raise NodeError(f"config folder {config_dir} is for {config_family.title} but {path.name} is "
                         f"{found.title}; give the config of the matching model")
-    return CheckpointInfo("file", path, found.name, in_channels, config_dir=config_dir)
+    has_vae = any(k.startswith("first_stage_model.") for k in shapes)
+    return CheckpointInfo("file", path, found.name, in_channels, config_dir=config_dir, has_vae=has_vae)
 
 
 def _config_for_file(path: Path, family: Family, in_channels: int, config: str | None,

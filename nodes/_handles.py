@@ -8,6 +8,8 @@ from typing import Any
 
 from nodegraph.lazy import lazy
 
+from nodegraph.errors import NodeError
+
 from ._families import Family, family
 
 torch = lazy("torch")
@@ -113,31 +115,40 @@ class VaeHandle:
     memo: dict = field(default_factory=dict, repr=False)  # the float32 copy for force_upcast
 
     @property
+    def config(self):
+        if self.vae is None:
+            raise NodeError(f"{self.source} has no VAE weights (no first_stage_model.* tensors): load one with LoadVAE "
+                            "and link its vae output instead of the checkpoint's")
+        return self.vae.config
+
+    @property
     def scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return float(self.config.scaling_factor)
 
     @property
     def shift_factor(self) -> float | None:
-        return getattr(self.vae.config, "shift_factor", None)
+        return getattr(self.config, "shift_factor", None)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
+        return int(self.config.latent_channels)
 
     @property
     def force_upcast(self) -> bool:
         """SDXL's VAE overflows in float16; diffusers runs it in float32 then (``config.force_upcast``)."""
-        return bool(getattr(self.vae.config, "force_upcast", False))
+        return bool(getattr(self.config, "force_upcast", False))
 
     def compute_module(self):
-        """The autoencoder to run: a float32 copy (made once) when the VAE is float16 and its config says
+        """The autoencoder to run: a float32 copy (made once) when an SDXL VAE is float16 and its config says
         force_upcast, as diffusers' SDXL pipelines upcast it; else the VAE itself. A copy rather than
         ``vae.to(float32)`` and back, so nodes sharing the handle never see it change."""
-        if not (self.force_upcast and self.vae.dtype == torch.float16):
+        # only the pipelines of families that upcast do (SDXL's); SD 1.x/2.x pipelines run a float16 VAE as it is
+        if not (family(self.family).upcast_vae_draws() and self.force_upcast and self.config and
+                self.vae.dtype == torch.float16):
             return self.vae
         with _UPCAST_LOCK:
             if "float32" not in self.memo:

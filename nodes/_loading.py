@@ -106,7 +106,7 @@ def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
     components = {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         library, class_name = index.get(name) or (None, None)
-        if library is None or not (info.config_dir / name).is_dir():
+        if library is None or not (info.config_dir / name).is_dir() or (name == "vae" and not info.has_vae):
             continue
         components[name] = load_single_file_sub_model(
             library_name=library, class_name=class_name, name=name, checkpoint=checkpoint, pipelines=pipelines,
@@ -126,11 +126,38 @@ def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHan
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if c.get(name) is not None:
             c[name].to(device).eval().requires_grad_(False)
-    vae = VaeHandle(c["vae"], info.family, source)
-    model = ModelHandle(c["unet"], dict(c["scheduler_config"]), info.family, source, vae.scale_factor)
+    vae = VaeHandle(c.get("vae"), info.family, source)
+    model = ModelHandle(c["unet"], dict(c["scheduler_config"]), info.family, source,
+                        vae.scale_factor if vae.vae is not None else 8)
     # diffusers' SDXL pipelines default force_zeros_for_empty_prompt to True; the refiner's config sets False
     zeros = info.family_kind.text_time and bool(c.get("pipeline_config", {}).get("force_zeros_for_empty_prompt", True))
     clip = ClipHandle(c.get("tokenizer"), c.get("text_encoder"), info.family, source,
                       tokenizer_2=c.get("tokenizer_2"), text_encoder_2=c.get("text_encoder_2"),
                       force_zeros_for_empty_prompt=zeros)
     return model, clip, vae
+
+
+def load_vae(path: Path, config_dir: Path, family_name: str, dtype=None, device="cpu") -> VaeHandle:
+    """A VAE on its own: a diffusers folder (``config.json`` + weights), or one ``.safetensors`` in the original
+    layout (``encoder.down.*``, with or without ``first_stage_model.``) or in diffusers' (``encoder.down_blocks.*``),
+    described by ``config_dir/vae`` (or ``config_dir`` itself). Loaded once per content, dtype and device."""
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    vae_config = config_dir / "vae" if (config_dir / "vae" / "config.json").is_file() else config_dir
+
+    def load() -> VaeHandle:
+        from diffusers import AutoencoderKL
+
+        if path.is_dir():
+            vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
+                                                local_files_only=True)
+        else:
+            state = read_state_dict(path, dtype)
+            state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
+            vae = AutoencoderKL.from_single_file(state, config=str(vae_config), torch_dtype=dtype,
+                                                 local_files_only=True)
+        vae.to(device).eval().requires_grad_(False)
+        return VaeHandle(vae, family_name, str(path))
+
+    identity = files_identity([path, vae_config])
+    return _LOADED.get((tuple(p for p, _ in identity), str(dtype), str(device), "vae"), identity, load)

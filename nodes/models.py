@@ -42,9 +42,9 @@ from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
 
 from ._detection import (CheckpointInfo, _cached_snapshot, inspect_checkpoint, inspect_file,  # noqa: F401
                          looks_like_hub_id, path_problem)
-from ._families import family  # noqa: F401
 from ._handles import ClipHandle, ModelHandle, VaeHandle  # noqa: F401
-from ._loading import clear_loaded_models, load_checkpoint  # noqa: F401
+from ._files import weights_file_problem
+from ._loading import clear_loaded_models, load_checkpoint, load_vae  # noqa: F401
 
 log = logging.getLogger("nodegraph.models")
 
@@ -96,21 +96,27 @@ def _check_load(params: dict):
 def load_checkpoint_node(
     path: Annotated[str, InputPath(kind="any", must_exist=False, folder="checkpoints", remote=looks_like_hub_id,
                                    implies=_implied_by_checkpoint),
-                    Field(description="diffusers folder, single-file .safetensors, or hub id 'owner/name' (local cache)")],
+                    Field(description="a name in the models folders' checkpoints/, a diffusers folder, a single-file "
+                                      ".safetensors, or a hub id 'owner/name' (local cache)")],
     ctx: RunContext,
     config: Optional[Annotated[str, InputPath(kind="dir", must_exist=False, implies=_implied_by_config),
                                Field(description="single files only: diffusers config folder or hub id; default: the "
-                                                 "sidecar '<stem>.config/' folder, then the local hub cache")]] = None,
+                                                 "sidecar '<stem>.config/' folder, then the configs shipped for "
+                                                 "the detected family")]] = None,
     dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"],
                      Field(description="weights' dtype; auto follows the run's --dtype")] = "auto",
 ):
     """Load a Stable Diffusion 1.x/2.x/XL checkpoint: model (UNet + scheduler config), clip, vae.
 
-    Accepts a diffusers folder, a single-file .safetensors in the original layout, or a hub id found in
-    the local Hugging Face cache. Detects the family (SD 1.x / 2.x, SDXL with its two text encoders, the
-    SDXL refiner) and whether the UNet is an inpainting one (9 input channels), e.g. "SDXL inpainting",
-    and reports it in the run info. Pickle files (.ckpt/.bin/.pt) are refused.
-    One load per checkpoint, dtype and device per process; dtype "auto" follows the run's --dtype."""
+    Accepts a name found in the models folders, a diffusers folder, a single-file .safetensors in the original
+    layout (LDM for SD 1.x/2.x, SGM for SDXL; fp32 or fp16, pruned or EMA-only), or a hub id found in the
+    local Hugging Face cache. Detects the family from the tensor names and shapes (SD 1.x / 2.x and its
+    v-prediction kind, SDXL with its two text encoders, the SDXL refiner) and whether the UNet is an
+    inpainting one (9 input channels), e.g. "SDXL inpainting", and reports it in the run info. A single
+    file loads offline with the configs and CLIP tokenizer shipped with nodegraph, tensor by tensor into
+    the target dtype. A file without VAE weights gives a vae output that says to use LoadVAE.
+    Pickle files (.ckpt/.bin/.pt) are refused. One load per checkpoint, dtype and device per process;
+    dtype "auto" follows the run's --dtype."""
     info = inspect_checkpoint(path, config or None, ctx.workflow_dir)
     torch_dtype = resolve_dtype(dtype, auto=ctx.dtype)
     model, clip, vae = load_checkpoint(info, torch_dtype, ctx.device)
@@ -120,3 +126,41 @@ def load_checkpoint_node(
     })
     log.info("LoadCheckpoint: %s", info.describe())
     return {"model": model, "clip": clip, "vae": vae}
+
+
+def _check_vae(params: dict):
+    path = params.get("path")
+    if isinstance(path, str) and Path(path).is_file():
+        problem = weights_file_problem(path, "VAE", "give a .safetensors file or a diffusers vae folder")
+        if problem:
+            yield "path", problem
+
+
+@node("LoadVAE", version=1, category="loaders", outputs={"vae": VAE}, check=_check_vae,
+      reference="diffusers AutoencoderKL.from_single_file / from_pretrained")
+def load_vae_node(
+    path: Annotated[str, InputPath(kind="any", folder="vae"),
+                    Field(description="a name in the models folders' vae/, a VAE .safetensors (original or diffusers "
+                                      "layout) or a diffusers vae folder")],
+    ctx: RunContext,
+    family: Annotated[Literal["sd1", "sd2", "sdxl"], Field(description="whose VAE configuration it has (scaling "
+                                                                       "factor, float16 upcast): SDXL's for SDXL "
+                                                                       "VAEs")] = "sd1",
+    config: Optional[Annotated[str, InputPath(kind="dir"), Field(description="a diffusers folder (or its vae/) "
+                                                                             "describing the VAE; default: the "
+                                                                             "configs shipped for family")]] = None,
+    dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"],
+                     Field(description="weights' dtype; auto follows the run's --dtype")] = "auto",
+):
+    """Load a VAE on its own, e.g. an fp16-fixed SDXL VAE or a fine-tuned SD VAE, to use instead of the checkpoint's.
+
+    A single `.safetensors` in the original layout (`encoder.down.*`, with or without `first_stage_model.`) or in
+    diffusers' layout, or a diffusers vae folder; converted by diffusers' own `from_single_file`. Pickles are
+    refused. Link its vae output into VAEEncode / VAEDecode / InpaintModelConditioning."""
+    from ._shipped_configs import CONFIGS_DIR
+
+    torch_dtype = resolve_dtype(dtype, auto=ctx.dtype)
+    config_dir = Path(config) if config else CONFIGS_DIR / family
+    vae = load_vae(Path(path), config_dir, family, torch_dtype, ctx.device)
+    ctx.record("models", {"source": str(path), "kind": f"VAE ({family})", "dtype": str(torch_dtype).removeprefix("torch.")})
+    return vae
