@@ -40,7 +40,10 @@ class Engine:
 
     ``cache_dir``: the disk cache folder; None uses $NODEGRAPH_CACHE_DIR or the user's cache folder,
     False turns the disk cache off. ``cache_size``: its limit in bytes (or "10GiB"); least recently used
-    results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels). ``models``: models
+    results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels). ``vram``: how loaded
+    models share the GPU ("auto", "high", "normal", "low", "sequential"; docs/models.md), ``vram_budget``: the
+    bytes (or "12GiB") they may take there; ``compile`` / ``channels_last``: UNets compiled with torch.compile
+    (once per model per process) / in the channels-last format on the GPU; all apply to the whole process. ``models``: models
     roots searched for names in file params, before $NODEGRAPH_MODELS and the model paths file
     (``model_paths``: a file, None for $NODEGRAPH_MODEL_PATHS or the user's one, False for none); a
     ``ModelRoots`` is used as it is."""
@@ -55,6 +58,10 @@ class Engine:
         limits: Limits | None = None,
         models: list[str | Path] | ModelRoots | None = None,
         model_paths: str | Path | bool | None = None,
+        vram: str | None = None,
+        vram_budget: int | str | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
         if registry is None:
             from .plugins import default_registry
@@ -70,6 +77,11 @@ class Engine:
         self.memory = MemoryCache(memory_budget)
         self.facts = Facts(self.disk)
         self.limits = limits or Limits()
+        if vram is not None or vram_budget is not None or compile or channels_last:
+            from .nodes._memory import MANAGER  # the loaded models are the process's: so is their budget
+
+            MANAGER.configure(vram or "auto", parse_size(vram_budget) if vram_budget is not None else None,
+                              compile=compile, channels_last=channels_last)
         if isinstance(models, (str, Path)):
             models = [models]
         self.models = models if isinstance(models, ModelRoots) else ModelRoots.gather(

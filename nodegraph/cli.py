@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="no disk cache for this run")
     run.add_argument("--target", action="append", default=[], metavar="NODE", help="run only this node and its inputs")
     run.add_argument("--json", action="store_true", help="print one machine-readable result")
+    run.add_argument("--vram", choices=["auto", "high", "normal", "low", "sequential"], help="how models share the "
+                     "GPU: auto (default: normal within 90%% of it), high (all stay), normal (least recently used "
+                     "leave past the budget), low (only the one in use), sequential (layer by layer)")
+    run.add_argument("--vram-budget", metavar="SIZE", help="GPU memory the models may take, e.g. 12GiB")
+    run.add_argument("--compile", action="store_true", help="torch.compile each UNet once (GPU)")
+    run.add_argument("--channels-last", action="store_true", help="UNets in the channels-last format (GPU)")
     limits(run)
     models(run)
     plugins(run)
@@ -326,7 +332,8 @@ def _run(registry, args, flag) -> tuple[int, dict | None]:
 
     overrides = parse_set(args.set)
     engine = Engine(registry=registry, cache_dir=_disk_cache_choice(args), cache_size=args.cache_size,
-                    limits=_limits(args), models=_model_roots(args))
+                    limits=_limits(args), models=_model_roots(args), vram=args.vram, vram_budget=args.vram_budget,
+                    compile=args.compile, channels_last=args.channels_last)
     bars = ProgressBars(enabled=not args.json)
     try:
         flag.running = True  # from now on a first Ctrl-C stops at the next step instead of at once

@@ -27,6 +27,10 @@ class ModelHandle:
     vae_scale_factor: int = 8
     patches: tuple = ()  # nodes.denoise.ModelPatch objects applied around each sampler run
 
+    def modules(self) -> list[tuple[str, Any]]:
+        """The modules a sampler runs: the UNet (and what patches add to it, which follow it)."""
+        return [("unet", self.unet)]
+
     def with_patch(self, patch) -> "ModelHandle":
         """A new MODEL that applies ``patch`` while sampling; this one is unchanged."""
         return replace(self, patches=(*self.patches, patch))

@@ -13,6 +13,7 @@ from nodegraph.lazy import lazy
 from ._detection import CheckpointInfo, _read_json
 from ._files import files_identity, read_state_dict
 from ._handles import ClipHandle, ModelHandle, VaeHandle
+from ._memory import MANAGER
 from ._shipped_configs import load_clip_tokenizer
 
 torch = lazy("torch")
@@ -124,8 +125,8 @@ def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
 def _wrap(info: CheckpointInfo, c: dict, device: torch.device) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
     source = info.hub_id or str(info.path)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if c.get(name) is not None:
-            c[name].to(device).eval().requires_grad_(False)
+        if c.get(name) is not None:  # with a memory budget they stay on the CPU until a node uses them
+            c[name].to("cpu" if MANAGER.offloads else device).eval().requires_grad_(False)
     vae = VaeHandle(c.get("vae"), info.family, source)
     model = ModelHandle(c["unet"], dict(c["scheduler_config"]), info.family, source,
                         vae.scale_factor if vae.vae is not None else 8)
@@ -156,7 +157,7 @@ def load_vae(path: Path, config_dir: Path, family_name: str, dtype=None, device=
             state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
             vae = AutoencoderKL.from_single_file(state, config=str(vae_config), torch_dtype=dtype,
                                                  local_files_only=True)
-        vae.to(device).eval().requires_grad_(False)
+        vae.to("cpu" if MANAGER.offloads else device).eval().requires_grad_(False)
         return VaeHandle(vae, family_name, str(path))
 
     identity = files_identity([path, vae_config])

@@ -3,6 +3,7 @@ needs them; when the next one would not fit, the least recently used go back to 
 
 Modes (``--vram``), as ComfyUI's and diffusers' offloading offer them:
 
+- ``auto`` (the default): ``normal`` within 90 % of a GPU's memory; ``high`` on the CPU;
 - ``high``: every model stays on the device once it is there (the fastest; no budget);
 - ``normal``: models stay on the device while they fit the budget, least recently used leave first;
 - ``low``: a model is on the device only while a node uses it (diffusers' ``enable_model_cpu_offload``);
@@ -24,7 +25,8 @@ from typing import Any, Iterator
 
 from nodegraph.errors import NodegraphError
 
-MODES = ("high", "normal", "low", "sequential")
+MODES = ("auto", "high", "normal", "low", "sequential")
+AUTO_SHARE = 0.9  # "auto" on a GPU: "normal" within this share of its memory
 
 
 def module_bytes(module) -> int:
@@ -44,8 +46,10 @@ class Accounting:
 
 class ModelManager:
     def __init__(self) -> None:
-        self.mode = "high"
+        self.mode = "auto"
         self.budget: int | None = None
+        self.compile = self.channels_last = False
+        self._prepared: "weakref.WeakSet[Any]" = weakref.WeakSet()  # UNets already compiled / reformatted
         self._lock = threading.RLock()
         self._resident: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # module -> bytes
         self._order: list[weakref.ref] = []  # least recently used first
@@ -54,16 +58,28 @@ class ModelManager:
         self._sequential: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.accounting = Accounting()
 
-    def configure(self, mode: str = "high", budget: int | None = None) -> None:
+    def configure(self, mode: str = "auto", budget: int | None = None, compile: bool = False,
+                  channels_last: bool = False) -> None:
+        """``compile``: torch.compile each UNet once, the first time it comes to a GPU; ``channels_last``: UNets in
+        the channels-last memory format there (often faster convolutions on tensor cores)."""
         if mode not in MODES:
             raise NodegraphError(f"--vram {mode}: choose one of {', '.join(MODES)}")
         with self._lock:
             self.mode, self.budget = mode, budget
+            self.compile, self.channels_last = compile, channels_last
 
     @property
     def offloads(self) -> bool:
         """Whether loaders should leave new models on the CPU (they come to the device when used)."""
-        return self.mode != "high"
+        return self.mode not in ("high", "auto")
+
+    def _resolve_auto(self, device) -> None:
+        if self.mode != "auto" or str(device) == "cpu":
+            return
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        self.mode, self.budget = "normal", self.budget or int(total * AUTO_SHARE)
 
     @contextlib.contextmanager
     def use(self, device, *modules: tuple[str, Any]) -> Iterator[None]:
@@ -85,6 +101,7 @@ class ModelManager:
                         self._send_away(module)
 
     def _bring(self, module, device) -> None:
+        self._resolve_auto(device)
         if self.mode == "sequential" and str(device) != "cpu":
             if module not in self._sequential:
                 from accelerate import cpu_offload
@@ -105,11 +122,23 @@ class ModelManager:
             if self.accounting.on_device + size > self.budget:
                 self.accounting.over_budget += 1
         module.to(device)
+        self._prepare_unet(module, device)
         self._resident[module] = size
         self._order.append(weakref.ref(module))
         self.accounting.on_device += size
         self.accounting.peak = max(self.accounting.peak, self.accounting.on_device)
         self.accounting.moves.append((self._names.get(module, "?"), "in", size))
+
+    def _prepare_unet(self, module, device) -> None:
+        if str(device) == "cpu" or module in self._prepared or self._names.get(module) != "unet":
+            return
+        if self.channels_last:
+            import torch
+
+            module.to(memory_format=torch.channels_last)
+        if self.compile:
+            module.compile()  # in place: the handle, its locks and patches keep the same module
+        self._prepared.add(module)
 
     def _send_away(self, module) -> None:
         size = self._resident.pop(module, None)
@@ -133,3 +162,33 @@ class ModelManager:
 
 
 MANAGER = ModelManager()
+
+
+def on_device(ctx, *modules: tuple[str, Any]) -> contextlib.AbstractContextManager:
+    """The modules a node is about to run, on the run's device for the block (per the process's mode and
+    budget); without a run context (a node function called directly) they stay where they are."""
+    if ctx is None:
+        return contextlib.nullcontext()
+    return MANAGER.use(ctx.device, *modules)
+
+
+VAE_TILE_PIXELS = 4096 * 4096  # images above this many pixels (x batch) go through the VAE in tiles
+_TILING = threading.Lock()
+
+
+@contextlib.contextmanager
+def tiled(vae_module, pixels: int) -> Iterator[None]:
+    """Above VAE_TILE_PIXELS, diffusers' own VAE tiling and slicing for the block (``enable_tiling``,
+    ``enable_slicing``): a bounded activation memory instead of one that grows with the image, at the price of
+    slightly different pixels along tile seams. The VAE is shared, so the switch is held under a lock."""
+    if pixels <= VAE_TILE_PIXELS or not hasattr(vae_module, "enable_tiling"):
+        yield
+        return
+    with _TILING:
+        vae_module.enable_tiling()
+        vae_module.enable_slicing()
+        try:
+            yield
+        finally:
+            vae_module.disable_tiling()
+            vae_module.disable_slicing()

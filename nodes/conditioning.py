@@ -38,6 +38,8 @@ from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import CONDITIONING, Clip, Conditioning
 
+from ._memory import on_device
+
 
 @disk_cacheable
 @dataclass
@@ -210,7 +212,8 @@ def clip_encode(
     does: the empty prompt's embedding, or zeros for SDXL (force_zeros_for_empty_prompt)."""
     if not hasattr(clip, "tokenizer"):
         raise NodeError("input 'clip' is not a CLIP from LoadCheckpoint")
-    return encode_prompt(clip, text, clip_skip, long_prompt, warn=ctx.warn, text_2=prompt_2 or None)
+    with on_device(ctx, ("text_encoder", clip.text_encoder), ("text_encoder_2", clip.text_encoder_2)):
+        return encode_prompt(clip, text, clip_skip, long_prompt, warn=ctx.warn, text_2=prompt_2 or None)
 
 
 def _check_size_params(params: dict):

@@ -57,6 +57,7 @@ from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 from ._files import files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
 from ._loading import LoadedOnce
 from ._pixels import check_image, to_pil
+from ._memory import MANAGER, on_device
 from .denoise import ModelPatch, UNetConditioning, unet_lock
 
 log = logging.getLogger("nodegraph.ipadapter")
@@ -324,7 +325,7 @@ def load_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: torch.dt
 
         encoder = CLIPVisionModelWithProjection.from_pretrained(
             str(encoder_info.path), dtype=dtype, use_safetensors=True, local_files_only=True)
-        encoder.to(device).eval().requires_grad_(False)
+        encoder.to("cpu" if MANAGER.offloads else device).eval().requires_grad_(False)
         processor = _image_processor(encoder_info.path, encoder_info.image_size)
         return IPAdapterHandle(info, encoder_info, _read_state_dict(info.path), encoder, processor)
 
@@ -407,6 +408,8 @@ class IPAdapterPatch(ModelPatch):
         hid_type = unet.config.encoder_hid_dim_type
         for proc in self.processors.values():
             proc.scale = list(self.scales)  # what set_ip_adapter_scale does, per adapter
+            proc.to(unet.device)  # the UNet may have moved since they were built (memory budget)
+        self.projection.to(unet.device)
         # processors first: an IP-Adapter Plus projection has attention layers of its own, which
         # set_attn_processor would otherwise count as the UNet's
         unet.set_attn_processor({**original, **self.processors})
@@ -528,4 +531,5 @@ def apply_ip_adapter_node(
         "adapter": adapter.source, "scale": scale, "images": int(image.shape[0]),
         "image_size": [int(image.shape[-1]), int(image.shape[-2])],
     })
-    return apply_ip_adapter(model, adapter, image, scale)
+    with on_device(ctx, ("image_encoder", adapter.image_encoder)):
+        return apply_ip_adapter(model, adapter, image, scale)

@@ -23,12 +23,14 @@ torch = lazy("torch")
 F = lazy("torch.nn.functional")
 from pydantic import Field
 
+from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
 
+from ._memory import on_device, tiled
 from ._params import Seed
 from ._families import family
 
@@ -114,7 +116,7 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> tuple[tor
     "sampler" the posterior's scaled std in the dtype diffusers draws the sample's noise in."""
     module = _compute_module(vae)
     pixels = pixels.to(device=module.device, dtype=module.dtype)
-    with torch.inference_mode():
+    with torch.inference_mode(), tiled(module, pixels.shape[0] * pixels.shape[-1] * pixels.shape[-2]):
         dist = module.encode(pixels).latent_dist
         if mode == "sample":
             latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
@@ -142,7 +144,7 @@ def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
     z = samples.to(device=module.device, dtype=module.dtype) / vae.scaling_factor
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
-    with torch.inference_mode():
+    with torch.inference_mode(), tiled(module, z.shape[0] * z.shape[-1] * z.shape[-2] * vae.scale_factor**2):
         pixels = module.decode(z, return_dict=False)[0]
     return (pixels * 0.5 + 0.5).clamp(0, 1).float()
 
@@ -217,26 +219,29 @@ def vae_encode_node(
     image: Image,
     mode: Annotated[EncodeMode, Field(description=ENCODE_MODE_HELP)] = "mean",
     seed: Annotated[Seed, Field(description="only for mode 'sample'")] = 0,
+    ctx: RunContext = None,
 ):
     """Encode an image into scaled latents (the distribution's mean by default; a seeded sample on request).
 
     Mode "sampler" leaves the draw to the sampler, which makes it from its own seed before the noise, as the
     diffusers img2img and inpaint pipelines do: the same seed then gives the pipeline's image. A float16 VAE
     whose config says force_upcast (SDXL's) runs in float32, as diffusers does."""
-    return encode_image(vae, image, mode, seed)
+    with on_device(ctx, ("vae", vae.compute_module())):
+        return encode_image(vae, image, mode, seed)
 
 
 @node("VAEDecode", version=1, category="latent", outputs={"image": IMAGE},
       reference="diffusers AutoencoderKL.decode(latents / scaling_factor) + VaeImageProcessor.postprocess "
                 "(float32 when force_upcast, as the SDXL pipelines)")
-def vae_decode_node(vae: Vae, latent: Latent):
+def vae_decode_node(vae: Vae, latent: Latent, ctx: RunContext = None):
     """Decode latents into an image in [0, 1].
 
     A float16 VAE whose config says force_upcast (SDXL's, which overflows in float16) runs in float32."""
     samples = latent.samples
     if samples.shape[1] != vae.latent_channels:
         raise NodeError(f"latent has {samples.shape[1]} channels but this VAE expects {vae.latent_channels}")
-    return decode_latents(vae, samples)
+    with on_device(ctx, ("vae", vae.compute_module())):
+        return decode_latents(vae, samples)
 
 
 @node("InpaintModelConditioning", version=1, category="latent", outputs={"latent": LATENT},
@@ -247,6 +252,7 @@ def inpaint_model_conditioning_node(
     mask: Mask,
     mode: Annotated[EncodeMode, Field(description=ENCODE_MODE_HELP)] = "mean",
     seed: Annotated[Seed, Field(description="only for mode 'sample'")] = 0,
+    ctx: RunContext = None,
 ):
     """Latents for an inpainting checkpoint (9-channel UNet): the image, the mask and the masked image.
 
@@ -254,4 +260,5 @@ def inpaint_model_conditioning_node(
     cat([x, mask, masked_image_latents]); masked image = image * (mask < 0.5), mask 1 = repaint. Mode
     "sampler" leaves both VAE draws to the sampler, which makes them where StableDiffusion(XL)InpaintPipeline
     does (image, noise, masked image), so the same seed gives the pipeline's image."""
-    return inpaint_conditioning(vae, image, mask, mode, seed)
+    with on_device(ctx, ("vae", vae.compute_module())):
+        return inpaint_conditioning(vae, image, mask, mode, seed)

@@ -20,6 +20,7 @@ from nodegraph import node
 from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
 
 from . import denoise
+from ._memory import on_device
 from ._params import DenoisingEnd, DenoisingStart, Guidance, Seed, Steps, Strength
 from .schedulers import SchedulerName
 
@@ -63,9 +64,10 @@ def sampler_node(
     for a photo, encode it with mode "sampler" and the sampler also draws its VAE sample(s) where the pipeline does."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
-    samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                             scheduler=scheduler, strength=strength, denoising_start=denoising_start,
-                             denoising_end=denoising_end, progress=ctx.progress)
+    with on_device(ctx, *model.modules()):
+        samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                                 scheduler=scheduler, strength=strength, denoising_start=denoising_start,
+                                 denoising_end=denoising_end, progress=ctx.progress)
     return latent.with_samples(samples.float(), keep_inpaint=denoising_end < 1 and model.inpainting)
 
 
@@ -96,10 +98,11 @@ def latent_blend_sampler_node(
     StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
-    samples = denoise.blend_inpaint(model, positive, negative, latent, mask, seed=seed, steps=steps,
-                                    guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
-                                    denoising_start=denoising_start, denoising_end=denoising_end,
-                                    progress=ctx.progress)
+    with on_device(ctx, *model.modules()):
+        samples = denoise.blend_inpaint(model, positive, negative, latent, mask, seed=seed, steps=steps,
+                                        guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
+                                        denoising_start=denoising_start, denoising_end=denoising_end,
+                                        progress=ctx.progress)
     return latent.with_samples(samples.float())
 
 
@@ -128,7 +131,8 @@ def differential_sampler_node(
     (the outpainting article). denoising_end < 1 stops early for a hand-off (thresholds still count all N steps)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_end=denoising_end)
-    samples = denoise.differential(model, positive, negative, latent, change_map, seed=seed, steps=steps,
-                                   guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
-                                   denoising_end=denoising_end, progress=ctx.progress)
+    with on_device(ctx, *model.modules()):
+        samples = denoise.differential(model, positive, negative, latent, change_map, seed=seed, steps=steps,
+                                       guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
+                                       denoising_end=denoising_end, progress=ctx.progress)
     return latent.with_samples(samples.float())

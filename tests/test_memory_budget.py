@@ -1,0 +1,92 @@
+"""The model memory manager's decisions, checked through its accounting.
+
+This machine has no GPU: moving a module to "cpu" changes nothing physically, so these tests check what
+the manager decides (what is on the device, what leaves, in which order, never more than the budget) and
+that its decisions never change results. tests/test_gpu.py checks the real moves on a GPU.
+"""
+import pytest
+import torch
+
+from nodegraph.api import Engine
+from nodegraph.nodes._memory import MANAGER, ModelManager, module_bytes
+
+
+@pytest.fixture
+def manager():
+    yield ModelManager()
+
+
+@pytest.fixture
+def process_manager():
+    """The process's manager, restored afterwards (other tests expect the default)."""
+    saved = (MANAGER.mode, MANAGER.budget, MANAGER.compile, MANAGER.channels_last)
+    yield MANAGER
+    MANAGER.configure(saved[0], saved[1], compile=saved[2], channels_last=saved[3])
+    MANAGER.reset_accounting()
+
+
+def layer(width):
+    return torch.nn.Linear(width, width, bias=False)
+
+
+def test_least_recently_used_leave_first_and_the_budget_holds(manager):
+    a, b, c = layer(32), layer(32), layer(32)
+    size = module_bytes(a)
+    manager.configure("normal", budget=2 * size)
+    for name, module in (("a", a), ("b", b), ("a", a), ("c", c)):
+        with manager.use("cpu", (name, module)):
+            pass
+    assert manager.accounting.peak <= 2 * size
+    assert ("b", "out", size) in manager.accounting.moves and ("a", "out", size) not in manager.accounting.moves
+
+
+def test_low_mode_keeps_only_what_is_in_use(manager):
+    a, b = layer(16), layer(16)
+    manager.configure("low")
+    with manager.use("cpu", ("a", a)):
+        assert manager.accounting.on_device == module_bytes(a)
+    assert manager.accounting.on_device == 0
+    with manager.use("cpu", ("a", a), ("b", b)):
+        assert manager.accounting.on_device == module_bytes(a) + module_bytes(b)
+
+
+def test_a_module_in_use_is_never_moved_away(manager):
+    a, b = layer(32), layer(32)
+    manager.configure("normal", budget=module_bytes(a))
+    with manager.use("cpu", ("a", a)):
+        with manager.use("cpu", ("b", b)):  # another thread's node, say: a is pinned, the budget gives way
+            assert manager.accounting.over_budget == 1
+    assert ("a", "out", module_bytes(a)) not in manager.accounting.moves
+
+
+def test_a_workflow_under_a_small_budget_gives_the_same_latents(tiny, process_manager, tmp_path):
+    from nodegraph.nodes.models import clear_loaded_models, inspect_checkpoint, load_checkpoint
+
+    workflow = {"format": "nodegraph/1", "nodes": {
+        "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(tiny.sd15)}},
+        "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": "a cat"}},
+        "empty": {"type": "EmptyLatent", "params": {"width": 32, "height": 32}},
+        "s": {"type": "Sampler", "inputs": {"model": "ckpt.model", "positive": "pos.conditioning",
+                                            "latent": "empty.latent"}, "params": {"seed": 5, "steps": 3}},
+        "dec": {"type": "VAEDecode", "inputs": {"vae": "ckpt.vae", "latent": "s.latent"}}}}
+    free = Engine(cache_dir=False, vram="high").run(workflow, targets=["dec", "s"], out_dir=tmp_path)
+    model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
+    sizes = {"unet": module_bytes(model.unet), "text_encoder": module_bytes(clip.text_encoder),
+             "vae": module_bytes(vae.vae)}
+    budget = max(sizes.values())  # room for one model at a time
+    del model, clip, vae
+    clear_loaded_models()
+    import gc
+
+    gc.collect()  # the first run's models are gone: the accounting starts from an empty device
+    process_manager.reset_accounting()
+    assert process_manager.accounting.on_device == 0
+    tight = Engine(cache_dir=False, vram="normal", vram_budget=budget).run(workflow, targets=["dec", "s"],
+                                                                           out_dir=tmp_path)
+    clear_loaded_models()
+    accounting = process_manager.accounting
+    assert accounting.peak <= budget and accounting.over_budget == 0
+    assert [name for name, way, _ in accounting.moves if way == "in"] == ["text_encoder", "unet", "vae"]
+    assert {name for name, way, _ in accounting.moves if way == "out"} == {"text_encoder", "unet"}
+    assert torch.equal(free.outputs["s"]["latent"].samples, tight.outputs["s"]["latent"].samples)
+    assert torch.equal(free.outputs["dec"]["image"], tight.outputs["dec"]["image"])
