@@ -113,6 +113,7 @@ class ModelManager:
             self._touch(module)
             return
         size = module_bytes(module)
+        self.accounting.on_device = sum(self._resident.values())  # modules deleted meanwhile freed theirs
         if self.budget is not None and self.mode in ("normal", "low"):
             for victim in self._least_recent_first():
                 if self.accounting.on_device + size <= self.budget:
@@ -155,6 +156,13 @@ class ModelManager:
 
     def _least_recent_first(self) -> list:
         return [m for m in (ref() for ref in self._order) if m is not None]
+
+    def unload_all(self) -> None:
+        """Send every module not in use back to the CPU (a server's "free memory" request, a clean start)."""
+        with self._lock:
+            for module in self._least_recent_first():
+                if not self._pins.get(module):
+                    self._send_away(module)
 
     def reset_accounting(self) -> None:
         with self._lock:

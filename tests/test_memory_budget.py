@@ -78,7 +78,8 @@ def test_a_workflow_under_a_small_budget_gives_the_same_latents(tiny, process_ma
     clear_loaded_models()
     import gc
 
-    gc.collect()  # the first run's models are gone: the accounting starts from an empty device
+    gc.collect()
+    process_manager.unload_all()  # models other tests still hold leave too: the accounting starts from empty
     process_manager.reset_accounting()
     assert process_manager.accounting.on_device == 0
     tight = Engine(cache_dir=False, vram="normal", vram_budget=budget).run(workflow, targets=["dec", "s"],
@@ -90,3 +91,20 @@ def test_a_workflow_under_a_small_budget_gives_the_same_latents(tiny, process_ma
     assert {name for name, way, _ in accounting.moves if way == "out"} == {"text_encoder", "unet"}
     assert torch.equal(free.outputs["s"]["latent"].samples, tight.outputs["s"]["latent"].samples)
     assert torch.equal(free.outputs["dec"]["image"], tight.outputs["dec"]["image"])
+
+
+def test_unload_all_sends_away_what_is_not_in_use_and_deleted_modules_free_their_share(manager):
+    a, b = layer(16), layer(16)
+    manager.configure("normal", budget=10 * module_bytes(a))
+    with manager.use("cpu", ("a", a)):
+        pass
+    with manager.use("cpu", ("b", b)):
+        manager.unload_all()  # b is in use: it stays
+        assert manager.accounting.on_device == module_bytes(b)
+    assert ("a", "out", module_bytes(a)) in manager.accounting.moves
+    del b
+    import gc
+
+    gc.collect()
+    with manager.use("cpu", ("c", layer(16))):
+        assert manager.accounting.on_device == module_bytes(a)  # b's bytes were freed with it
