@@ -149,6 +149,24 @@ def test_sd1_unet_and_text_encoder_lora_match_diffusers(tiny, sd, sd_loras, layo
     assert_close(sample(*only_clip), reference(tiny.sd15, sd, [(sd_loras[layout], 0.0, 0.6)]))
 
 
+def test_sd1_lora_matches_diffusers_fused_into_the_weights(tiny, sd, sd_loras):
+    """diffusers' other way: fuse_lora(lora_scale) writes W + s · (alpha / rank) · up·down into the weights; the
+    sums round differently from the unfused layers, so equal within the tolerance, not bit for bit."""
+    import diffusers
+
+    model, clip, _ = sd
+    ours = sample(*apply_lora(model, clip, load_lora(sd_loras["kohya"]), 0.8, 0.8))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny.sd15), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = diffusers_scheduler(SCHEDULER, model.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(sd_loras["kohya"]))
+    pipe.fuse_lora(lora_scale=0.8)
+    ref = pipe(PROMPT, num_inference_steps=3, guidance_scale=4.0, height=64, width=64, output_type="latent",
+               generator=torch.Generator("cpu").manual_seed(3)).images
+    assert_close(ours, ref)
+
+
 def test_kohya_and_diffusers_layouts_of_one_lora_give_one_image(sd, sd_loras):
     model, clip, _ = sd
     kohya = sample(*apply_lora(model, clip, load_lora(sd_loras["kohya"]), 0.8, 0.6))
