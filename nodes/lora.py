@@ -33,7 +33,9 @@ Why unfused adapters rather than ``fuse_lora``: fusing writes ``W + s · up·dow
 already, far more so in float16); it would need a copy of every touched weight per run. With unfused layers
 the base weights are never written: restoring is putting the original modules back, exact by construction, at
 any dtype. The cost is the low-rank product per layer and step (rank ≪ width, a few percent) and injecting
-the layers once per run (PEFT builds them on the meta device and takes the LoRA's tensors as they are).
+the layers once per run (PEFT builds them on the meta device and takes the LoRA's tensors, cast once to the
+module's dtype and device when ApplyLoRA runs): about 0.2-0.4 s for a rank-32 LoRA on SD 1.5's 192 attention
+and projection layers on two CPU cores.
 The text encoders are injected with PEFT directly rather than through transformers' ``load_adapter``, which
 does the same injection but logs a full load report on every call.
 
@@ -210,7 +212,7 @@ class Adapter:
     """One LoRA's layers for one module in PEFT's layout, with the LoraConfig diffusers makes for them."""
 
     config: Any  # peft.LoraConfig
-    state_dict: dict  # "<module name>.lora_A.weight" / ".lora_B.weight" -> tensor, as stored in the file
+    state_dict: dict  # "<module name>.lora_A.weight" / ".lora_B.weight" -> tensor, in the module's dtype and device
 
     def deltas(self) -> dict[str, tuple[int, ...]]:
         """Module name -> the shape of the weight change ``up · down`` (the layer's weight shape)."""
@@ -246,7 +248,13 @@ def diffusers_state_dict(lora: LoraHandle, sdxl: bool, unet_config=None) -> tupl
         raise NodeError(f"{lora.info.name}: diffusers cannot convert this LoRA ({exc})") from None
 
 
-def unet_adapter(state_dict: dict, alphas: Optional[dict], metadata: Optional[dict]) -> Optional[Adapter]:
+def _on(module, part: dict) -> dict:
+    """The tensors in the module's dtype and on its device, as PEFT moves them when it loads them
+    (``_move_adapter_to_device_of_base_layer``): done once here rather than at every run."""
+    return {k: v.to(device=module.device, dtype=module.dtype) for k, v in part.items()}
+
+
+def unet_adapter(state_dict: dict, alphas: Optional[dict], metadata: Optional[dict], unet) -> Optional[Adapter]:
     """The UNet's part, prepared as diffusers' ``UNet2DConditionModel.load_lora_adapter`` prepares it."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
@@ -258,7 +266,7 @@ def unet_adapter(state_dict: dict, alphas: Optional[dict], metadata: Optional[di
         part = convert_unet_state_dict_to_peft(part)
     ranks = {f"^{key}": value.shape[1] for key, value in part.items() if "lora_B" in key and value.ndim > 1}
     config = _create_lora_config(part, _component_part(alphas, "unet"), _component_part(metadata, "unet"), ranks)
-    return Adapter(config, part)
+    return Adapter(config, _on(unet, part))
 
 
 def text_encoder_adapter(state_dict: dict, alphas: Optional[dict], metadata: Optional[dict], encoder,
@@ -278,7 +286,7 @@ def text_encoder_adapter(state_dict: dict, alphas: Optional[dict], metadata: Opt
              if name.endswith(TEXT_ENCODER_LAYERS) and f"{name}.lora_B.weight" in part}
     config = _create_lora_config(part, _component_part(alphas, component), _component_part(metadata, component),
                                  ranks, is_unet=False)
-    return Adapter(config, part)
+    return Adapter(config, _on(encoder, part))
 
 
 def fit_problem(adapter: Adapter, module, lora_name: str, where: str, hint: str) -> str | None:
@@ -367,7 +375,7 @@ def apply_lora(model, clip, lora: LoraHandle, strength_model: float = 1.0, stren
     hint = _family_hint(info, model.label)
     state_dict, alphas = diffusers_state_dict(lora, model.is_sdxl, model.unet.config)
     if strength_model and "unet" in info.layers:
-        adapter = unet_adapter(state_dict, alphas, lora.metadata)
+        adapter = unet_adapter(state_dict, alphas, lora.metadata, model.unet)
         if adapter is not None:
             problem = fit_problem(adapter, model.unet, info.name, "UNet", hint)
             if problem:
