@@ -46,9 +46,10 @@ def weights_folder_problem(folder: Path, what: str, convert: str) -> str | None:
 MAX_HEADER = 100 * 1024**2  # safetensors' own limit on the JSON header
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape from a .safetensors header, without reading the weights (or importing torch):
-    8 bytes of little-endian header length, then the JSON header."""
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, without reading the weights (or importing torch): 8 bytes of
+    little-endian header length, then the JSON header (tensor name -> dtype, shape, offsets; and the
+    optional ``__metadata__``, a str -> str dict)."""
     import json
     import struct
 
@@ -60,9 +61,26 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if size > MAX_HEADER:
                 raise ValueError(f"a header of {size} bytes is more than safetensors allows")
             header = json.loads(handle.read(size))
-        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as exc:  # a damaged or foreign header
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return header
+    except (OSError, ValueError, struct.error) as exc:  # a damaged or foreign header
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a .safetensors header, without reading the weights."""
+    header = safetensors_header(path)
+    try:
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-form ``__metadata__`` of a .safetensors header ({} when there is none)."""
+    metadata = safetensors_header(path).get("__metadata__")
+    return dict(metadata) if isinstance(metadata, dict) else {}
 
 
 # safetensors dtype names -> torch dtype names

@@ -1,8 +1,15 @@
 """The MODEL, CLIP and VAE handles a checkpoint loads into: the diffusers / transformers modules with
-what the nodes that use them must know (family, source, scaling factors, memos shared by every user)."""
+what the nodes that use them must know (family, source, scaling factors, memos shared by every user).
+
+The modules are shared by every node that uses the checkpoint. A patch (an IP-Adapter or a LoRA on the
+UNet, a LoRA on the text encoders) is carried by a copy of the handle and applied to the shared module
+only while one sampler run or one CLIPEncode uses that copy, holding the module's ``module_lock``: runs
+on one module take turns, so a run with the unpatched handle never sees another run's patch."""
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,6 +21,21 @@ from ._families import Family, family
 
 torch = lazy("torch")
 _UPCAST_LOCK = threading.Lock()
+
+_MODULE_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module) -> threading.RLock:
+    """The lock of one shared module (a UNet, a text encoder), held while a run applies its patches and uses it.
+
+    Re-entrant, so that code already holding it (a patch, a nested run) on the same thread does not deadlock;
+    weakly keyed, so that a released model's module takes its lock with it."""
+    with _MODULE_LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(module)
+        if lock is None:
+            lock = _MODULE_LOCKS[module] = threading.RLock()
+        return lock
 
 
 @dataclass(eq=False)
@@ -68,6 +90,14 @@ class ModelHandle:
         return f"{self.kind.title} ({self.label}) {kind} from {self.source}"
 
 
+class ClipPatch:
+    """A change to the shared text encoder(s) that lives only for one encode (a LoRA, say): the CLIP
+    counterpart of ``denoise.ModelPatch``. ``applied`` changes the encoders and restores them after."""
+
+    def applied(self, clip) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
 @dataclass(eq=False)
 class ClipHandle:
     """CLIP: tokenizer + text encoder. Remembers the empty prompt's embedding (the default negative).
@@ -85,6 +115,23 @@ class ClipHandle:
     text_encoder_2: Any = None
     # SDXL pipelines' config: with no negative prompt the negative embeddings are zeros, not the encoded ""
     force_zeros_for_empty_prompt: bool = False
+    patches: tuple = ()  # ClipPatch objects applied around each encode (a LoRA on the text encoders)
+
+    def with_patches(self, patches: tuple) -> "ClipHandle":
+        """A new CLIP that applies ``patches`` while encoding; this one is unchanged. It has its own memo: the
+        empty prompt's embedding depends on the patches."""
+        return replace(self, patches=tuple(patches), memo={})
+
+    @contextlib.contextmanager
+    def patched(self):
+        """The text encoders for one encode: locked (other runs wait) and with this CLIP's patches applied,
+        which are removed again afterwards, even on error."""
+        with contextlib.ExitStack() as stack:
+            for _, encoder in self.encoders:
+                stack.enter_context(module_lock(encoder))
+            for patch in self.patches:
+                stack.enter_context(patch.applied(self))
+            yield self
 
     @property
     def kind(self) -> Family:

@@ -17,6 +17,11 @@ SDXL (``StableDiffusionXLPipeline.encode_prompt``): both encoders' penultimate h
 layer norm) are concatenated along the feature axis, and the pooled embedding is the second encoder's
 projected output. ``prompt_2`` (default: the prompt) goes to the second encoder.
 
+Patches: a CLIP made by ApplyLoRA carries ``patches`` (``ClipPatch``); ``encode_prompt`` runs the text
+encoders inside ``ClipHandle.patched``, which holds each encoder's lock and applies the patches for the
+length of the encode, so a concurrent encode with the plain CLIP never sees them. The empty prompt is
+remembered per CLIP handle, so a patched CLIP's default negative is encoded with its patches.
+
 Long prompts: ``long_prompt="truncate"`` (default) cuts at 77 tokens and warns with the removed text, exactly
 as diffusers does; ``"chunk"`` encodes 75-token windows (each wrapped in BOS/EOS and padded to 77) and
 concatenates them along the sequence axis, as A1111/ComfyUI do. For prompts of 75 tokens or fewer both
@@ -156,17 +161,18 @@ def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: i
 
 def empty_prompt(clip) -> PromptEmbeds:
     """The default negative, computed once per CLIP: the embedding of "" (diffusers' negative when none is
-    given), or zeros for SDXL checkpoints with ``force_zeros_for_empty_prompt``."""
+    given; with the CLIP's patches applied), or zeros for SDXL checkpoints with ``force_zeros_for_empty_prompt``."""
     zeros = bool(getattr(clip, "force_zeros_for_empty_prompt", False))
     key = ("zeros" if zeros else "", str(clip.dtype), str(clip.device))
     if key not in clip.memo:
-        if getattr(clip, "is_sdxl", False):
-            embeds, pooled = encode_text_sdxl(clip, "")
-            if zeros:
-                embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-            clip.memo[key] = PromptEmbeds(embeds, pooled=pooled, family=clip.family, text="")
-        else:
-            clip.memo[key] = PromptEmbeds(encode_text(clip, ""), family=clip.family, text="")
+        with clip.patched():
+            if getattr(clip, "is_sdxl", False):
+                embeds, pooled = encode_text_sdxl(clip, "")
+                if zeros:
+                    embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+                clip.memo[key] = PromptEmbeds(embeds, pooled=pooled, family=clip.family, text="")
+            else:
+                clip.memo[key] = PromptEmbeds(encode_text(clip, ""), family=clip.family, text="")
     return clip.memo[key]
 
 
@@ -174,14 +180,20 @@ def encode_prompt(clip, text: str, clip_skip: int = 0, long_prompt: str = "trunc
                   text_2: Optional[str] = None) -> PromptEmbeds:
     """CONDITIONING for ``text``, carrying the empty prompt's conditioning as the default negative.
 
-    ``text_2``: SDXL only, the prompt for the second text encoder (default: ``text``)."""
-    if getattr(clip, "is_sdxl", False):
-        embeds, pooled = encode_text_sdxl(clip, text, text_2, clip_skip, long_prompt, warn)
-        return PromptEmbeds(embeds, pooled=pooled, family=clip.family, text=text, uncond=empty_prompt(clip))
-    if text_2:
+    ``text_2``: SDXL only, the prompt for the second text encoder (default: ``text``).
+
+    The encoders run with the CLIP's patches (a LoRA) applied and are locked meanwhile
+    (``ClipHandle.patched``), so concurrent encodes never see each other's patches."""
+    sdxl = getattr(clip, "is_sdxl", False)
+    if text_2 and not sdxl:
         raise NodeError("prompt_2 is for SDXL's second text encoder; this CLIP has only one (SD 1.x/2.x)")
-    embeds = encode_text(clip, text, clip_skip, long_prompt, warn)
-    return PromptEmbeds(embeds, family=clip.family, text=text, uncond=empty_prompt(clip))
+    uncond = empty_prompt(clip)
+    with clip.patched():
+        if sdxl:
+            embeds, pooled = encode_text_sdxl(clip, text, text_2, clip_skip, long_prompt, warn)
+            return PromptEmbeds(embeds, pooled=pooled, family=clip.family, text=text, uncond=uncond)
+        embeds = encode_text(clip, text, clip_skip, long_prompt, warn)
+    return PromptEmbeds(embeds, family=clip.family, text=text, uncond=uncond)
 
 
 def with_size(conditioning: PromptEmbeds, **size) -> PromptEmbeds:

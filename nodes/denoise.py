@@ -37,8 +37,6 @@ from nodegraph.lazy import lazy
 
 import contextlib
 import inspect
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -47,6 +45,7 @@ torch = lazy("torch")
 from nodegraph.errors import NodeError
 
 from ._families import FAMILY_NAMES, family, micro_conditioning, takes_text_time
+from ._handles import module_lock
 from .schedulers import make_scheduler
 
 Progress = Callable[[int, int], None]
@@ -290,20 +289,8 @@ def vae_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
     return (mean.to(std) + std * eps).to(mean.dtype)
 
 
-_UNET_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
-_UNET_LOCKS_GUARD = threading.Lock()
-
-
-def unet_lock(unet) -> threading.RLock:
-    """The lock of one UNet object, held by a sampler run from applying its patches to the end of its loop.
-
-    Re-entrant, so that code already holding it (a patch, a nested run) on the same thread does not deadlock;
-    weakly keyed, so that a released model's UNet takes its lock with it."""
-    with _UNET_LOCKS_GUARD:
-        lock = _UNET_LOCKS.get(unet)
-        if lock is None:
-            lock = _UNET_LOCKS[unet] = threading.RLock()
-        return lock
+# The lock of one UNet object, held by a sampler run from applying its patches to the end of its loop.
+unet_lock = module_lock
 
 
 def _cutoff(scheduler, fraction: float) -> int:
