@@ -1,0 +1,1 @@
+"""Converters of ComfyUI loader, conditioning, latent and sampler types."""
