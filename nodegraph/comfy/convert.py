@@ -25,13 +25,50 @@ Converter = Callable[["ComfyNode", "Builder"], list]
 CONVERTERS: dict[str, Converter] = {}
 
 
-def converts(*class_types: str):
-    """Register the decorated function as the converter of these ComfyUI class_types."""
+@dataclass(frozen=True)
+class ComfyType:
+    """What ComfyUI's ``INPUT_TYPES`` / ``RETURN_TYPES`` say of one class_type: for ``/object_info`` and for the
+    order of an editor-format node's ``widgets_values``.
+
+    ``required`` / ``optional``: input name -> ComfyUI's spec tuple, e.g. ``("INT", {"default": 20, "min": 1})``,
+    ``("MASK",)`` or ``(["nearest-exact", "bilinear"],)`` for a list of choices, in ComfyUI's order."""
+
+    required: dict
+    optional: dict = field(default_factory=dict)
+    outputs: tuple = ()
+    output_names: tuple = ()
+    category: str = ""
+    output_node: bool = False
+
+
+SPECS: dict[str, ComfyType] = {}
+
+
+def converts(*class_types: str, spec: ComfyType):
+    """Register the decorated function as the converter of these ComfyUI class_types, with ComfyUI's spec."""
     def register(fn: Converter) -> Converter:
         for class_type in class_types:
             CONVERTERS[class_type] = fn
+            SPECS[class_type] = spec
         return fn
     return register
+
+
+def object_info() -> dict:
+    """ComfyUI's ``/object_info`` entries for every class_type the importer converts."""
+    converters()
+    info = {}
+    for name, spec in sorted(SPECS.items()):
+        info[name] = {
+            "input": {"required": spec.required, **({"optional": spec.optional} if spec.optional else {})},
+            "input_order": {"required": list(spec.required), **({"optional": list(spec.optional)} if spec.optional
+                                                                  else {})},
+            "output": list(spec.outputs), "output_is_list": [False] * len(spec.outputs),
+            "output_name": list(spec.output_names or spec.outputs), "name": name, "display_name": name,
+            "description": (CONVERTERS[name].__doc__ or "").strip(), "python_module": "nodegraph.comfy",
+            "category": spec.category, "output_node": spec.output_node, "deprecated": False,
+            "experimental": False}
+    return info
 
 
 def converters() -> dict[str, Converter]:

@@ -1,8 +1,8 @@
 """Converters of ComfyUI image and mask types (ComfyUI pixel arithmetic reproduced exactly)."""
-from .convert import Builder, ComfyNode, converts
+from .convert import Builder, ComfyNode, ComfyType, converts
 
 
-@converts("InvertMask")
+@converts("InvertMask", spec=ComfyType({"mask": ("MASK",)}, outputs=("MASK",), category="mask"))
 def invert_mask(node: ComfyNode, b: Builder) -> list:
     """ComfyUI: 1 - mask."""
     nid = b.add(node, "MaskInvert", inputs={"mask": b.link(node, "mask")})
