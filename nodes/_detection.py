@@ -194,14 +194,21 @@ def _checked_config_dir(folder: Path, family: Family) -> Path:
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache snapshot of ``repo_id``, without touching the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    """The local Hugging Face cache snapshot of ``repo_id``, without touching the network.
 
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
+    Read from the cache's documented layout (``models--<org>--<name>/refs/main`` names the snapshot) rather
+    than through ``snapshot_download``, whose import costs validation a tenth of a second."""
+    from huggingface_hub import constants
+
+    if repo_id.count("/") != 1:
         return None
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if commit and snapshot.is_dir() else None
 
 
 def _hub_snapshot(repo_id: str) -> Path:

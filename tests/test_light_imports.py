@@ -6,7 +6,7 @@ import sys
 
 from .conftest import REPO
 
-HEAVY = ("torch", "diffusers", "transformers", "numpy", "cv2", "PIL", "networkx")
+HEAVY = ("torch", "diffusers", "transformers", "numpy", "cv2", "PIL", "networkx", "httpx2", "httpx", "tqdm")
 
 
 def loaded_after(args, cwd=None):
@@ -26,6 +26,7 @@ def test_validate_nodes_and_schema_import_no_heavy_library(tiny, tmp_path):
         "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(tiny.sd15_file),
                                                       "config": str(tiny.sd15_file_config)}},
         "folder": {"type": "LoadCheckpoint", "params": {"path": str(tiny.sd15)}},
+        "hub": {"type": "LoadCheckpoint", "params": {"path": "tiny-org/not-in-the-cache"}},  # looked up in the cache
         "photo": {"type": "LoadImage", "params": {"path": str(REPO / "tests" / "data" / "chelsea_128.png")}},
         "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": "a cat"}},
         "enc": {"type": "VAEEncode", "inputs": {"vae": "ckpt.vae", "image": "photo.image"}},
