@@ -267,8 +267,8 @@ def load_image(
 
     PNG, JPEG, WebP (anything Pillow decodes), with its EXIF orientation applied. The mask is
     1 where the file is transparent (1 - alpha: transparent pixels are the ones to repaint)
-    and all 0 when the file has no alpha (the image's size, or `empty_mask_size` square). 8-bit levels become level / 255; 16-bit grey
-    files level / 65535. Files over 16384 px a side or 2^27 pixels are refused before
+    and all 0 when the file has no alpha (the image's size, or `empty_mask_size` square, as
+    ComfyUI's 64 x 64). 8-bit levels become level / 255; 16-bit grey files level / 65535. Files over 16384 px a side or 2^27 pixels are refused before
     decoding; missing, damaged or non-image files are errors that name the path.
     The engine hashes the file's content into the cache key, so an edited file is reloaded.
     """
