@@ -615,3 +615,27 @@ def test_image_name_with_input_annotation_and_bad_values_fail_validation(files, 
     assert workflow["nodes"]["1"]["params"]["path"] == str(files["rgba"])
     issues = Engine(cache_dir=False).validate(workflow, targets=["2"])
     assert [(i.node_id, i.field) for i in issues] == [("2", "method")]
+
+
+def test_batches_follow_comfyui():
+    """Batches, which single files cannot give: the source and mask take the destination's batch size; the pad
+    mask is one for the batch; mask nodes work per item."""
+    from nodegraph.nodes.composite import composite_node
+    from nodegraph.nodes.mask import mask_feather, mask_grow
+    from nodegraph.nodes.outpaint import pad_image_node
+
+    g = torch.Generator().manual_seed(5)
+    for dest_batch, src_batch, mask_batch in ((3, 2, 1), (1, 2, 2), (4, 1, 3)):
+        destination = torch.rand(dest_batch, 3, 40, 52, generator=g)
+        source = torch.rand(src_batch, 3, 21, 30, generator=g)
+        mask = torch.rand(mask_batch, 1, 17, 11, generator=g)
+        out = composite_node(destination, source, mask, x=35, y=9)
+        expected = comfy_composite(comfy_image(destination), comfy_image(source), 35, 9, False, comfy_mask(mask))
+        assert torch.equal(comfy_image(out), expected)
+    images = torch.rand(2, 3, 33, 45, generator=g)
+    out = pad_image_node(images, left=0, top=6, right=9, bottom=0, feathering=7)
+    expected_image, expected_mask = comfy_pad(comfy_image(images), 0, 6, 9, 0, 7)
+    assert torch.equal(comfy_image(out["image"]), expected_image) and torch.equal(comfy_mask(out["mask"]), expected_mask)
+    masks = torch.rand(3, 1, 30, 41, generator=g)
+    assert torch.equal(comfy_mask(mask_grow(masks, -2, "square")), comfy_grow(comfy_mask(masks), -2, False))
+    assert torch.equal(comfy_mask(mask_feather(masks, 4, 3, 2, 5, "comfyui")), comfy_feather(comfy_mask(masks), 4, 3, 2, 5))
