@@ -107,10 +107,14 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None].float()
 
 
-def load_image_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """IMAGE (1, 3, H, W) and MASK (1, 1, H, W) = 1 - alpha (zeros without alpha)."""
+def load_image_file(path: str | Path, empty_mask_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE (1, 3, H, W) and MASK (1, 1, H, W) = 1 - alpha; without alpha the mask is zeros of the image's
+    size, or ``empty_mask_size`` square when that is not 0."""
     rgb, alpha = image_and_alpha(open_image(path))
-    mask = np.zeros(rgb.shape[:2], np.float32) if alpha is None else 1.0 - alpha
+    if alpha is None:
+        mask = np.zeros((empty_mask_size,) * 2 if empty_mask_size else rgb.shape[:2], np.float32)
+    else:
+        mask = 1.0 - alpha
     return _tensor(rgb), _tensor(mask)
 
 
@@ -216,9 +220,18 @@ def save_pngs(levels: np.ndarray, root: Path, prefix: str, ctx: RunContext, comp
     return paths
 
 
-def save_images(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
+def image_levels(image: torch.Tensor, levels: str = "round") -> np.ndarray:
+    """(B, 3, H, W) -> (B, H, W, 3) uint8: rounded to the nearest level, or truncated after clipping
+    ``255 * x`` to [0, 255] (what ComfyUI's SaveImage writes)."""
+    image = check_image(image)
+    if levels == "round":
+        return to_uint8(image)
+    return np.clip(255.0 * image.detach().cpu().permute(0, 2, 3, 1).numpy(), 0, 255).astype(np.uint8)
+
+
+def save_images(image: torch.Tensor, prefix: str, ctx: RunContext, levels: str = "round") -> list[Path]:
     """Each image of the batch as an RGB PNG under the run's output folder."""
-    return save_pngs(to_uint8(check_image(image)), ctx.out_dir, prefix, ctx)
+    return save_pngs(image_levels(image, levels), ctx.out_dir, prefix, ctx)
 
 
 def save_masks(mask: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
@@ -232,30 +245,34 @@ def preview_dir(ctx: RunContext) -> Path:
     return getattr(ctx, "temp_dir", None) or default_temp_dir()
 
 
-def save_previews(image: torch.Tensor, prefix: str, ctx: RunContext) -> list[Path]:
+def save_previews(image: torch.Tensor, prefix: str, ctx: RunContext, levels: str = "round") -> list[Path]:
     """Each image of the batch as an RGB PNG in the preview folder; fast compression (level 1,
     as ComfyUI's previews) since previews are thrown away."""
-    return save_pngs(to_uint8(check_image(image)), preview_dir(ctx), prefix, ctx, compress_level=1)
+    return save_pngs(image_levels(image, levels), preview_dir(ctx), prefix, ctx, compress_level=1)
 
 
 # --------------------------------------------------------------------------- nodes
 
+_Levels = Annotated[Literal["round", "truncate"], Field(description="8-bit levels: round(x * 255), or ComfyUI's truncation of clip(x * 255, 0, 255)")]
 _ImagePath = Annotated[str, InputPath(kind="file"), Field(description="image file (PNG, JPEG, WebP, ...); relative to the workflow file's folder")]
 
 
 @node("LoadImage", version=1, category="io", outputs={"image": IMAGE, "mask": MASK, "width": INT, "height": INT},
       reference="PIL.Image.open + ImageOps.exif_transpose")
-def load_image(path: _ImagePath):
+def load_image(
+    path: _ImagePath,
+    empty_mask_size: Annotated[int, Field(ge=0, le=MAX_SIDE, description="side of the all-0 mask given for a file without alpha; 0 = the image's size (ComfyUI's LoadImage gives 64)")] = 0,
+):
     """Load an image file as an RGB image and a mask from its transparency.
 
     PNG, JPEG, WebP (anything Pillow decodes), with its EXIF orientation applied. The mask is
     1 where the file is transparent (1 - alpha: transparent pixels are the ones to repaint)
-    and all 0 when the file has no alpha. 8-bit levels become level / 255; 16-bit grey
-    files level / 65535. Files over 16384 px a side or 2^27 pixels are refused before
+    and all 0 when the file has no alpha (the image's size, or `empty_mask_size` square, as
+    ComfyUI's 64 x 64). 8-bit levels become level / 255; 16-bit grey files level / 65535. Files over 16384 px a side or 2^27 pixels are refused before
     decoding; missing, damaged or non-image files are errors that name the path.
     The engine hashes the file's content into the cache key, so an edited file is reloaded.
     """
-    image, mask = load_image_file(path)
+    image, mask = load_image_file(path, empty_mask_size)
     return {"image": image, "mask": mask, "width": image.shape[-1], "height": image.shape[-2]}
 
 
@@ -287,6 +304,7 @@ def save_image(
     image: Image,
     ctx: RunContext,
     prefix: Annotated[str, Field(min_length=1, max_length=200, description="file name start inside the run's output folder, optionally with subfolders ('outpaint' -> outpaint_00001.png)")] = "image",
+    levels: _Levels = "round",
 ) -> None:
     """Save images as PNG files in the run's output folder, with the workflow embedded.
 
@@ -296,9 +314,10 @@ def save_image(
     would leave the output folder (absolute, `..`, a link outside) is refused at validation.
     Text chunks: "nodegraph.workflow" (the workflow as run, so `nodegraph run IMAGE.png`
     reruns it) and "nodegraph.manifest" (node types and versions, seeds and model ids,
-    package versions). 8-bit levels are round(x * 255), as diffusers' numpy_to_pil.
+    package versions). 8-bit levels are round(x * 255), as diffusers' numpy_to_pil, or with
+    `levels` "truncate" int(clip(x * 255, 0, 255)), as ComfyUI's SaveImage.
     """
-    save_images(image, prefix, ctx)
+    save_images(image, prefix, ctx, levels)
 
 
 @node("SaveMask", version=1, category="io", outputs={}, output=True, cacheable=False, check=_check_save,
@@ -323,6 +342,7 @@ def preview_image(
     image: Image,
     ctx: RunContext,
     prefix: Annotated[str, Field(min_length=1, max_length=200, description="file name start inside the preview folder, optionally with subfolders")] = "preview",
+    levels: _Levels = "round",
 ) -> None:
     """Save images as PNG files in a temporary preview folder instead of the output folder.
 
@@ -331,6 +351,6 @@ def preview_image(
     disposable. Written like SaveImage (numbered, never overwriting, atomic, same prefix checks)
     but with fast PNG compression, as ComfyUI's previews. Previews embed the workflow and
     the run manifest as SaveImage does (ComfyUI's previews carry theirs too), so a preview worth
-    keeping can be rerun with `nodegraph run PREVIEW.png`.
+    keeping can be rerun with `nodegraph run PREVIEW.png`. `levels` as in SaveImage.
     """
-    save_previews(image, prefix, ctx)
+    save_previews(image, prefix, ctx, levels)

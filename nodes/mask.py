@@ -65,11 +65,14 @@ def blur_mask(mask: torch.Tensor, radius: float = 4.0, method: str = "pil", kern
 
 
 def structuring_element(radius: int, shape: str) -> np.ndarray:
-    """A (2r+1)-square kernel: every offset for "square", offsets with dy² + dx² <= r² for "disk"."""
+    """A (2r+1)-square kernel: every offset for "square", offsets with dy² + dx² <= r² for "disk",
+    |dy| + |dx| <= r for "diamond" (a 3x3 cross applied r times, as ComfyUI's GrowMask with tapered corners)."""
     offsets = np.arange(-radius, radius + 1)
     if shape == "square":
         return np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
     yy, xx = np.meshgrid(offsets, offsets, indexing="ij")
+    if shape == "diamond":
+        return (np.abs(yy) + np.abs(xx) <= radius).astype(np.uint8)
     return (yy * yy + xx * xx <= radius * radius).astype(np.uint8)
 
 
@@ -89,6 +92,30 @@ def grow_mask(mask: torch.Tensor, pixels: int, shape: str = "disk") -> torch.Ten
     array = mask[:, 0].detach().cpu().numpy().astype(np.float32)
     out = np.stack([op(m, kernel) for m in array])
     return torch.from_numpy(out)[:, None].to(mask.device)
+
+
+def feather_mask(mask: torch.Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
+                 ramp: str = "linear") -> torch.Tensor:
+    """The mask multiplied by linear ramps along its edges: over ``left`` columns, column k (from the edge,
+    0-based) is scaled by (k + 1) / left; likewise for the other sides. Each width is capped at the mask's size.
+
+    ``ramp="comfyui"`` indexes the right and bottom ramps as ComfyUI's FeatherMask does (step k scales the
+    column ``-k``): the outermost column gets 2 / right rather than 1 / right, the ramp's last step lands on
+    the first column instead, and likewise for rows. The sides are applied in ComfyUI's order (left, right,
+    top, bottom), one multiplication per row or column, so results match it bit for bit."""
+    out = check_mask(mask)[:, 0].clone()
+    h, w = out.shape[-2:]
+    left, right, top, bottom = min(left, w), min(right, w), min(top, h), min(bottom, h)
+    shift = 0 if ramp == "comfyui" else 1  # column -(k + shift) gets step k
+    for k in range(left):
+        out[:, :, k] *= (k + 1.0) / left
+    for k in range(right):
+        out[:, :, -(k + shift)] *= (k + 1) / right
+    for k in range(top):
+        out[:, k, :] *= (k + 1) / top
+    for k in range(bottom):
+        out[:, -(k + shift), :] *= (k + 1) / bottom
+    return out[:, None]
 
 
 def invert_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -187,15 +214,40 @@ def mask_blur(
 def mask_grow(
     mask: Mask,
     pixels: Annotated[int, Field(ge=-1024, le=1024, description="grow by this many pixels; negative shrinks")] = 8,
-    shape: Annotated[Literal["disk", "square"], Field(description="kernel shape: disk (dy²+dx² <= r²) or square")] = "disk",
+    shape: Annotated[Literal["disk", "square", "diamond"], Field(description="kernel shape: disk (dy²+dx² <= r²), square, or diamond (|dy|+|dx| <= r)")] = "disk",
 ) -> torch.Tensor:
     """Grow (dilate) or shrink (erode) the repaint area of a mask by a number of pixels.
 
     Positive `pixels` dilates: each pixel becomes the maximum of the mask within that distance
-    (a disk, or a square); negative `pixels` erodes with the minimum. Pixels beyond the image
-    border never count. Soft masks stay soft. Polarity is unchanged (1 = repaint).
+    (a disk, a square or a diamond); negative `pixels` erodes with the minimum. Pixels beyond the
+    image border never count. Soft masks stay soft. Polarity is unchanged (1 = repaint).
+    "diamond" and "square" equal ComfyUI's GrowMask with and without tapered corners (its 3x3
+    cross or square applied |pixels| times).
     """
     return grow_mask(mask, pixels, shape)
+
+
+_Ramp = Annotated[int, Field(ge=0, le=MAX_SIDE)]
+
+
+@node("MaskFeather", version=1, category="mask", outputs={"mask": MASK},
+      reference="ComfyUI FeatherMask (comfy_extras/nodes_mask.py)")
+def mask_feather(
+    mask: Mask,
+    left: Annotated[_Ramp, Field(description="columns the mask fades in over from the left edge")] = 0,
+    top: Annotated[_Ramp, Field(description="rows the mask fades in over from the top edge")] = 0,
+    right: Annotated[_Ramp, Field(description="columns the mask fades in over from the right edge")] = 0,
+    bottom: Annotated[_Ramp, Field(description="rows the mask fades in over from the bottom edge")] = 0,
+    ramp: Annotated[Literal["linear", "comfyui"], Field(description="linear: symmetric ramps; comfyui: ComfyUI FeatherMask's indexing of the right and bottom ramps (off by one)")] = "linear",
+) -> torch.Tensor:
+    """Fade a mask towards its edges with linear ramps, as ComfyUI's FeatherMask.
+
+    Over `left` columns from the left edge the mask is multiplied by 1/left, 2/left, ... 1 (outermost
+    first); the other sides likewise, and corners get both factors. With `ramp` "comfyui" the right
+    and bottom ramps are placed as ComfyUI places them: one step inwards, the outermost column getting
+    2/right, and the first column (row) of the mask scaled by 1/right (1/bottom).
+    """
+    return feather_mask(mask, left, top, right, bottom, ramp)
 
 
 @node("MaskInvert", version=1, category="mask", outputs={"mask": MASK}, reference="1 - mask")

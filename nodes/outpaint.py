@@ -1,5 +1,5 @@
 """Outpainting helpers (docs/design.md §4.8, after the outpainting article): grow the canvas, slice for
-IP-Adapter, stitch tiles.
+IP-Adapter, stitch tiles; and ComfyUI's grey padding with a feathered mask (PadImage).
 
 The article's ``process_image`` returns a differential-diffusion ``map`` where white keeps
 the original (255 outside the new area, ``inpaint_mask_color`` inside). Here masks follow
@@ -11,6 +11,7 @@ from nodegraph.lazy import lazy
 
 from typing import Annotated, Literal
 
+np = lazy("numpy")
 torch = lazy("torch")
 from pydantic import Field
 
@@ -96,6 +97,31 @@ def expand_canvas(
     if prefill == "telea":
         canvas = telea_fill(canvas, new_area, telea_radius, "telea")
     return canvas, change, new_area
+
+
+def pad_image(image: torch.Tensor, left: int, top: int, right: int, bottom: int,
+              feathering: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's ImagePadForOutpaint: the images on a grey (0.5) canvas grown by the given margins, and one mask
+    that is 1 over the margins and, inside the old image, ``((f - d) / f) ** 2`` within ``f = feathering`` pixels
+    of a padded side (``d``: the distance to that side, counted as ComfyUI does: row ``i`` is ``i`` from the top
+    and ``h - i`` from the bottom), 0 beyond. No feathering unless ``2 * f`` is below both sides of the image."""
+    image = check_image(image)
+    b, _, h, w = image.shape
+    size = (h + top + bottom, w + left + right)
+    current_limits().check_pixels(size[1], size[0], b, "the padded image")
+    canvas = torch.full((b, 3, *size), 0.5, dtype=torch.float32, device=image.device)
+    canvas[..., top:top + h, left:left + w] = image
+    inner = np.zeros((h, w), np.float64)
+    if 0 < feathering and 2 * feathering < h and 2 * feathering < w:
+        rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+        dist = np.minimum.reduce([np.broadcast_to(d, (h, w)) for d in (
+            rows if top else np.full_like(rows, h), h - rows if bottom else np.full_like(rows, h),
+            cols if left else np.full_like(cols, w), w - cols if right else np.full_like(cols, w))])
+        ramp = (feathering - dist) / feathering
+        inner = np.where(dist < feathering, ramp * ramp, 0.0)  # squared in double, then stored as float32
+    mask = torch.ones((1, 1, *size), dtype=torch.float32)
+    mask[0, 0, top:top + h, left:left + w] = torch.from_numpy(inner.astype(np.float32))
+    return canvas, mask.to(image.device)
 
 
 def _spans(direction: str, length: int, expand_pixels: int) -> tuple[slice, slice]:
@@ -204,6 +230,31 @@ def expand_canvas_node(
     canvas, change, new_area = expand_canvas(image, direction, expand_pixels, max_size, tuple(fill_color),
                                              mask_offset, blur_kernel, inpaint_mask_color, prefill, telea_radius)
     return {"image": canvas, "change": change, "new_area": new_area}
+
+
+_Margin = Annotated[int, Field(ge=0, le=8192)]
+
+
+@node("PadImage", version=1, category="outpaint", outputs={"image": IMAGE, "mask": MASK},
+      reference="ComfyUI ImagePadForOutpaint (nodes.py)")
+def pad_image_node(
+    image: Image,
+    left: Annotated[_Margin, Field(description="pixels added on the left")] = 0,
+    top: Annotated[_Margin, Field(description="pixels added at the top")] = 0,
+    right: Annotated[_Margin, Field(description="pixels added on the right")] = 0,
+    bottom: Annotated[_Margin, Field(description="pixels added at the bottom")] = 0,
+    feathering: Annotated[int, Field(ge=0, le=16384, description="pixels of the old image, next to a padded side, that the mask fades over")] = 40,
+):
+    """Pad images with grey for outpainting, with a mask of the new area, as ComfyUI's ImagePadForOutpaint.
+
+    The canvas grows by the four margins; new pixels are grey (0.5). The mask (one for the batch) is 1
+    over the margins; inside the old image it fades in over `feathering` pixels next to each padded
+    side as ((feathering - d) / feathering)^2 (d = distance to that side, 0 on its outer row) and is 0
+    beyond. Feathering applies only when twice it is less than both sides of the image; otherwise the
+    old image's mask is all 0.
+    """
+    canvas, mask = pad_image(image, left, top, right, bottom, feathering)
+    return {"image": canvas, "mask": mask}
 
 
 @node("SliceForIPAdapter", version=1, category="outpaint", outputs={"images": IMAGE},
