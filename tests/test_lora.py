@@ -23,6 +23,7 @@ from nodegraph.nodes.ipadapter import apply_ip_adapter, load_ip_adapter
 from nodegraph.nodes.latent import empty_latent
 from nodegraph.nodes.lora import LoraClipPatch, LoraModelPatch, apply_lora, inspect_lora, load_lora
 from tests.test_diffusion_parity import assert_close, diffusers_scheduler
+from tests.overlap import overlapping
 from tests.tiny_lora import make_lora, write_diffusers, write_kohya
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,39 +312,10 @@ def test_concurrent_runs_with_and_without_the_lora_match_runs_alone(sd, sd_loras
     expected_plain, expected_lora = sample(model, clip), sample(lora_model, lora_clip)
     assert (expected_plain - expected_lora).abs().max() > 1e-2
 
-    # The LoRA run pauses after its first step, its layers installed, until the plain run is done (which the
-    # lock makes it wait for: the pause times out), so that without the lock the plain run would see the LoRA.
-    lora_in_loop, plain_done = threading.Event(), threading.Event()
-    results, errors = {}, []
-
-    def pause_once(step, total):
-        if step == 1:
-            lora_in_loop.set()
-            plain_done.wait(timeout=1.0)
-
-    def lora_thread():
-        try:
-            results["lora"] = sample(lora_model, lora_clip, progress=pause_once)
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    def plain_thread():
-        try:
-            assert lora_in_loop.wait(timeout=60)
-            results["plain"] = sample(model, clip)
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            plain_done.set()
-
-    threads = [threading.Thread(target=lora_thread), threading.Thread(target=plain_thread)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
-    assert torch.equal(results["plain"], expected_plain)
-    assert torch.equal(results["lora"], expected_lora)
+    lora, plain = overlapping(lambda progress: sample(lora_model, lora_clip, progress=progress),
+                              lambda: sample(model, clip))
+    assert torch.equal(plain, expected_plain)
+    assert torch.equal(lora, expected_lora)
 
 
 def test_concurrent_encodes_with_and_without_the_lora_match_encodes_alone(sd, sd_loras):

@@ -2,7 +2,6 @@
 IP-Adapter patch (runs on one UNet take turns under ``denoise.unet_lock``)."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from nodegraph.nodes.ipadapter import apply_ip_adapter, load_ip_adapter
 from nodegraph.nodes.latent import empty_latent
 from nodegraph.nodes.outpaint import square_slices
 from tests.imaging import DATA
+from tests.overlap import overlapping
 from tests.tiny_ipadapter import build_tiny_ipadapters
 
 
@@ -38,40 +38,10 @@ def test_concurrent_runs_on_one_unet_match_runs_one_after_the_other(models):
     expected_plain, expected_ip = run(plain_model, positive), run(ip_model, positive)
     assert (expected_ip - expected_plain).abs().max() > 1e-2  # the adapter changes the result
 
-    # The IP-Adapter run pauses after its first step, its patch installed, until the plain run has finished
-    # (which, with the lock, it cannot: the pause then times out) so that without the lock the plain run
-    # would sample on the patched UNet.
-    ip_in_loop, plain_done = threading.Event(), threading.Event()
-    results, errors = {}, []
-
-    def pause_once(step, total):
-        if step == 1:
-            ip_in_loop.set()
-            plain_done.wait(timeout=1.0)
-
-    def ip_thread():
-        try:
-            results["ip"] = run(ip_model, positive, progress=pause_once)
-        except Exception as exc:  # surfaced below: an assertion in a thread would be lost
-            errors.append(exc)
-
-    def plain_thread():
-        try:
-            assert ip_in_loop.wait(timeout=30)
-            results["plain"] = run(plain_model, positive)
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            plain_done.set()
-
-    threads = [threading.Thread(target=ip_thread), threading.Thread(target=plain_thread)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
-    assert torch.equal(results["plain"], expected_plain)
-    assert torch.equal(results["ip"], expected_ip)
+    ip, plain = overlapping(lambda progress: run(ip_model, positive, progress=progress),
+                            lambda: run(plain_model, positive))
+    assert torch.equal(plain, expected_plain)
+    assert torch.equal(ip, expected_ip)
 
 
 def test_unet_lock_is_one_reentrant_lock_per_unet(models):
