@@ -43,6 +43,7 @@ from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import CONDITIONING, Clip, Conditioning
 
+from . import prompt_weights
 from ._memory import on_device
 
 
@@ -108,10 +109,15 @@ def token_rows(tokenizer, text: str, long_prompt: str = "truncate", warn=None) -
 
 
 def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate",
-                warn=None) -> torch.Tensor:
-    """Prompt -> (1, 77*k, D) embeddings, the arithmetic of diffusers' ``encode_prompt``."""
-    ids, attention = token_rows(clip.tokenizer, text, long_prompt, warn)
-    embeds = _encode_ids(clip, ids, attention, clip_skip)  # (k, 77, D)
+                warn=None, syntax: str = "plain") -> torch.Tensor:
+    """Prompt -> (1, 77*k, D) embeddings, the arithmetic of diffusers' ``encode_prompt``; with
+    ``syntax="comfy"``, ComfyUI's weighted windows (nodes/prompt_weights.py)."""
+    if syntax == "comfy":
+        ids, weights = prompt_weights.with_empty_window(clip.tokenizer, text)
+        embeds = prompt_weights.apply_weights(_encode_ids(clip, ids, torch.ones_like(ids), clip_skip), weights)
+    else:
+        ids, attention = token_rows(clip.tokenizer, text, long_prompt, warn)
+        embeds = _encode_ids(clip, ids, attention, clip_skip)  # (k, 77, D)
     return embeds.reshape(1, -1, embeds.shape[-1])
 
 
@@ -128,13 +134,30 @@ def _sdxl_encoder_output(encoder, ids: torch.Tensor, clip_skip: int) -> tuple[to
     return hidden.clone(), (pooled.clone() if pooled is not None else None)
 
 
+def _encode_sdxl_comfy(clip, prompts: list[str], clip_skip: int) -> tuple[list, Optional[torch.Tensor]]:
+    """Each encoder's weighted windows (ComfyUI's SDXL encoding); cut to the shorter side, as ComfyUI does."""
+    hidden, pooled = [], None
+    for (tokenizer, encoder), prompt in zip(clip.encoders, prompts):
+        ids, weights = prompt_weights.with_empty_window(tokenizer, prompt)
+        states, projected = _sdxl_encoder_output(encoder, ids, clip_skip)
+        states = prompt_weights.apply_weights(states, weights)
+        hidden.append(states.reshape(1, -1, states.shape[-1]))
+        if projected is not None:
+            pooled = projected[:1]
+    cut = min(h.shape[1] for h in hidden)
+    return [h[:, :cut] for h in hidden], pooled
+
+
 def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: int = 0,
-                     long_prompt: str = "truncate", warn=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     long_prompt: str = "truncate", warn=None, syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt -> ((1, 77*k, D1 + D2) embeddings, (1, P) pooled), StableDiffusionXLPipeline.encode_prompt.
 
     Chunked prompts: each encoder sees the same number of 75-token windows (the shorter side padded with
     empty windows); the pooled embedding is the first window's, as ComfyUI does."""
     prompts = [text, text_2 or text] if clip.text_encoder is not None else [text_2 or text]
+    if syntax == "comfy":
+        hidden, pooled = _encode_sdxl_comfy(clip, prompts, clip_skip)
+        return _sdxl_result(clip, torch.cat(hidden, dim=-1), pooled)
     pairs = clip.encoders
     ids = [token_rows(tok, p, long_prompt, warn if i == 0 else None)[0] for i, ((tok, _), p) in
            enumerate(zip(pairs, prompts))]
@@ -149,7 +172,10 @@ def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: i
         if projected is not None:
             pooled = projected[:1]
     embeds = torch.cat(hidden, dim=-1)
-    embeds = embeds.reshape(1, -1, embeds.shape[-1])
+    return _sdxl_result(clip, embeds.reshape(1, -1, embeds.shape[-1]), pooled)
+
+
+def _sdxl_result(clip, embeds: torch.Tensor, pooled: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     dtype, device = clip.dtype, clip.device  # diffusers casts to text_encoder_2's dtype
     if pooled is None:
         raise NodeError("this CLIP has no text encoder with projection (CLIPTextModelWithProjection), so it "
@@ -177,7 +203,7 @@ def empty_prompt(clip) -> PromptEmbeds:
 
 
 def encode_prompt(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncate", warn=None,
-                  text_2: Optional[str] = None) -> PromptEmbeds:
+                  text_2: Optional[str] = None, syntax: str = "plain") -> PromptEmbeds:
     """CONDITIONING for ``text``, carrying the empty prompt's conditioning as the default negative.
 
     ``text_2``: SDXL only, the prompt for the second text encoder (default: ``text``).
@@ -190,9 +216,9 @@ def encode_prompt(clip, text: str, clip_skip: int = 0, long_prompt: str = "trunc
     uncond = empty_prompt(clip)
     with clip.patched():
         if sdxl:
-            embeds, pooled = encode_text_sdxl(clip, text, text_2, clip_skip, long_prompt, warn)
+            embeds, pooled = encode_text_sdxl(clip, text, text_2, clip_skip, long_prompt, warn, syntax)
             return PromptEmbeds(embeds, pooled=pooled, family=clip.family, text=text, uncond=uncond)
-        embeds = encode_text(clip, text, clip_skip, long_prompt, warn)
+        embeds = encode_text(clip, text, clip_skip, long_prompt, warn, syntax)
     return PromptEmbeds(embeds, family=clip.family, text=text, uncond=uncond)
 
 
@@ -214,6 +240,8 @@ def clip_encode(
                                                                    "encode 75-token windows (A1111/ComfyUI)")] = "truncate",
     prompt_2: Optional[Annotated[str, Field(description="SDXL only: prompt for the second text encoder "
                                                         "(default: text)")]] = None,
+    syntax: Annotated[Literal["plain", "comfy"], Field(description="plain: the text as it is; comfy: ComfyUI's "
+                                                                   "(word:1.2) weighting and 75-token windows")] = "plain",
 ):
     """Encode a prompt with the checkpoint's CLIP text encoder(s) (diffusers encode_prompt embeddings).
 
@@ -221,11 +249,15 @@ def clip_encode(
     embedding; prompt_2 optionally feeds the second encoder. Longer than 77 tokens: "truncate" cuts and
     warns (diffusers' behaviour); "chunk" encodes 75-token windows and concatenates them. The output also
     carries the default negative, which samplers use when no negative conditioning is linked, as diffusers
-    does: the empty prompt's embedding, or zeros for SDXL (force_zeros_for_empty_prompt)."""
+    does: the empty prompt's embedding, or zeros for SDXL (force_zeros_for_empty_prompt).
+
+    syntax "comfy" reads ComfyUI's weighting, "(castle:1.3)" or "(castle)" for 1.1, nested, "\\(" for a bracket,
+    and encodes as ComfyUI's CLIPTextEncode does (long_prompt is then ignored: ComfyUI always uses windows)."""
     if not hasattr(clip, "tokenizer"):
         raise NodeError("input 'clip' is not a CLIP from LoadCheckpoint")
     with on_device(ctx, ("text_encoder", clip.text_encoder), ("text_encoder_2", clip.text_encoder_2)):
-        return encode_prompt(clip, text, clip_skip, long_prompt, warn=ctx.warn, text_2=prompt_2 or None)
+        return encode_prompt(clip, text, clip_skip, long_prompt, warn=ctx.warn, text_2=prompt_2 or None,
+                             syntax=syntax)
 
 
 def _check_size_params(params: dict):
