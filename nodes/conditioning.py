@@ -112,6 +112,8 @@ def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncat
                 warn=None, syntax: str = "plain") -> torch.Tensor:
     """Prompt -> (1, 77*k, D) embeddings, the arithmetic of diffusers' ``encode_prompt``; with
     ``syntax="comfy"``, ComfyUI's weighted windows (nodes/prompt_weights.py)."""
+    if syntax == "compel":
+        return prompt_weights.compel_embeds(clip, text, clip_skip, long_prompt)[0]
     if syntax == "comfy":
         ids, weights = prompt_weights.with_empty_window(clip.tokenizer, text)
         embeds = prompt_weights.apply_weights(_encode_ids(clip, ids, torch.ones_like(ids), clip_skip), weights)
@@ -155,6 +157,10 @@ def encode_text_sdxl(clip, text: str, text_2: Optional[str] = None, clip_skip: i
     Chunked prompts: each encoder sees the same number of 75-token windows (the shorter side padded with
     empty windows); the pooled embedding is the first window's, as ComfyUI does."""
     prompts = [text, text_2 or text] if clip.text_encoder is not None else [text_2 or text]
+    if syntax == "compel":
+        if text_2:
+            raise NodeError("prompt_2 is not used with syntax 'compel': Compel gives both encoders the same prompt")
+        return _sdxl_result(clip, *prompt_weights.compel_embeds(clip, text, clip_skip, long_prompt))
     if syntax == "comfy":
         hidden, pooled = _encode_sdxl_comfy(clip, prompts, clip_skip)
         return _sdxl_result(clip, torch.cat(hidden, dim=-1), pooled)
@@ -228,8 +234,16 @@ def with_size(conditioning: PromptEmbeds, **size) -> PromptEmbeds:
     return replace(conditioning, size=merged)
 
 
+def _check_brackets(params: dict):
+    text = params.get("text")
+    if params.get("syntax") == "compel" and isinstance(text, str):
+        problem = prompt_weights.unbalanced_bracket(text)
+        if problem:
+            yield "text", f"Compel's brackets do not balance: {problem} (write \\( for a literal bracket)"
+
+
 @node("CLIPEncode", version=1, category="conditioning", outputs={"conditioning": CONDITIONING},
-      reference="diffusers StableDiffusionPipeline.encode_prompt / StableDiffusionXLPipeline.encode_prompt")
+      check=_check_brackets, reference="diffusers StableDiffusionPipeline.encode_prompt / StableDiffusionXLPipeline.encode_prompt")
 def clip_encode(
     clip: Clip,
     ctx: RunContext,
@@ -240,8 +254,9 @@ def clip_encode(
                                                                    "encode 75-token windows (A1111/ComfyUI)")] = "truncate",
     prompt_2: Optional[Annotated[str, Field(description="SDXL only: prompt for the second text encoder "
                                                         "(default: text)")]] = None,
-    syntax: Annotated[Literal["plain", "comfy"], Field(description="plain: the text as it is; comfy: ComfyUI's "
-                                                                   "(word:1.2) weighting and 75-token windows")] = "plain",
+    syntax: Annotated[Literal["plain", "compel", "comfy"], Field(
+        description="plain: the text as it is; compel: Compel's weighting ((word)1.3, word++, .blend(), .and()); "
+                    "comfy: ComfyUI's (word:1.2) weighting and 75-token windows")] = "plain",
 ):
     """Encode a prompt with the checkpoint's CLIP text encoder(s) (diffusers encode_prompt embeddings).
 
@@ -251,7 +266,8 @@ def clip_encode(
     carries the default negative, which samplers use when no negative conditioning is linked, as diffusers
     does: the empty prompt's embedding, or zeros for SDXL (force_zeros_for_empty_prompt).
 
-    syntax "comfy" reads ComfyUI's weighting, "(castle:1.3)" or "(castle)" for 1.1, nested, "\\(" for a bracket,
+    syntax "compel" reads Compel's weighting through the compel library, as a diffusers user passes Compel's
+    output to a pipeline (clip_skip 0 or 1; long_prompt as for plain text). syntax "comfy" reads ComfyUI's weighting, "(castle:1.3)" or "(castle)" for 1.1, nested, "\\(" for a bracket,
     and encodes as ComfyUI's CLIPTextEncode does (long_prompt is then ignored: ComfyUI always uses windows)."""
     if not hasattr(clip, "tokenizer"):
         raise NodeError("input 'clip' is not a CLIP from LoadCheckpoint")

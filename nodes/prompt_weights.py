@@ -126,3 +126,53 @@ def apply_weights(hidden: "torch.Tensor", weights: "torch.Tensor") -> "torch.Ten
     prompt, empty = hidden[:rows], hidden[rows]
     w = weights.to(hidden.device).unsqueeze(-1)
     return torch.where(w != 1.0, (prompt - empty) * w.to(hidden.dtype) + empty, prompt)
+
+
+# ---------------------------------------------------------------------------------------------- Compel
+
+def unbalanced_bracket(text: str) -> str | None:
+    """A problem with Compel's brackets in ``text`` (outside ``\\(`` / ``\\)`` escapes), or None."""
+    depth = 0
+    for i, char in enumerate(text):
+        if i and text[i - 1] == "\\":
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return f"')' at character {i + 1} closes no bracket"
+    return f"{depth} '(' not closed" if depth else None
+
+
+def compel_embeds(clip, text: str, clip_skip: int, long_prompt: str) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """Compel's conditioning for ``text`` (``(word)1.3``, ``word++``, ``.blend()``, ``.and()``) on this CLIP's
+    encoders, as a diffusers user feeds it to a pipeline's ``prompt_embeds`` / ``pooled_prompt_embeds``: SD 1.x/2.x
+    the last (clip_skip 1: the penultimate, normalized) hidden states, SDXL both encoders' penultimate ones and the
+    second's pooled embedding. Long prompts: cut at 77 tokens, or with "chunk" Compel's 75-token windows."""
+    from compel import Compel, ReturnedEmbeddingsType
+
+    sdxl = getattr(clip, "is_sdxl", False)
+    if clip_skip > (0 if sdxl else 1):
+        raise NodeError(f"syntax 'compel' takes clip_skip {'0' if sdxl else '0 or 1'} with this CLIP")
+    key = ("compel", long_prompt, clip_skip)
+    compel = clip.memo.get(key)
+    if compel is None:
+        pairs = [(t, e) for t, e in clip.encoders] if sdxl else [(clip.tokenizer, clip.text_encoder)]
+        kind = (ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED if sdxl else
+                ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED if clip_skip else
+                ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED)
+        encoder = pairs[-1][1]
+        compel = clip.memo[key] = Compel(
+            tokenizer=[t for t, _ in pairs] if sdxl else pairs[0][0],
+            text_encoder=[e for _, e in pairs] if sdxl else pairs[0][1],
+            returned_embeddings_type=kind, requires_pooled=[i == len(pairs) - 1 for i in range(len(pairs))] if sdxl
+            else False, truncate_long_prompts=long_prompt == "truncate", device=str(encoder.device),
+            dtype_for_device_getter=lambda device: encoder.dtype)
+    problem = unbalanced_bracket(text)
+    if problem:
+        raise NodeError(f"the prompt's brackets do not balance: {problem}")
+    with torch.inference_mode():
+        out = compel(text)
+    embeds, pooled = out if sdxl else (out, None)
+    return embeds.clone(), (pooled.clone() if pooled is not None else None)

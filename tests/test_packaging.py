@@ -21,6 +21,11 @@ def test_the_wheel_installs_the_node_library_as_nodegraph_nodes(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert "nodes" not in tops and "nodegraph" in tops
     assert "nodegraph/nodes/sampling.py" in names and "nodegraph/nodes/__init__.py" in names
+    # every file of the package and its subpackages (and their data files) is installed
+    for folder, installed_as in (("nodegraph", "nodegraph"), ("nodes", "nodegraph/nodes")):
+        for path in (REPO / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                assert f"{installed_as}/{path.relative_to(REPO / folder).as_posix()}" in names, path
 
 
 def test_import_works_beside_a_nodes_py(tmp_path):
