@@ -115,13 +115,21 @@ class Server:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
-        self.hub.sockets[sid] = ws
+        monitor = request.query.get("monitor") in ("1", "true")
+        if monitor:
+            self.hub.monitors.add(ws)
+        else:
+            self.hub.sockets[sid] = ws
         try:
-            self.hub.send_sync("status", {"status": {"exec_info": {"queue_remaining": self.queue.remaining()}},
-                                          "sid": sid}, sid)
+            status = {"status": {"exec_info": {"queue_remaining": self.queue.remaining()}}, "sid": sid}
+            if monitor:
+                await ws.send_str(json.dumps({"type": "status", "data": status}))
+            else:
+                self.hub.send_sync("status", status, sid)
             async for _ in ws:  # clients' messages (feature flags) need no answer
                 pass
         finally:
+            self.hub.monitors.discard(ws)
             if self.hub.sockets.get(sid) is ws:
                 del self.hub.sockets[sid]
         return ws

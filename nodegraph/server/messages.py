@@ -1,5 +1,6 @@
 """The websocket side: clients by id, and messages sent from any thread, in order, as ComfyUI sends them
-(``{"type": ..., "data": ...}``; to one client by its id, or to every client)."""
+(``{"type": ..., "data": ...}``; to one client by its id, or to every client). A socket opened with
+``?monitor=1`` (the status page) also sees every other client's messages."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,7 @@ log = logging.getLogger("nodegraph.server")
 class Hub:
     def __init__(self) -> None:
         self.sockets: dict[str, web.WebSocketResponse] = {}
+        self.monitors: set[web.WebSocketResponse] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
@@ -27,7 +29,7 @@ class Hub:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for ws in list(self.sockets.values()):
+        for ws in [*self.sockets.values(), *self.monitors]:
             await ws.close()
 
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
@@ -40,7 +42,10 @@ class Hub:
         while True:
             event, data, sid = await self._queue.get()
             text = json.dumps({"type": event, "data": data})
-            targets = list(self.sockets.values()) if sid is None else [self.sockets[sid]] if sid in self.sockets else []
+            if sid is None:
+                targets = set(self.sockets.values()) | self.monitors
+            else:
+                targets = ({self.sockets[sid]} if sid in self.sockets else set()) | self.monitors
             for ws in targets:
                 try:
                     await ws.send_str(text)

@@ -180,14 +180,16 @@ class Execution:
     def events(self, kind: str, node_id: str | None, value) -> None:
         name = self.prompt.client_id(node_id)
         if kind == "cached":
-            self.send("execution_cached", {"nodes": list(dict.fromkeys(self.prompt.client_id(n) for n in value))},
-                      keep=True)
+            cached = list(dict.fromkeys(self.prompt.client_id(n) for n in value))
+            self.executed.extend(cached)  # ComfyUI counts cached nodes as executed
+            self.send("execution_cached", {"nodes": cached}, keep=True)
         elif kind == "start":
             if name != self.last:  # an importer's helper nodes run as part of their ComfyUI node
                 self.send("executing", {"node": name, "display_node": name})
                 self.last = name
         elif kind == "done":
-            self.executed.append(name)
+            if name not in self.executed:
+                self.executed.append(name)
             images = [ref for ref in map(self.file_ref, value) if ref is not None]
             if images:
                 output = self.outputs.setdefault(name, {"images": []})
