@@ -19,7 +19,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="largest request body (default 100 MiB)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> tuple[int, None]:
     from .app import ServerConfig, serve
 
     config = ServerConfig(
@@ -29,4 +29,4 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, max_upload=args.max_upload, plugin_dirs=args.plugins,
         max_nodes=args.max_nodes or 1000, max_pixels=args.max_pixels or 2**25)
     serve(config)
-    return 0
+    return 0, None  # the CLI's (exit status, --json document)
