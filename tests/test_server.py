@@ -333,3 +333,39 @@ def test_history_delete_and_clear(server):
     assert first not in history and second in history
     request(f"{server.url}/history", {"clear": True})
     assert request(f"{server.url}/history")[1] == {}
+
+
+def test_limits_on_request_size_nodes_and_pixels(folders, tmp_path):
+    from nodegraph.server.app import Running, ServerConfig
+
+    small = Running(ServerConfig(port=0, cache_dir=False, max_upload=4096, max_nodes=8, max_pixels=128 * 128,
+                                 **{**folders, "output": tmp_path / "out"}))
+    try:
+        status, answer = request(f"{small.url}/prompt", {"prompt": img2img(), "padding": "x" * 5000})
+        assert status == 413
+        many = img2img(seed=81)
+        many["nodes"].update({f"extra{i}": {"type": "EmptyLatent"} for i in range(2)})
+        status, answer = request(f"{small.url}/prompt", {"prompt": many})
+        assert status == 400 and "8" in answer["error"]["details"]
+        big = txt2img(seed=82, steps=2)
+        big["nodes"]["empty"]["params"].update(width=256, height=256)
+        status, answer = request(f"{small.url}/prompt", {"prompt": big})
+        assert status == 400 and "pixels" in answer["node_errors"]["empty"]["errors"][0]["message"]
+        assert request(f"{small.url}/queue")[1] == {"queue_running": [], "queue_pending": []}
+    finally:
+        small.stop()
+
+
+def test_partial_execution_targets_and_front(server):
+    ws, client_id = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=91), "client_id": client_id,
+                                                          "partial_execution_targets": ["enc"]})
+        assert status == 200
+        messages = until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
+    assert set(ran) <= {"ckpt", "load", "enc"} and "enc" in ran
+    assert request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]["prompt"][4] == ["enc"]
+    assert request(f"{server.url}/prompt", {"prompt": img2img(seed=92), "front": True})[1]["number"] < 0
