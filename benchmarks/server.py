@@ -125,14 +125,15 @@ def main() -> None:
         answers.append(time.perf_counter() - start)
         latencies.append(client.wait([prompt_id], first="execution_start") - start)
 
+    cache = server.server.engine.memory
     served(max(100 - 2 - args.repeat * args.batch - args.latency, 0))
-    at_100 = rss_mib()
+    at_100, cache_100 = rss_mib(), cache.used_bytes / 1024**2
     done = max(100, 2 + args.repeat * args.batch + args.latency)
     while done < args.prompts:
         chunk = min(100, args.prompts - done)
         served(chunk)
         done += chunk
-    at_end = rss_mib()
+    at_end, cache_end = rss_mib(), cache.used_bytes / 1024**2
     server.stop()
 
     ms = lambda xs: f"{statistics.median(xs) * 1000:.1f} ms ({min(xs) * 1000:.1f}-{max(xs) * 1000:.1f})"
@@ -144,8 +145,8 @@ def main() -> None:
     print(f"  queue latency, POST sent -> execution_start received, idle queue, {args.latency} prompts: "
           f"{ms(latencies)}; POST answered after {ms(answers)}")
     print(f"  resident memory of the process: {at_100:.0f} MiB after 100 prompts, {at_end:.0f} MiB after "
-          f"{done} prompts ({at_end - at_100:+.0f} MiB; memory cache budget {args.memory_budget / 1024**2:.0f} MiB "
-          f"on each of the two engines)")
+          f"{done} prompts ({at_end - at_100:+.0f} MiB); the server's memory cache held {cache_100:.0f} MiB, then "
+          f"{cache_end:.0f} MiB of its {args.memory_budget / 1024**2:.0f} MiB budget")
 
 
 if __name__ == "__main__":

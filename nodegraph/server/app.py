@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..api import Engine
 from ..confine import Confinement
+from ..errors import NodegraphError
 from ..limits import Limits
 from ..model_folders import FOLDERS, ModelRoots
 from .folders import Folders, OutsideFolder, inside
@@ -53,7 +54,7 @@ class ServerConfig:
     max_upload: int = 100 * 1024**2  # request body limit (aiohttp's client_max_size)
     max_history: int = 10_000
     plugin_dirs: list[str] = field(default_factory=list)
-    device: str = "auto"
+    model_paths: Path | None = None  # the model paths file; None: $NODEGRAPH_MODEL_PATHS or the user's one
 
 
 class Server:
@@ -64,7 +65,7 @@ class Server:
         temp = config.temp or Path(config.output).parent / "temp"
         self.folders = Folders(Path(config.input).resolve(), Path(config.output).resolve(), Path(temp).resolve())
         self.folders.create()
-        models = ModelRoots.gather(config.models, origin="--models")
+        models = ModelRoots.gather(config.models, config.model_paths, origin="--models")
         confine = Confinement.for_server(self.folders.input, models, config.allow_download)
         extra = {"memory_budget": config.memory_budget} if config.memory_budget else {}
         self.engine = engine or Engine(plugin_dirs=config.plugin_dirs or None, cache_dir=config.cache_dir,
@@ -140,8 +141,9 @@ class Server:
     async def post_prompt(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return web.json_response(error_body("invalid_prompt", "the request body is not JSON"), status=400)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return web.json_response(error_body("invalid_prompt", "the request body is not JSON (or is nested too "
+                                                                  "deeply)"), status=400)
         if not isinstance(body, dict) or "prompt" not in body:
             return web.json_response(error_body("no_prompt", "No prompt provided", "No prompt provided"), status=400)
         if self.queue.full():
@@ -152,9 +154,12 @@ class Server:
             return web.json_response(error_body("invalid_prompt", "number must be a number"), status=400)
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         extra_data = dict(body.get("extra_data") or {}) if isinstance(body.get("extra_data") or {}, dict) else {}
-        if "client_id" in body:
-            extra_data["client_id"] = body["client_id"]
+        if body.get("client_id") is not None:
+            extra_data["client_id"] = str(body["client_id"])
         targets = body.get("partial_execution_targets")
+        if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, (str, int)) for t in targets)):
+            return web.json_response(error_body("invalid_prompt", "partial_execution_targets must be a list of node "
+                                                                  "ids"), status=400)
         loop = asyncio.get_running_loop()
         try:
             prompt = await loop.run_in_executor(None, prepare, self.engine, body["prompt"], number, prompt_id,
@@ -277,7 +282,7 @@ class Server:
 async def _json(request: web.Request) -> dict:
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -285,9 +290,13 @@ async def _json(request: web.Request) -> dict:
 def serve(config: ServerConfig) -> None:
     """Run the server until Ctrl-C."""
     server = Server(config)
-    print(f"nodegraph serve: http://{config.listen}:{config.port} (input {server.folders.input}, output "
-          f"{server.folders.output})", flush=True)
-    web.run_app(server.app(), host=config.listen, port=config.port, print=None)
+    started = (f"nodegraph serve: http://{config.listen}:{config.port} (input {server.folders.input}, output "
+               f"{server.folders.output}); Ctrl-C stops it")
+    try:  # aiohttp prints once it listens
+        web.run_app(server.app(), host=config.listen, port=config.port, print=lambda _: print(started, flush=True))
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise NodegraphError(f"cannot listen on {config.listen}:{config.port}: {exc.strerror or exc}; choose "
+                             "another --port or --listen") from None
 
 
 class Running:

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> tuple[int, None]:
         output=Path(args.output), temp=Path(args.temp) if args.temp else None,
         cache_dir=args.cache_dir, cache_size=args.cache_size, allow_download=args.allow_download,
         max_queue=args.max_queue, max_upload=args.max_upload, plugin_dirs=args.plugins,
+        model_paths=Path(args.model_paths) if args.model_paths else None,
         max_nodes=args.max_nodes or 1000, max_pixels=args.max_pixels or 2**25)
     serve(config)
     return 0, None  # the CLI's (exit status, --json document)
