@@ -3,7 +3,7 @@
 "use strict";
 
 const prompts = new Map();  // prompt id -> {id, prompt, state, nodes: {id: state}, progress, images, error}
-const NODE_W = 130, NODE_H = 26, GAP_X = 40, GAP_Y = 12;
+const NODE_W = 150, NODE_H = 26, GAP_X = 40, GAP_Y = 12;
 
 function entry(id) {
   if (!prompts.has(id)) prompts.set(id, {id, prompt: null, state: "pending", nodes: {}, progress: null, images: [], error: ""});
@@ -71,7 +71,7 @@ function drawGraph(p) {
     const pos = place[n.id];
     const g = svgEl("g", {class: "node " + (p.nodes[n.id] || ""), "data-node": n.id});
     g.appendChild(svgEl("rect", {x: pos.x, y: pos.y, width: NODE_W, height: NODE_H}));
-    g.appendChild(svgEl("text", {x: pos.x + 5, y: pos.y + 17}, `${n.id}: ${n.type}`.slice(0, 20)));
+    g.appendChild(svgEl("text", {x: pos.x + 5, y: pos.y + 17}, `${n.id}: ${n.type}`.slice(0, 22)));
     svg.appendChild(g);
   }
   return svg;
@@ -164,7 +164,7 @@ function onMessage(msg) {
       if (data.node !== null) p.nodes[data.node] = "running"; else refresh();
       p.progress = null;
       break;
-    case "progress": p.progress = data; break;
+    case "progress": p.progress = data; p.nodes[data.node] = "running"; break;
     case "executed": p.images.push(...(data.output.images || [])); break;
     case "execution_error": p.state = "error"; p.error = data.exception_message; if (data.node_id) p.nodes[data.node_id] = "failed"; break;
     case "execution_interrupted": p.state = "error"; p.error = "interrupted"; break;
