@@ -65,10 +65,10 @@ def free_port() -> int:
 
 
 def request(url: str, body=None, method: str | None = None, timeout: float = WAIT) -> tuple[int, object]:
-    """(status, parsed JSON or raw bytes) of a request; JSON bodies are sent as JSON."""
+    """(status, parsed JSON or raw bytes) of a request. JSON bodies go without a JSON content type, as
+    ComfyUI's example scripts send them (urllib's form default)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
-                                 headers={"Content-Type": "application/json"} if data is not None else {})
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw, kind = resp.status, resp.read(), resp.headers.get("Content-Type", "")

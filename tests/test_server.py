@@ -328,6 +328,12 @@ def test_info_routes(server):
 def test_history_delete_and_clear(server):
     first, _ = run_prompt(server, img2img(seed=71, prefix="h"))
     second, _ = run_prompt(server, img2img(seed=72, prefix="h"))
+    third, _ = run_prompt(server, img2img(seed=73, prefix="h"))
+    everything = list(request(f"{server.url}/history")[1])
+    assert everything[-3:] == [first, second, third]
+    assert list(request(f"{server.url}/history?max_items=2")[1]) == [second, third]
+    start = len(everything) - 3
+    assert list(request(f"{server.url}/history?max_items=2&offset={start}")[1]) == [first, second]
     request(f"{server.url}/history", {"delete": [first]})
     history = request(f"{server.url}/history")[1]
     assert first not in history and second in history

@@ -194,10 +194,10 @@ class Server:
         prompt_id = request.match_info.get("prompt_id")
         try:
             max_items = int(request.query["max_items"]) if "max_items" in request.query else None
-            offset = int(request.query.get("offset", 0))
+            offset = int(request.query.get("offset", -1))
         except ValueError:
             return web.json_response(error_body("bad_request", "max_items and offset must be integers"), status=400)
-        return web.json_response(self.queue.get_history(prompt_id, max_items, max(offset, 0)))
+        return web.json_response(self.queue.get_history(prompt_id, max_items, offset))
 
     async def post_history(self, request: web.Request) -> web.Response:
         body = await _json(request)

@@ -111,16 +111,17 @@ class PromptQueue:
 
     # ------------------------------------------------------------------ history
 
-    def get_history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = 0) -> dict:
+    def get_history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
+        """One entry, or the entries from ``offset`` on (oldest first), at most ``max_items``; without an offset,
+        the last ``max_items`` (ComfyUI's reading of the two)."""
         with self._cond:
             if prompt_id is not None:
                 return {prompt_id: self.history[prompt_id]} if prompt_id in self.history else {}
             items = list(self.history.items())
-        if offset:
-            items = items[offset:]
-        if max_items is not None:
-            items = items[-max_items:] if max_items > 0 else []
-        return dict(items)
+        if offset < 0:
+            offset = max(len(items) - max_items, 0) if max_items is not None else 0
+        end = offset + max(max_items, 0) if max_items is not None else None
+        return dict(items[offset:end])
 
     def delete_history(self, prompt_ids=None) -> None:
         with self._cond:
