@@ -310,9 +310,12 @@ def test_info_routes(server):
     assert info["Sampler"]["input"]["optional"]["steps"][0] == "INT"
     assert info["Sampler"]["input"]["required"]["model"] == ["MODEL"]
     assert info["Sampler"]["output"] == ["LATENT"] and info["SaveImage"]["output_node"] is True
-    assert "InvertMask" in info  # the importer's ComfyUI types
-    load = request(f"{server.url}/api/object_info/LoadImage")[1]
-    assert "photo.png" in load["LoadImage"]["input"]["required"]["path"][0]
+    assert "InvertMask" in info  # the importer's ComfyUI types (ComfyUI's spec wins where a name is in both)
+    mask = request(f"{server.url}/api/object_info/LoadMask")[1]["LoadMask"]
+    assert "photo.png" in mask["input"]["required"]["path"][0]
+    assert mask["input"]["optional"]["channel"][0] == ["luminance", "alpha"]
+    assert mask["input"]["optional"]["invert"] == ["BOOLEAN", {"default": False, "tooltip": "use 1 - mask (for "
+                                                                  "masks drawn white = keep)"}]
     ckpt = request(f"{server.url}/object_info/LoadCheckpoint")[1]["LoadCheckpoint"]
     assert "tiny-sd15" in ckpt["input"]["required"]["path"][0]
     assert "checkpoints" in request(f"{server.url}/models")[1]
@@ -376,3 +379,16 @@ def test_partial_execution_targets_and_front(server):
     assert set(ran) | set(cached) == {"ckpt", "load", "enc"}  # enc and what it needs; no sampler, no saver
     assert request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]["prompt"][4] == ["enc"]
     assert request(f"{server.url}/prompt", {"prompt": img2img(seed=92), "front": True})[1]["number"] < 0
+
+
+def test_a_prompt_without_client_id_shows_its_nodes_to_every_client(server):
+    ws, _ = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=95, prefix="anon")})
+        messages = until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    order = kinds(messages, answer["prompt_id"])
+    assert "executing" in order and "executed" in order and "execution_start" not in order
+    entry = request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]
+    assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]

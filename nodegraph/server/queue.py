@@ -176,6 +176,8 @@ class Execution:
         if keep:  # the messages ComfyUI keeps in the history entry's status
             data["timestamp"] = _now()
             self.messages.append([event, data])
+            if self.sid is None and event != "execution_interrupted":
+                return  # as ComfyUI: a prompt queued without a client_id announces only its nodes, to everyone
         self.queue.send(event, data, self.sid)
 
     def events(self, kind: str, node_id: str | None, value) -> None:
