@@ -21,6 +21,9 @@ def test_the_wheel_installs_the_node_library_as_nodegraph_nodes(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert "nodes" not in tops and "nodegraph" in tops
     assert "nodegraph/nodes/sampling.py" in names and "nodegraph/nodes/__init__.py" in names
+    # the server with its status page, and the ComfyUI importer it converts prompts with
+    assert {"nodegraph/server/app.py", "nodegraph/server/page/index.html", "nodegraph/server/page/app.js",
+            "nodegraph/comfy/convert.py"} <= set(names)
 
 
 def test_import_works_beside_a_nodes_py(tmp_path):
