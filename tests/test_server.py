@@ -392,3 +392,45 @@ def test_a_prompt_without_client_id_shows_its_nodes_to_every_client(server):
     assert "executing" in order and "executed" in order and "execution_start" not in order
     entry = request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]
     assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+
+
+def test_a_node_failing_at_run_time_is_an_execution_error_and_the_server_goes_on(server, folders):
+    Image.new("RGB", (60, 60), "gray").save(folders["input"] / "odd.png")  # not a multiple of 8: VAEEncode refuses
+    prompt = img2img(seed=97)
+    prompt["nodes"]["load"]["params"]["path"] = "odd.png"
+    prompt_id, messages = run_prompt(server, prompt)
+    order = kinds(messages, prompt_id)
+    assert "execution_error" in order and "execution_success" not in order and order[-1] == "executing"
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert error["node_id"] == "enc" and error["node_type"] == "VAEEncode"
+    assert "enc" in error["exception_message"] and "8" in error["exception_message"]
+    assert {"ckpt", "load"} <= set(error["executed"]) and "enc" not in error["executed"]
+    assert set(error) >= {"prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type",
+                          "traceback", "current_inputs", "current_outputs"}
+    entry = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
+    assert entry["status"]["status_str"] == "error" and entry["status"]["messages"][-1][0] == "execution_error"
+    prompt_id, messages = run_prompt(server, img2img(seed=98, prefix="after"))
+    assert "execution_success" in kinds(messages, prompt_id)
+
+
+def test_a_client_that_reconnects_hears_which_node_is_running(server):
+    ws, client_id = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": txt2img(seed=99, steps=1000),
+                                                          "client_id": client_id})
+        while json.loads(ws.recv())["type"] != "progress":
+            pass
+        ws.close()  # the connection drops while the prompt runs; the client comes back with its id
+        ws, _ = connect(server.url, client_id)
+        seen = [json.loads(ws.recv())]
+        while seen[-1]["type"] != "executing":  # progress sent before the reconnection may come first
+            seen.append(json.loads(ws.recv()))
+        request(f"{server.url}/interrupt", {})
+        until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    assert {m["type"] for m in seen} <= {"status", "progress", "executing"}
+    status = next(m for m in seen if m["type"] == "status")
+    assert status["data"]["sid"] == client_id and seen.index(status) == len(seen) - 2
+    assert seen[-1] == {"type": "executing", "data": {"node": "s", "display_node": "s",
+                                                       "prompt_id": answer["prompt_id"]}}

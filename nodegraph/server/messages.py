@@ -38,6 +38,11 @@ class Hub:
             return
         self.loop.call_soon_threadsafe(self._queue.put_nowait, (event, data, sid))
 
+    def send_now(self, event: str, data: Any, sid: str | None = None) -> None:
+        """From the event loop's own thread: queue a message at once (messages sent one after another this way
+        stay together)."""
+        self._queue.put_nowait((event, data, sid))
+
     async def _pump(self) -> None:
         while True:
             event, data, sid = await self._queue.get()

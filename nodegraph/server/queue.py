@@ -34,6 +34,7 @@ class PromptQueue:
         self.max_queue, self.max_history = max_queue, max_history
         self.pending: list[tuple[float, int, Prompt]] = []  # a heap: (number, arrival, prompt)
         self.running: Prompt | None = None
+        self.execution: Execution | None = None  # the running prompt's run, for a client that reconnects
         self.flag: InterruptFlag | None = None
         self.history: OrderedDict[str, dict] = OrderedDict()
         self.number = 0  # the next number given to a prompt without one
@@ -146,7 +147,8 @@ class PromptQueue:
         while (prompt := self._take()) is not None:
             self.status()
             try:
-                entry = Execution(self, prompt, self.flag).run()
+                self.execution = Execution(self, prompt, self.flag)
+                entry = self.execution.run()
             except Exception:  # the worker must outlive any one prompt
                 log.exception("prompt %s: the server failed to run it", prompt.prompt_id)
                 entry = {"prompt": prompt.item(), "outputs": {}, "meta": {},
@@ -155,7 +157,7 @@ class PromptQueue:
                 self.history[prompt.prompt_id] = entry  # before the final "executing", as ComfyUI
                 while len(self.history) > self.max_history:
                     self.history.popitem(last=False)
-                self.running = self.flag = None
+                self.running = self.flag = self.execution = None
             self.send("executing", {"node": None, "prompt_id": prompt.prompt_id}, prompt.extra_data.get("client_id"))
             self.status()
 
