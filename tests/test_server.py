@@ -355,7 +355,10 @@ def test_limits_on_request_size_nodes_and_pixels(folders, tmp_path):
         many = img2img(seed=81)
         many["nodes"].update({f"extra{i}": {"type": "EmptyLatent"} for i in range(2)})
         status, answer = request(f"{small.url}/prompt", {"prompt": many})
-        assert status == 400 and "8" in answer["error"]["details"]
+        assert status == 400 and answer["error"]["type"] == "too_many_nodes"
+        comfy = {str(i): {"class_type": "InvertMask", "inputs": {"mask": [str(i - 1), 0]}} for i in range(1, 10)}
+        status, answer = request(f"{small.url}/prompt", {"prompt": comfy})
+        assert status == 400 and answer["error"]["type"] == "too_many_nodes" and "9 nodes" in answer["error"]["message"]
         big = txt2img(seed=82, steps=2)
         big["nodes"]["empty"]["params"].update(width=256, height=256)
         status, answer = request(f"{small.url}/prompt", {"prompt": big})

@@ -71,6 +71,11 @@ def prepare(engine, doc: Any, number: float, prompt_id: str, extra_data: dict, i
         raise PromptRejected(error_body("invalid_prompt", "the prompt must be a JSON object: a ComfyUI API-format "
                                         "workflow or a nodegraph workflow"))
     comfy = detect_format(doc) == COMFY_API
+    count = len(doc) if comfy else len(doc.get("nodes") or ()) if isinstance(doc.get("nodes"), (dict, list)) else 0
+    limit = engine.limits.max_nodes
+    if count > limit:  # before converting them all (groups are counted again once expanded)
+        raise PromptRejected(error_body("too_many_nodes", f"the prompt has {count:,} nodes, more than this server's "
+                                        f"limit of {limit:,}", "raise the limit with --max-nodes"))
     class_types = ({str(k): v.get("class_type") for k, v in doc.items() if isinstance(v, dict)} if comfy
                    else {str(k): v.get("type") for k, v in (doc.get("nodes") or {}).items() if isinstance(v, dict)}
                    if isinstance(doc.get("nodes"), dict) else {})
