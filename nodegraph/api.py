@@ -132,9 +132,11 @@ class Engine:
             if graph is not None:
                 self._graphs.move_to_end(digest)
         if graph is not None and all(check_path(p, "any") is None for n in graph.nodes.values()
-                                     for p in (*n.paths.values(), *n.implied.values())):
+                                     for p in (*n.paths.values(), *n.implied.values())) and (
+                self.confine is None or all(self.confine.resolved_problem(p) is None for n in graph.nodes.values()
+                                            for p in n.paths.values() if Path(p).is_absolute())):
             return graph
-        return None  # a file is gone or is no longer a regular file: validate again, which says so
+        return None  # a file is gone, is no longer a regular file or now leads out: validate again, which says so
 
     def _remember(self, digest: str | None, graph: Graph) -> None:
         if digest is None:

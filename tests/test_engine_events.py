@@ -1,6 +1,6 @@
 """Engine.run(events=...): the hook a server reports runs through (cached nodes, node starts and ends,
 files written), and Engine(confine=...): file params kept inside the allowed folders."""
-from pathlib import Path
+import pytest
 
 from nodegraph.api import Engine
 from nodegraph.confine import Confinement
@@ -43,3 +43,23 @@ def test_confinement_refuses_paths_outside_and_hub_ids(stub_registry, tmp_path):
     assert _resolve_path("owner/model", remote, inside, ModelRoots(), allowed) == ("owner/model", None)
     # without confinement (the CLI) the same paths still resolve
     assert _resolve_path(str(outside / "b.txt"), spec, inside, ModelRoots())[1] is None
+
+
+def test_a_file_swapped_for_a_link_out_after_validation_is_refused_when_run_again(tmp_path):
+    from PIL import Image
+
+    from nodegraph.errors import WorkflowInvalid
+    from nodegraph.workflow import read_workflow
+
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir(), outside.mkdir()
+    Image.new("RGB", (8, 8)).save(inside / "a.png")
+    Image.new("RGB", (8, 8), "red").save(outside / "b.png")
+    engine = Engine(cache_dir=False, confine=Confinement((inside.resolve(),)))
+    doc = {"format": "nodegraph/1", "nodes": {"load": {"type": "LoadImage", "params": {"path": "a.png"}}}}
+    engine.run(read_workflow(doc, base_dir=inside), targets=["load"], out_dir=tmp_path / "o")
+    (inside / "a.png").unlink()
+    (inside / "a.png").symlink_to(outside / "b.png")
+    with pytest.raises(WorkflowInvalid) as caught:
+        engine.run(read_workflow(doc, base_dir=inside), targets=["load"], out_dir=tmp_path / "o")
+    assert caught.value.issues[0].code == "confined_path"
