@@ -437,3 +437,20 @@ def test_a_client_that_reconnects_hears_which_node_is_running(server):
     assert status["data"]["sid"] == client_id and seen.index(status) == len(seen) - 2
     assert seen[-1] == {"type": "executing", "data": {"node": "s", "display_node": "s",
                                                        "prompt_id": answer["prompt_id"]}}
+
+
+def test_cross_site_requests_are_refused_and_annotated_names_are_viewed(server):
+    import urllib.request
+
+    def post(origin):
+        headers = {"Origin": origin} if origin else {}
+        req = urllib.request.Request(f"{server.url}/queue", data=b"{}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert post("http://evil.example") == 403
+    assert post(server.url) == 200 and post(None) == 200
+    assert request(f"{server.url}/view?filename=photo.png%20[input]")[0] == 200

@@ -5,12 +5,14 @@ are posted; one worker (queue.py) runs them in order on one long-lived Engine.""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import platform
 import sys
 import threading
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +79,7 @@ class Server:
                                  config.max_queue, config.max_history)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_upload)
+        app = web.Application(client_max_size=self.config.max_upload, middlewares=[same_origin])
         routes = [
             ("GET", "/ws", self.websocket), ("GET", "/prompt", self.get_prompt), ("POST", "/prompt", self.post_prompt),
             ("GET", "/queue", self.get_queue), ("POST", "/queue", self.post_queue),
@@ -215,11 +217,15 @@ class Server:
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         query = request.query
-        folder = self.folders.of(query.get("type"))
-        if not query.get("filename") or folder is None:
+        filename, kind = query.get("filename", ""), query.get("type")
+        for annotated in ("output", "input", "temp"):  # ComfyUI's "name.png [input]"
+            if filename.endswith(f" [{annotated}]"):
+                filename, kind = filename[:-len(annotated) - 3], annotated
+        folder = self.folders.of(kind)
+        if not filename or folder is None:
             return web.Response(status=400, text="give filename and a type of output, input or temp")
         try:
-            path = inside(folder, query.get("subfolder", ""), query["filename"])
+            path = inside(folder, query.get("subfolder", ""), filename)
         except OutsideFolder as exc:
             return web.Response(status=403, text=str(exc))
         if not path.is_file():
@@ -281,6 +287,29 @@ class Server:
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(PAGE / "index.html")
+
+
+@web.middleware
+async def same_origin(request: web.Request, handler):
+    """As ComfyUI: a browser page from another site must not queue prompts on a server bound to this machine
+    (browsers send such cross-site POSTs to 127.0.0.1); its Origin then names another host than Host."""
+    host, origin = request.headers.get("Host"), request.headers.get("Origin")
+    if host and origin:
+        host_name = urllib.parse.urlsplit("//" + host).hostname
+        if _loopback(host_name) and urllib.parse.urlsplit(origin).netloc.lower() != host.lower():
+            return web.Response(status=403, text="cross-site request refused (Origin does not match Host)")
+    return await handler(request)
+
+
+def _loopback(name: str | None) -> bool:
+    if not name:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 async def _json(request: web.Request) -> dict:
