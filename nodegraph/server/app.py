@@ -60,7 +60,8 @@ class ServerConfig:
 
 
 class Server:
-    """The engine, the queue, the websocket hub and the folders behind the routes."""
+    """The engine, the queue, the websocket hub and the folders behind the routes. An ``engine`` given here
+    is used as it is (its own confinement and limits, none unless it was made with them)."""
 
     def __init__(self, config: ServerConfig, engine: Engine | None = None):
         self.config = config
