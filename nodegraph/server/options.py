@@ -15,6 +15,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp", metavar="DIR", help="folder for previews (default: temp/ beside the output folder)")
     p.add_argument("--allow-download", action="store_true", help="let prompts name hub models (default: refused)")
     p.add_argument("--max-queue", type=int, default=100, metavar="N", help="most prompts waiting (default 100)")
+    p.add_argument("--max-history", type=int, default=10_000, metavar="N", help="finished prompts kept for "
+                   "/history (default 10000, as ComfyUI)")
     p.add_argument("--max-upload", type=int, default=100 * 1024**2, metavar="BYTES",
                    help="largest request body (default 100 MiB)")
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> tuple[int, None]:
         listen=args.listen, port=args.port, models=[Path(m) for m in args.models], input=Path(args.input),
         output=Path(args.output), temp=Path(args.temp) if args.temp else None,
         cache_dir=args.cache_dir, cache_size=args.cache_size, allow_download=args.allow_download,
-        max_queue=args.max_queue, max_upload=args.max_upload, plugin_dirs=args.plugins,
+        max_queue=args.max_queue, max_upload=args.max_upload, max_history=args.max_history, plugin_dirs=args.plugins,
         model_paths=Path(args.model_paths) if args.model_paths else None,
         max_nodes=args.max_nodes or 1000, max_pixels=args.max_pixels or 2**25)
     serve(config)
