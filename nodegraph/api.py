@@ -15,10 +15,11 @@ import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .cache import (DEFAULT_MEMORY_BUDGET, DiskCache, Facts, MemoryCache, default_cache_dir, default_cache_size,
                     parse_size)
+from .confine import Confinement
 from .context import InterruptFlag, ProgressListener, RunConfig, default_temp_dir
 from .devices import resolve_device, resolve_dtype
 from .errors import Issue, NodegraphError, WorkflowInvalid
@@ -62,6 +63,7 @@ class Engine:
         vram_budget: int | str | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        confine: Confinement | None = None,
     ):
         if registry is None:
             from .plugins import default_registry
@@ -86,6 +88,7 @@ class Engine:
             models = [models]
         self.models = models if isinstance(models, ModelRoots) else ModelRoots.gather(
             models or (), model_paths, origin="Engine(models=...)")
+        self.confine = confine  # served mode: the folders file params must stay in (nodegraph.confine)
         self._graphs: OrderedDict[str, Graph] = OrderedDict()  # validated workflows, by content
         self._lock = threading.Lock()
 
@@ -116,7 +119,7 @@ class Engine:
                 content = _workflow_digest(workflow, targets)
                 graph = self._remembered(content)
                 if graph is None:
-                    graph = build_graph(workflow, self.registry, targets, self.limits, self.models)
+                    graph = build_graph(workflow, self.registry, targets, self.limits, self.models, self.confine)
                 self._remember(content, graph)
             self._remember(digest, graph)
             return graph
@@ -129,9 +132,11 @@ class Engine:
             if graph is not None:
                 self._graphs.move_to_end(digest)
         if graph is not None and all(check_path(p, "any") is None for n in graph.nodes.values()
-                                     for p in (*n.paths.values(), *n.implied.values())):
+                                     for p in (*n.paths.values(), *n.implied.values())) and (
+                self.confine is None or all(self.confine.resolved_problem(p) is None for n in graph.nodes.values()
+                                            for p in n.paths.values() if Path(p).is_absolute())):
             return graph
-        return None  # a file is gone or is no longer a regular file: validate again, which says so
+        return None  # a file is gone, is no longer a regular file or now leads out: validate again, which says so
 
     def _remember(self, digest: str | None, graph: Graph) -> None:
         if digest is None:
@@ -160,11 +165,13 @@ class Engine:
         progress: ProgressListener | list[ProgressListener] | None = None,
         interrupt: InterruptFlag | None = None,
         temp_dir: str | Path | None = None,
+        events: Callable[[str, str | None, Any], None] | None = None,
     ) -> RunResult:
         """Validate, then run the output nodes (or ``targets``) and what they need.
 
         Raises WorkflowInvalid before anything runs, NodeFailed when a node raises (finished nodes stay
-        cached), Interrupted when ``interrupt`` is set; both carry the partial result as ``.result``."""
+        cached), Interrupted when ``interrupt`` is set; both carry the partial result as ``.result``.
+        ``events``: told which nodes are cached, and when each node starts and is done (RunConfig.events)."""
         graph = self.compile(source, overrides, targets)
         for folder, what in ((out_dir, "output folder"), (temp_dir, "temp folder")):
             problem = folder_problem(folder, what) if folder is not None else None
@@ -182,6 +189,7 @@ class Engine:
             listeners=tuple(listeners),
             limits=self.limits,
             workflow_factory=lambda drawn=None: workflow_as_run(graph, drawn),
+            events=events,
         )
         return execute(graph, config, self.memory, self.disk, self.facts)
 

@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     models(listing)
     plugins(listing)
 
+    serve = sub.add_parser("serve", help="serve ComfyUI's HTTP and websocket API (docs/server.md)")
+    from .server.options import add_options as serve_options
+    serve_options(serve)
+    cache_options(serve)
+    limits(serve)
+    models(serve)
+    plugins(serve)
+
     cache = sub.add_parser("cache", help="the disk cache: info, prune (to its limit) or clear")
     cache.add_argument("action", choices=["info", "prune", "clear"])
     cache_options(cache)
@@ -204,6 +212,9 @@ def _registry(args):
 def _dispatch(args: argparse.Namespace, flag) -> tuple[int, dict | None]:
     if args.command == "cache":
         return _cache(args)
+    if args.command == "serve":
+        from .server.options import run as serve
+        return serve(args)
     registry = _registry(args)
     if args.command == "nodes":
         return _nodes(registry, args)

@@ -85,6 +85,9 @@ class RunConfig:
     interrupt: InterruptFlag = field(default_factory=InterruptFlag)
     listeners: tuple[ProgressListener, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # Told what the run does, node by node (a server's messages): ("cached", None, [node ids served from a
+    # cache or not needed]) once planned, then ("start", node id, None) and ("done", node id, [files written]).
+    events: Callable[[str, str | None, Any], None] | None = None
 
 
 @dataclass

@@ -190,6 +190,8 @@ class _Run:
                     if node_id not in self.to_run and (known := self.facts.get(self.keys.keys[node_id])):
                         RunContext(self.config, self.record, node_id).replay(known)
             self.uses = _uses(self.graph, self.keys.order, self.to_run)
+        if self.config.events is not None:
+            self.config.events("cached", None, [n for n in self.keys.order if n not in self.to_run])
 
     def run_nodes(self) -> None:
         try:
@@ -208,6 +210,9 @@ class _Run:
         """Run one node (or take what an identical node made earlier in this run), cache what it made, and
         let go of the values nothing later needs."""
         _check_interrupt(self.config, node_id, self.graph)
+        events, written = self.config.events, len(self.record.files)
+        if events is not None:
+            events("start", node_id, None)
         node, plan = self.graph.nodes[node_id], self.keys
         key = plan.keys[node_id]
         cacheable = node.definition.cacheable
@@ -234,6 +239,8 @@ class _Run:
             left = self.uses[src] = self.uses[src] - 1
             if left == 0 and src not in self.keep:
                 self.values.pop(src, None)  # nothing later needs it: free it now
+        if events is not None:
+            events("done", node_id, self.record.files[written:])
 
 
 def _check_interrupt(config: RunConfig, node_id: str | None, graph: Graph) -> None:

@@ -16,6 +16,7 @@ from .errors import Issue, NodegraphError, WorkflowInvalid
 from .files import check_path
 from .groups import Origin, expand_groups, parse_flat_id
 from .keys import canonical_params
+from .confine import Confinement
 from .limits import Limits, limits_in_force
 from .model_folders import ModelRoots, name_parts
 from .definitions import InputSpec, NodeDef, ParamProblem
@@ -65,16 +66,18 @@ def validate(workflow: Workflow, registry: Registry, targets: list[str] | None =
 
 
 def build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None = None,
-                limits: Limits | None = None, models: ModelRoots | None = None) -> Graph:
+                limits: Limits | None = None, models: ModelRoots | None = None,
+                confine: Confinement | None = None) -> Graph:
     """Validate and compile; raises WorkflowInvalid with every issue found (those found while reading the
-    file included). ``models``: the roots where file params' names are looked up (none: paths only)."""
+    file included). ``models``: the roots where file params' names are looked up (none: paths only).
+    ``confine``: the folders file params must stay in (served mode; nodegraph.confine)."""
     limits = limits or Limits()
     with limits_in_force(limits):
-        return _build_graph(workflow, registry, targets, limits, models or ModelRoots())
+        return _build_graph(workflow, registry, targets, limits, models or ModelRoots(), confine)
 
 
 def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | None, limits: Limits,
-                 models: ModelRoots) -> Graph:
+                 models: ModelRoots, confine: Confinement | None = None) -> Graph:
     flat, origins, broken, issues = expand_groups(workflow, limits.max_nodes)
     issues = [*workflow.problems, *issues]
     broken = broken | workflow.broken
@@ -89,7 +92,7 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
             registered_by = " and ".join(registry.clashes[spec.type])
             issues.append(Issue("ambiguous_type", f"node type '{spec.type}' is registered by {registered_by}; "
                                 "uninstall or rename one of them", node_id=node_id, node_type=spec.type, field="type"))
-        compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues, models)
+        compiled = _check_node(node_id, spec, definition, flat, broken, registry, base_dir, issues, models, confine)
         nodes[node_id] = compiled
 
     order = _topological_order(nodes)
@@ -124,7 +127,8 @@ def _unknown_type_message(type_name: str, registry: Registry) -> str:
 
 
 def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpec], reported: set[str],
-                registry: Registry, base_dir: Path, issues: list[Issue], models: ModelRoots) -> GraphNode:
+                registry: Registry, base_dir: Path, issues: list[Issue], models: ModelRoots,
+                confine: Confinement | None = None) -> GraphNode:
     def issue(code: str, message: str, field: str | None = None, kind: str | None = None, **value: Any) -> None:
         issues.append(Issue(code, message, node_id=node_id, node_type=spec.type, field=field, kind=kind,
                             value=value.get("value"), has_value="value" in value))
@@ -203,7 +207,7 @@ def _check_node(node_id, spec, definition: NodeDef, all_nodes: dict[str, NodeSpe
         if input_spec.randomizable and params[name] == "random":
             randomized.append(name)
         if input_spec.path is not None and isinstance(params[name], str):
-            resolved, problem = _resolve_path(params[name], input_spec, base_dir, models)
+            resolved, problem = _resolve_path(params[name], input_spec, base_dir, models, confine)
             if problem is not None:
                 issue(problem.code, f"{problem.message}; check the path (relative paths start at the workflow "
                       "file's folder)" if problem.code == "missing_file" else problem.message,
@@ -270,7 +274,8 @@ def _implied(name: str, resolved: str, spec: InputSpec) -> dict[str, str]:
     return {f"{name}+{i}": extra for i, extra in enumerate(extras) if check_path(extra, "any") is None}
 
 
-def _resolve_path(value: str, spec: InputSpec, base_dir: Path, models: ModelRoots):
+def _resolve_path(value: str, spec: InputSpec, base_dir: Path, models: ModelRoots,
+                  confine: Confinement | None = None):
     """(absolute path, None) for a readable file param, or (None, problem); the one place a file param is
     resolved (docs/models.md). In this order:
 
@@ -281,11 +286,23 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path, models: ModelRoot
     3. with ``must_exist=False``, a value the node fetches itself (a hub id, as ``spec.path.remote`` says)
        comes back as it is;
     4. else a problem: ``missing_model`` for a name, listing the closest names found, ``missing_file`` for
-       a path (absolute, or going up with "..")."""
+       a path (absolute, or going up with "..").
+
+    With ``confine`` (served mode) absolute paths and ".." are refused, whatever is found must lie inside
+    the allowed folders, and hub ids pass only when downloads are allowed."""
     from .files import FileProblem
 
     if "\0" in value:
         return None, FileProblem("bad_file", "a path cannot contain a NUL character")
+    if confine is not None:
+        problem = confine.value_problem(value)
+        found = None
+        if problem is None:
+            found, problem = _resolve_path(value, spec, base_dir, models)
+        if problem is None:  # resolved paths are absolute; a value found nowhere comes back as given
+            problem = (confine.resolved_problem(found) if Path(found).is_absolute()
+                       else confine.remote_problem(value))
+        return (None, problem) if problem else (found, None)
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = base_dir / path

@@ -1,0 +1,244 @@
+"""The prompt queue and its one worker: prompts run in order (lowest number first) on one long-lived Engine,
+so models stay loaded and caches warm from one prompt to the next. The worker reports each run as ComfyUI's
+websocket messages and keeps ComfyUI's history entries."""
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from ..context import InterruptFlag
+from ..errors import Interrupted, NodeFailed, NodegraphError
+from .prompts import Prompt
+
+log = logging.getLogger("nodegraph.server")
+MAX_HISTORY = 10_000  # as ComfyUI
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+class PromptQueue:
+    """Pending prompts, the running one, and the history; ``send(event, data, sid)`` delivers messages."""
+
+    def __init__(self, engine, send: Callable, output_dir: Path, temp_dir: Path, max_queue: int = 100,
+                 max_history: int = MAX_HISTORY):
+        self.engine, self.send = engine, send
+        self.output_dir, self.temp_dir = Path(output_dir), Path(temp_dir)
+        self.max_queue, self.max_history = max_queue, max_history
+        self.pending: list[tuple[float, int, Prompt]] = []  # a heap: (number, arrival, prompt)
+        self.running: Prompt | None = None
+        self.execution: Execution | None = None  # the running prompt's run, for a client that reconnects
+        self.flag: InterruptFlag | None = None
+        self.history: OrderedDict[str, dict] = OrderedDict()
+        self.number = 0  # the next number given to a prompt without one
+        self._arrivals = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="nodegraph-prompt-worker", daemon=True)
+
+    # ------------------------------------------------------------------ the queue
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        with self._cond:
+            self._stopping = True
+            self.pending.clear()
+            if self.flag is not None:
+                self.flag.set()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def next_number(self, front: bool = False) -> float:
+        with self._cond:
+            number = self.number
+            self.number += 1
+        return -number if front else number
+
+    def full(self) -> bool:
+        with self._cond:
+            return len(self.pending) >= self.max_queue
+
+    def put(self, prompt: Prompt) -> bool:
+        """Queue a validated prompt; False when the queue is full."""
+        with self._cond:
+            if len(self.pending) >= self.max_queue:
+                return False
+            self._arrivals += 1
+            heapq.heappush(self.pending, (prompt.number, self._arrivals, prompt))
+            self._cond.notify()
+        self.status()
+        return True
+
+    def remaining(self) -> int:
+        with self._cond:
+            return len(self.pending) + (self.running is not None)
+
+    def status(self) -> None:
+        """ComfyUI's "status" message, to every client."""
+        self.send("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}})
+
+    def listing(self) -> dict:
+        with self._cond:
+            running = [self.running.item()] if self.running is not None else []
+            pending = [p.item() for _, _, p in sorted(self.pending)]
+        return {"queue_running": running, "queue_pending": pending}
+
+    def delete(self, prompt_ids) -> None:
+        with self._cond:
+            ids = set(prompt_ids)
+            self.pending = [entry for entry in self.pending if entry[2].prompt_id not in ids]
+            heapq.heapify(self.pending)
+        self.status()
+
+    def clear(self) -> None:
+        with self._cond:
+            self.pending.clear()
+        self.status()
+
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Stop the running prompt (only if it is ``prompt_id``, when given) at the next node or step."""
+        with self._cond:
+            if self.flag is not None and (prompt_id is None or self.running.prompt_id == prompt_id):
+                self.flag.set()
+
+    # ------------------------------------------------------------------ history
+
+    def get_history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
+        """One entry, or the entries from ``offset`` on (oldest first), at most ``max_items``; without an offset,
+        the last ``max_items`` (ComfyUI's reading of the two)."""
+        with self._cond:
+            if prompt_id is not None:
+                return {prompt_id: self.history[prompt_id]} if prompt_id in self.history else {}
+            items = list(self.history.items())
+        if offset < 0:
+            offset = max(len(items) - max_items, 0) if max_items is not None else 0
+        end = offset + max(max_items, 0) if max_items is not None else None
+        return dict(items[offset:end])
+
+    def delete_history(self, prompt_ids=None) -> None:
+        with self._cond:
+            if prompt_ids is None:
+                self.history.clear()
+            for prompt_id in prompt_ids or ():
+                self.history.pop(prompt_id, None)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _take(self) -> Prompt | None:
+        with self._cond:
+            while not self.pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            _, _, prompt = heapq.heappop(self.pending)
+            self.running, self.flag = prompt, InterruptFlag()
+            return prompt
+
+    def _work(self) -> None:
+        while (prompt := self._take()) is not None:
+            self.status()
+            try:
+                self.execution = Execution(self, prompt, self.flag)
+                entry = self.execution.run()
+            except Exception:  # the worker must outlive any one prompt
+                log.exception("prompt %s: the server failed to run it", prompt.prompt_id)
+                entry = {"prompt": prompt.item(), "outputs": {}, "meta": {},
+                         "status": {"status_str": "error", "completed": False, "messages": []}}
+            with self._cond:
+                self.history[prompt.prompt_id] = entry  # before the final "executing", as ComfyUI
+                while len(self.history) > self.max_history:
+                    self.history.popitem(last=False)
+                self.running = self.flag = self.execution = None
+            self.send("executing", {"node": None, "prompt_id": prompt.prompt_id}, prompt.extra_data.get("client_id"))
+            self.status()
+
+
+class Execution:
+    """One prompt's run: ComfyUI's messages from the engine's events, and the history entry it ends with."""
+
+    def __init__(self, queue: PromptQueue, prompt: Prompt, flag: InterruptFlag):
+        self.queue, self.prompt, self.flag = queue, prompt, flag
+        self.sid = prompt.extra_data.get("client_id")
+        self.messages: list = []
+        self.outputs: dict[str, dict] = {}
+        self.executed: list[str] = []
+        self.last: str | None = None
+
+    def send(self, event: str, data: dict, keep: bool = False) -> None:
+        data = {**data, "prompt_id": self.prompt.prompt_id}
+        if keep:  # the messages ComfyUI keeps in the history entry's status
+            data["timestamp"] = _now()
+            self.messages.append([event, data])
+            if self.sid is None and event != "execution_interrupted":
+                return  # as ComfyUI: a prompt queued without a client_id announces only its nodes, to everyone
+        self.queue.send(event, data, self.sid)
+
+    def events(self, kind: str, node_id: str | None, value) -> None:
+        name = self.prompt.client_id(node_id)
+        if kind == "cached":
+            cached = list(dict.fromkeys(self.prompt.client_id(n) for n in value))
+            self.executed.extend(cached)  # ComfyUI counts cached nodes as executed
+            self.send("execution_cached", {"nodes": cached}, keep=True)
+        elif kind == "start":
+            if name != self.last:  # an importer's helper nodes run as part of their ComfyUI node
+                self.send("executing", {"node": name, "display_node": name})
+                self.last = name
+        elif kind == "done":
+            if name not in self.executed:
+                self.executed.append(name)
+            images = [ref for ref in map(self.file_ref, value) if ref is not None]
+            if images:
+                output = self.outputs.setdefault(name, {"images": []})
+                output["images"].extend(images)
+                self.send("executed", {"node": name, "display_node": name, "output": {"images": images}})
+
+    def progress(self, event) -> None:
+        self.send("progress", {"value": event.step, "max": event.total, "node": self.prompt.client_id(event.node_id)})
+
+    def file_ref(self, path: Path) -> dict | None:
+        path = Path(path).resolve()
+        for kind, root in (("output", self.queue.output_dir), ("temp", self.queue.temp_dir)):
+            root = root.resolve()
+            if root in path.parents:
+                sub = path.parent.relative_to(root).as_posix()
+                return {"filename": path.name, "subfolder": "" if sub == "." else sub, "type": kind}
+        return None
+
+    def run(self) -> dict:
+        self.send("execution_start", {}, keep=True)
+        ok = False
+        try:
+            self.queue.engine.run(self.prompt.workflow, out_dir=self.queue.output_dir, targets=self.prompt.targets,
+                                  temp_dir=self.queue.temp_dir, interrupt=self.flag, progress=self.progress,
+                                  events=self.events)
+            ok = True
+            self.send("execution_success", {}, keep=True)
+        except Interrupted:
+            node = self.last
+            self.send("execution_interrupted", {"node_id": node, "node_type": self.prompt.class_types.get(node),
+                                                "executed": self.executed}, keep=True)
+        except NodeFailed as exc:
+            name = self.prompt.client_id(exc.node_id)
+            self.send("execution_error", {
+                "node_id": name, "node_type": self.prompt.class_types.get(name, exc.node_type),
+                "executed": self.executed, "exception_message": str(exc),
+                "exception_type": f"{type(exc.cause).__module__}.{type(exc.cause).__name__}",
+                "traceback": traceback.format_exception_only(exc.cause), "current_inputs": {},
+                "current_outputs": {}}, keep=True)
+        except NodegraphError as exc:  # a file changed since validation, say
+            self.send("execution_error", {
+                "node_id": None, "node_type": None, "executed": self.executed, "exception_message": str(exc),
+                "exception_type": type(exc).__name__, "traceback": [], "current_inputs": {},
+                "current_outputs": {}}, keep=True)
+        meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in self.outputs}
+        return {"prompt": self.prompt.item(), "outputs": self.outputs, "meta": meta,
+                "status": {"status_str": "success" if ok else "error", "completed": ok, "messages": self.messages}}

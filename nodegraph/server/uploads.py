@@ -1,0 +1,92 @@
+"""``/upload/image`` and ``/upload/mask`` as ComfyUI answers them: multipart ``image``, ``type`` (input by
+default), ``subfolder``, ``overwrite``; a name already taken by other bytes becomes ``name (1).ext``. A mask
+upload puts the uploaded image's alpha into the original's (ComfyUI's mask editor). Files are written
+atomically: a failed upload leaves nothing half-written."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from ..atomic import write_bytes_atomic
+from .folders import Folders, OutsideFolder, inside
+
+
+def _bad(text: str, status: int = 400) -> web.Response:
+    return web.Response(status=status, text=text)
+
+
+async def _target(post, folders: Folders, data: bytes) -> tuple[Path, dict] | web.Response:
+    """Where an upload goes, and ComfyUI's answer for it (or the error response)."""
+    image = post.get("image")
+    if not isinstance(image, web.FileField) or not image.filename:
+        return _bad("the form needs a file in the field 'image'")
+    kind = post.get("type") or "input"
+    folder = folders.of(kind, "input")
+    if folder is None:
+        return _bad(f"type '{kind}' must be input, output or temp")
+    subfolder = post.get("subfolder", "") or ""
+    name = Path(image.filename.replace("\\", "/")).name
+    try:
+        target = inside(folder, subfolder, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        inside(folder, subfolder, name)  # again: the folder made may not be a link out
+    except OutsideFolder as exc:
+        return _bad(str(exc))
+    if post.get("overwrite") not in ("true", "1"):
+        stem, suffix, i = target.stem, target.suffix, 1
+        while target.exists() and target.read_bytes() != data:  # the same bytes again: keep the name
+            target = target.with_name(f"{stem} ({i}){suffix}")
+            i += 1
+    return target, {"name": target.name, "subfolder": subfolder, "type": kind}
+
+
+async def upload_image(request: web.Request, folders: Folders) -> web.Response:
+    post = await request.post()
+    image = post.get("image")
+    data = image.file.read() if isinstance(image, web.FileField) else b""
+    found = await _target(post, folders, data)
+    if isinstance(found, web.Response):
+        return found
+    target, answer = found
+    write_bytes_atomic(target, data)
+    return web.json_response(answer)
+
+
+async def upload_mask(request: web.Request, folders: Folders) -> web.Response:
+    from PIL import Image, UnidentifiedImageError
+    from PIL.PngImagePlugin import PngInfo
+
+    post = await request.post()
+    try:
+        ref = json.loads(post.get("original_ref") or "")
+        original = inside(folders.of(ref.get("type"), "output") or folders.output, ref.get("subfolder", ""),
+                          ref["filename"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _bad("original_ref must be JSON with the original's filename (and subfolder, type)")
+    except OutsideFolder as exc:
+        return _bad(str(exc), 403)
+    if not original.is_file():
+        return _bad(f"no original image '{ref['filename']}'", 404)
+    image = post.get("image")
+    if not isinstance(image, web.FileField):
+        return _bad("the form needs a file in the field 'image'")
+    try:
+        with Image.open(original) as base, Image.open(image.file) as mask:
+            info = PngInfo()
+            for key, value in (base.text if hasattr(base, "text") else {}).items():
+                info.add_text(key, value)
+            composed = base.convert("RGBA")
+            composed.putalpha(mask.convert("RGBA").getchannel("A"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return _bad(f"cannot combine the mask with the original: {exc} (the mask must be an image of the same size)")
+    buffer = io.BytesIO()
+    composed.save(buffer, format="PNG", compress_level=4, pnginfo=info)
+    found = await _target(post, folders, buffer.getvalue())
+    if isinstance(found, web.Response):
+        return found
+    target, answer = found
+    write_bytes_atomic(target, buffer.getvalue())
+    return web.json_response(answer)

@@ -1,0 +1,456 @@
+"""``nodegraph serve`` as ComfyUI's clients use it: a real aiohttp server on 127.0.0.1 (one for the module),
+websocket-client as ComfyUI's websockets_api_example.py uses it, the tiny SD 1.x checkpoint."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nodegraph.api import Engine
+from tests.server_fixtures import (connect, img2img, request, server_folders, txt2img, until_done, wait_for)
+
+MAX_QUEUE = 3
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory):
+    return server_folders(tmp_path_factory.mktemp("served"), tiny)
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    from nodegraph.server.app import Running, ServerConfig
+
+    running = Running(ServerConfig(port=0, cache_dir=False, max_queue=MAX_QUEUE, **folders))
+    yield running
+    running.stop()
+
+
+def run_prompt(server, prompt, **extra):
+    """ComfyUI's example client: connect, queue, read until our prompt is done; (prompt id, messages)."""
+    ws, client_id = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": prompt, "client_id": client_id, **extra})
+        assert status == 200, answer
+        return answer["prompt_id"], until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+
+
+def kinds(messages, prompt_id):
+    return [m["type"] for m in messages if m["data"].get("prompt_id") == prompt_id]
+
+
+def png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_comfy_example_client_flow_gives_the_engines_image(server, folders, tmp_path):
+    prompt_id, messages = run_prompt(server, img2img(seed=11, steps=4, prefix="flow"))
+    assert messages[0]["type"] == "status" and "sid" in messages[0]["data"]
+    order = kinds(messages, prompt_id)
+    assert order[:2] == ["execution_start", "execution_cached"]
+    assert order[-2:] == ["execution_success", "executing"]
+    executing = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
+    assert executing == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
+    steps = [(m["data"]["value"], m["data"]["max"]) for m in messages if m["type"] == "progress"]
+    assert steps == [(1, 2), (2, 2)] and all(m["data"]["node"] == "s" for m in messages if m["type"] == "progress")
+    executed = [m["data"] for m in messages if m["type"] == "executed"]
+    assert [e["node"] for e in executed] == ["save"]
+    image = executed[0]["output"]["images"][0]
+    assert image == {"filename": "flow_00001.png", "subfolder": "", "type": "output"}
+
+    status, history = request(f"{server.url}/history/{prompt_id}")
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+    assert entry["outputs"] == {"save": {"images": [image]}}
+    assert entry["prompt"][1] == prompt_id and entry["prompt"][4] == ["save"]
+
+    status, data = request(f"{server.url}/view?filename={image['filename']}&subfolder=&type=output")
+    assert status == 200
+    # the same workflow run in-process by the Python API makes the same pixels
+    reference = Engine(cache_dir=False, models=folders["models"]).run(
+        img2img(seed=11, steps=4, prefix="ref"), out_dir=tmp_path,
+        overrides={"load.path": str(folders["input"] / "photo.png")})
+    np.testing.assert_array_equal(png(data), np.asarray(Image.open(reference.files[0]).convert("RGB")))
+
+
+def test_a_repeated_prompt_reports_its_nodes_cached_and_runs_only_the_saver(server):
+    run_prompt(server, img2img(seed=12, prefix="again"))
+    prompt_id, messages = run_prompt(server, img2img(seed=12, prefix="again"))
+    cached = next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
+    assert set(cached) == {"ckpt", "load", "enc", "pos", "s", "dec"}
+    assert [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]] == ["save"]
+    assert not [m for m in messages if m["type"] == "progress"]
+
+
+def test_three_clients_at_once_each_get_only_their_messages(server):
+    results = {}
+
+    def client(seed):
+        ws, client_id = connect(server.url)
+        try:
+            status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=seed, prefix=f"c{seed}"),
+                                                              "client_id": client_id})
+            results[seed] = (answer["prompt_id"], until_done(ws, answer["prompt_id"]))
+        finally:
+            ws.close()
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in (21, 22, 23)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(results) == 3
+    for prompt_id, messages in results.values():
+        ids = {m["data"]["prompt_id"] for m in messages if "prompt_id" in m["data"]}
+        assert ids == {prompt_id}
+        assert "execution_success" in kinds(messages, prompt_id)
+        assert sum(m["type"] == "progress" for m in messages) == 2
+
+
+def test_interrupt_stops_the_running_prompt_between_sampler_steps(server):
+    ws, client_id = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": txt2img(seed=31, steps=1000),
+                                                          "client_id": client_id})
+        prompt_id = answer["prompt_id"]
+        while True:
+            message = json.loads(ws.recv())
+            if message["type"] == "progress":
+                break
+        assert request(f"{server.url}/interrupt", {})[0] == 200
+        messages = until_done(ws, prompt_id)
+    finally:
+        ws.close()
+    order = kinds(messages, prompt_id)
+    assert "execution_interrupted" in order and "execution_success" not in order
+    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
+    assert interrupted["node_id"] == "s" and set(interrupted["executed"]) == {"ckpt", "pos", "empty"}
+    assert sum(m["type"] == "progress" for m in messages) < 900
+    entry = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
+    assert entry["status"] == {**entry["status"], "status_str": "error", "completed": False}
+    assert entry["outputs"] == {}
+
+
+def test_queue_lists_deletes_clears_and_refuses_when_full(server):
+    ws, client_id = connect(server.url)
+    try:
+        status, long = request(f"{server.url}/prompt", {"prompt": txt2img(seed=41, steps=1000), "client_id": client_id})
+        while json.loads(ws.recv())["type"] != "progress":
+            pass
+        waiting = [request(f"{server.url}/prompt", {"prompt": img2img(seed=42 + i, prefix=f"q{i}"),
+                                                    "client_id": client_id})[1]["prompt_id"] for i in range(MAX_QUEUE)]
+        status, full = request(f"{server.url}/prompt", {"prompt": img2img(seed=49), "client_id": client_id})
+        assert status == 429 and full["error"]["type"] == "queue_full"
+
+        queue = request(f"{server.url}/api/queue")[1]
+        assert [item[1] for item in queue["queue_running"]] == [long["prompt_id"]]
+        assert [item[1] for item in queue["queue_pending"]] == waiting
+        number, prompt_id, prompt, extra, outputs = queue["queue_pending"][0]
+        assert prompt["nodes"]["s"]["params"]["seed"] == 42 and extra["client_id"] == client_id
+        assert outputs == ["save"]
+        assert request(f"{server.url}/prompt")[1] == {"exec_info": {"queue_remaining": MAX_QUEUE + 1}}
+
+        request(f"{server.url}/queue", {"delete": [waiting[1]]})
+        assert [item[1] for item in request(f"{server.url}/queue")[1]["queue_pending"]] == [waiting[0], waiting[2]]
+        request(f"{server.url}/queue", {"clear": True})
+        assert request(f"{server.url}/queue")[1]["queue_pending"] == []
+        request(f"{server.url}/interrupt", {"prompt_id": long["prompt_id"]})
+        until_done(ws, long["prompt_id"])
+    finally:
+        ws.close()
+    wait_for(lambda: request(f"{server.url}/queue")[1]["queue_running"] == [])
+    history = request(f"{server.url}/history")[1]
+    assert long["prompt_id"] in history and not set(waiting) & set(history)
+
+
+def test_a_bad_prompt_is_refused_with_every_problem_and_nothing_runs(server):
+    before = request(f"{server.url}/history")[1]
+    bad = img2img(seed=51)
+    bad["nodes"]["s"]["params"]["steps"] = 0
+    bad["nodes"]["pos"]["inputs"] = {}
+    bad["nodes"]["extra"] = {"type": "NoSuchNode"}
+    bad["nodes"]["ckpt"]["params"]["path"] = "no-such-model"
+    status, answer = request(f"{server.url}/prompt", {"prompt": bad, "client_id": "x"})
+    assert status == 400
+    assert answer["error"]["type"] == "prompt_outputs_failed_validation"
+    errors = answer["node_errors"]
+    assert set(errors) == {"s", "pos", "extra", "ckpt"}
+    assert errors["s"]["class_type"] == "Sampler"
+    assert errors["s"]["errors"][0]["extra_info"]["input_name"] == "steps"
+    assert errors["pos"]["errors"][0]["type"] == "required_input_missing"
+    assert errors["ckpt"]["errors"][0]["type"] == "value_not_in_list"
+    assert all(set(e) == {"type", "message", "details", "extra_info"} for n in errors.values() for e in n["errors"])
+    assert request(f"{server.url}/history")[1] == before
+    assert request(f"{server.url}/queue")[1] == {"queue_running": [], "queue_pending": []}
+
+    status, answer = request(f"{server.url}/prompt", {"client_id": "x"})
+    assert status == 400 and answer["error"]["type"] == "no_prompt"
+
+
+def test_a_bad_comfy_prompt_names_comfy_ids_and_class_types(server):
+    prompt = {"3": {"class_type": "NoSuchComfyNode", "inputs": {}},
+              "7": {"class_type": "InvertMask", "inputs": {"mask": ["99", 0]}}}
+    status, answer = request(f"{server.url}/prompt", {"prompt": prompt})
+    assert status == 400
+    assert answer["node_errors"]["3"]["class_type"] == "NoSuchComfyNode"
+    assert answer["node_errors"]["7"]["class_type"] == "InvertMask"
+    assert answer["node_errors"]["7"]["errors"][0]["extra_info"]["input_name"] == "mask"
+
+
+@pytest.mark.parametrize("path, code", [("/etc/hostname", "confined_path"), ("../outside.png", "confined_path"),
+                                        ("link_out.png", "confined_path")])
+def test_file_params_stay_in_the_input_and_models_folders(server, folders, tmp_path, path, code):
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    link = folders["input"] / "link_out.png"
+    if not link.is_symlink():
+        os.symlink(outside, link)
+    prompt = img2img(seed=61)
+    prompt["nodes"]["load"]["params"]["path"] = path
+    status, answer = request(f"{server.url}/prompt", {"prompt": prompt})
+    assert status == 400
+    assert answer["node_errors"]["load"]["errors"][0]["type"] == code
+
+
+def test_hub_ids_are_refused_without_allow_download(server):
+    prompt = img2img(seed=62)
+    prompt["nodes"]["ckpt"]["params"]["path"] = "someone/some-model"
+    status, answer = request(f"{server.url}/prompt", {"prompt": prompt})
+    assert status == 400
+    error = answer["node_errors"]["ckpt"]["errors"][0]
+    assert error["type"] == "download_refused" and "--allow-download" in error["message"]
+
+
+def test_view_serves_only_inside_its_folders(server, folders, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (folders["output"] / "sub").mkdir(parents=True, exist_ok=True)
+    link = folders["output"] / "sub" / "out.txt"
+    if not link.is_symlink():
+        os.symlink(secret, link)
+    for query in ("filename=secret.txt&subfolder=../../" + tmp_path.name, "filename=../x.png",
+                  "filename=out.txt&subfolder=sub", "filename=passwd&subfolder=/etc",
+                  "filename=photo.png&subfolder=..&type=input"):
+        status, body = request(f"{server.url}/view?{query}")
+        assert status in (400, 403), query
+        assert b"secret" not in body
+    assert request(f"{server.url}/view?filename=photo.png&type=input")[0] == 200
+    assert request(f"{server.url}/view?filename=photo.png&type=elsewhere")[0] == 400
+    assert request(f"{server.url}/view?filename=nothing.png")[0] == 404
+
+
+def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f'Content-Type: image/png\r\n\r\n'.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def upload(url, fields, files):
+    import urllib.request
+
+    body, kind = multipart(fields, files)
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_upload_image_names_copies_and_overwrites_as_comfy(server, folders):
+    red, blue = png_bytes(Image.new("RGB", (16, 16), "red")), png_bytes(Image.new("RGB", (16, 16), "blue"))
+    url = f"{server.url}/upload/image"
+    assert upload(url, {"subfolder": "up"}, {"image": ("a.png", red)}) == (200, {"name": "a.png", "subfolder": "up",
+                                                                                  "type": "input"})
+    assert upload(url, {"subfolder": "up"}, {"image": ("a.png", red)})[1]["name"] == "a.png"  # same bytes
+    assert upload(url, {"subfolder": "up"}, {"image": ("a.png", blue)})[1]["name"] == "a (1).png"
+    assert upload(url, {"subfolder": "up", "overwrite": "true"}, {"image": ("a.png", blue)})[1]["name"] == "a.png"
+    assert (folders["input"] / "up" / "a.png").read_bytes() == blue
+    assert upload(url, {"subfolder": "../.."}, {"image": ("x.png", red)})[0] == 400
+    assert upload(url, {"type": "nowhere"}, {"image": ("x.png", red)})[0] == 400
+
+
+def test_upload_mask_puts_the_masks_alpha_into_the_original(server, folders):
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(original).save(folders["input"] / "orig.png")
+    mask = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    status, answer = upload(f"{server.url}/upload/mask",
+                            {"original_ref": json.dumps({"filename": "orig.png", "type": "input"}), "type": "input",
+                             "subfolder": "clipspace"},
+                            {"image": ("mask.png", png_bytes(Image.fromarray(mask, "RGBA")))})
+    assert status == 200 and answer == {"name": "mask.png", "subfolder": "clipspace", "type": "input"}
+    result = np.asarray(Image.open(folders["input"] / "clipspace" / "mask.png"))
+    np.testing.assert_array_equal(result[..., :3], original)
+    np.testing.assert_array_equal(result[..., 3], mask[..., 3])
+
+
+def test_info_routes(server):
+    info = request(f"{server.url}/object_info")[1]
+    assert info["Sampler"]["input"]["optional"]["steps"][0] == "INT"
+    assert info["Sampler"]["input"]["required"]["model"] == ["MODEL"]
+    assert info["Sampler"]["output"] == ["LATENT"] and info["SaveImage"]["output_node"] is True
+    assert "InvertMask" in info  # the importer's ComfyUI types (ComfyUI's spec wins where a name is in both)
+    mask = request(f"{server.url}/api/object_info/LoadMask")[1]["LoadMask"]
+    assert "photo.png" in mask["input"]["required"]["path"][0]
+    assert mask["input"]["optional"]["channel"][0] == ["luminance", "alpha"]
+    assert mask["input"]["optional"]["invert"] == ["BOOLEAN", {"default": False, "tooltip": "use 1 - mask (for "
+                                                                  "masks drawn white = keep)"}]
+    ckpt = request(f"{server.url}/object_info/LoadCheckpoint")[1]["LoadCheckpoint"]
+    assert "tiny-sd15" in ckpt["input"]["required"]["path"][0]
+    assert "checkpoints" in request(f"{server.url}/models")[1]
+    assert request(f"{server.url}/api/models/checkpoints")[1] == ["tiny-sd15", "tiny-sd15.safetensors"]
+    assert request(f"{server.url}/models/nothing")[0] == 404
+    assert request(f"{server.url}/embeddings")[1] == []
+    stats = request(f"{server.url}/system_stats")[1]
+    assert stats["system"]["ram_total"] > 0 and stats["devices"]
+    assert request(f"{server.url}/history?max_items=1")[0] == 200
+    assert len(request(f"{server.url}/history?max_items=1")[1]) <= 1
+
+
+def test_history_delete_and_clear(server):
+    first, _ = run_prompt(server, img2img(seed=71, prefix="h"))
+    second, _ = run_prompt(server, img2img(seed=72, prefix="h"))
+    third, _ = run_prompt(server, img2img(seed=73, prefix="h"))
+    everything = list(request(f"{server.url}/history")[1])
+    assert everything[-3:] == [first, second, third]
+    assert list(request(f"{server.url}/history?max_items=2")[1]) == [second, third]
+    start = len(everything) - 3
+    assert list(request(f"{server.url}/history?max_items=2&offset={start}")[1]) == [first, second]
+    request(f"{server.url}/history", {"delete": [first]})
+    history = request(f"{server.url}/history")[1]
+    assert first not in history and second in history
+    request(f"{server.url}/history", {"clear": True})
+    assert request(f"{server.url}/history")[1] == {}
+
+
+def test_limits_on_request_size_nodes_and_pixels(folders, tmp_path):
+    from nodegraph.server.app import Running, ServerConfig
+
+    small = Running(ServerConfig(port=0, cache_dir=False, max_upload=4096, max_nodes=8, max_pixels=128 * 128,
+                                 **{**folders, "output": tmp_path / "out"}))
+    try:
+        status, answer = request(f"{small.url}/prompt", {"prompt": img2img(), "padding": "x" * 5000})
+        assert status == 413
+        many = img2img(seed=81)
+        many["nodes"].update({f"extra{i}": {"type": "EmptyLatent"} for i in range(2)})
+        status, answer = request(f"{small.url}/prompt", {"prompt": many})
+        assert status == 400 and answer["error"]["type"] == "too_many_nodes"
+        comfy = {str(i): {"class_type": "InvertMask", "inputs": {"mask": [str(i - 1), 0]}} for i in range(1, 10)}
+        status, answer = request(f"{small.url}/prompt", {"prompt": comfy})
+        assert status == 400 and answer["error"]["type"] == "too_many_nodes" and "9 nodes" in answer["error"]["message"]
+        big = txt2img(seed=82, steps=2)
+        big["nodes"]["empty"]["params"].update(width=256, height=256)
+        status, answer = request(f"{small.url}/prompt", {"prompt": big})
+        assert status == 400 and "pixels" in answer["node_errors"]["empty"]["errors"][0]["message"]
+        assert request(f"{small.url}/queue")[1] == {"queue_running": [], "queue_pending": []}
+    finally:
+        small.stop()
+
+
+def test_partial_execution_targets_and_front(server):
+    ws, client_id = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=91), "client_id": client_id,
+                                                          "partial_execution_targets": ["enc"]})
+        assert status == 200
+        messages = until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
+    cached = next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
+    assert set(ran) | set(cached) == {"ckpt", "load", "enc"}  # enc and what it needs; no sampler, no saver
+    assert request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]["prompt"][4] == ["enc"]
+    assert request(f"{server.url}/prompt", {"prompt": img2img(seed=92), "front": True})[1]["number"] < 0
+
+
+def test_a_prompt_without_client_id_shows_its_nodes_to_every_client(server):
+    ws, _ = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=95, prefix="anon")})
+        messages = until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    order = kinds(messages, answer["prompt_id"])
+    assert "executing" in order and "executed" in order and "execution_start" not in order
+    entry = request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]
+    assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+
+
+def test_a_node_failing_at_run_time_is_an_execution_error_and_the_server_goes_on(server, folders):
+    Image.new("RGB", (60, 60), "gray").save(folders["input"] / "odd.png")  # not a multiple of 8: VAEEncode refuses
+    prompt = img2img(seed=97)
+    prompt["nodes"]["load"]["params"]["path"] = "odd.png"
+    prompt_id, messages = run_prompt(server, prompt)
+    order = kinds(messages, prompt_id)
+    assert "execution_error" in order and "execution_success" not in order and order[-1] == "executing"
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert error["node_id"] == "enc" and error["node_type"] == "VAEEncode"
+    assert "enc" in error["exception_message"] and "8" in error["exception_message"]
+    assert {"ckpt", "load"} <= set(error["executed"]) and "enc" not in error["executed"]
+    assert set(error) >= {"prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type",
+                          "traceback", "current_inputs", "current_outputs"}
+    entry = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
+    assert entry["status"]["status_str"] == "error" and entry["status"]["messages"][-1][0] == "execution_error"
+    prompt_id, messages = run_prompt(server, img2img(seed=98, prefix="after"))
+    assert "execution_success" in kinds(messages, prompt_id)
+
+
+def test_a_client_that_reconnects_hears_which_node_is_running(server):
+    ws, client_id = connect(server.url)
+    try:
+        status, answer = request(f"{server.url}/prompt", {"prompt": txt2img(seed=99, steps=1000),
+                                                          "client_id": client_id})
+        while json.loads(ws.recv())["type"] != "progress":
+            pass
+        ws.close()  # the connection drops while the prompt runs; the client comes back with its id
+        ws, _ = connect(server.url, client_id)
+        seen = [json.loads(ws.recv())]
+        while seen[-1]["type"] != "executing":  # progress sent before the reconnection may come first
+            seen.append(json.loads(ws.recv()))
+        request(f"{server.url}/interrupt", {})
+        until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    assert {m["type"] for m in seen} <= {"status", "progress", "executing"}
+    status = next(m for m in seen if m["type"] == "status")
+    assert status["data"]["sid"] == client_id and seen.index(status) == len(seen) - 2
+    assert seen[-1] == {"type": "executing", "data": {"node": "s", "display_node": "s",
+                                                       "prompt_id": answer["prompt_id"]}}
+
+
+def test_cross_site_requests_are_refused_and_annotated_names_are_viewed(server):
+    import urllib.request
+
+    def post(origin):
+        headers = {"Origin": origin} if origin else {}
+        req = urllib.request.Request(f"{server.url}/queue", data=b"{}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert post("http://evil.example") == 403
+    assert post(server.url) == 200 and post(None) == 200
+    assert request(f"{server.url}/view?filename=photo.png%20[input]")[0] == 200
