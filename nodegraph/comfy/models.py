@@ -254,8 +254,8 @@ def denoise_steps(steps: int, denoise: float) -> tuple[int, float]:
     total = int(steps / denoise)
     if total <= steps:
         return steps, 1.0
-    strength = round(steps / total, 6)
-    while int(total * strength) < steps:
+    strength = math.ceil(steps / total * 1e6) / 1e6  # readable, and at most 1e-6 * total steps above
+    while int(total * strength) < steps:  # float rounding: at most an ulp or two
         strength = math.nextafter(strength, 2.0)
     return total, strength
 
