@@ -24,6 +24,9 @@ from ._memory import on_device
 from ._params import DenoisingEnd, DenoisingStart, EndStep, Guidance, Seed, StartStep, Steps, Strength
 from .schedulers import SchedulerName
 
+SCHEDULER_HELP = ("diffusers scheduler by its usual UI name; a suffix picks the sigmas (_karras, _exponential) or "
+                  "the timestep spacing (_linspace, _trailing); docs/comfy.md")
+
 
 def _check_fractions(params: dict):
     stepped = [n for n in ("start_step", "end_step") if isinstance(params.get(n), int) and params[n] > 0]
@@ -56,7 +59,7 @@ def sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
+    scheduler: Annotated[SchedulerName, Field(description=SCHEDULER_HELP)] = "euler",
     strength: Strength = 1.0,
     denoising_start: DenoisingStart = 0.0,
     denoising_end: DenoisingEnd = 1.0,
@@ -98,7 +101,7 @@ def latent_blend_sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
+    scheduler: Annotated[SchedulerName, Field(description=SCHEDULER_HELP)] = "euler",
     strength: Strength = 1.0,
     denoising_start: DenoisingStart = 0.0,
     denoising_end: DenoisingEnd = 1.0,
@@ -134,7 +137,7 @@ def differential_sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
+    scheduler: Annotated[SchedulerName, Field(description=SCHEDULER_HELP)] = "euler",
     strength: Strength = 1.0,
     denoising_end: DenoisingEnd = 1.0,
 ):

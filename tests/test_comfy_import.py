@@ -559,22 +559,6 @@ def test_validate_and_run_take_comfyui_files(tmp_path, models_root):
     assert error["node_id"] == "3" and error["node_type"] == "KSampler" and error["field"] == "sampler_name"
 
 
-def test_validating_an_imported_workflow_imports_no_heavy_library(tmp_path, models_root):
-    from .test_light_imports import loaded_after
-
-    api = tmp_path / "api.json"
-    prompt = txt2img()
-    prompt["12"] = {"class_type": "DifferentialDiffusion", "inputs": {"model": ["4", 0]}}
-    prompt["3"]["inputs"]["model"] = ["12", 0]
-    api.write_text(json.dumps(prompt))
-    loaded, code = loaded_after(["validate", str(api), "--models", str(models_root)])
-    assert loaded == [] and code == 2  # no output node; nothing heavy was needed to say so
-    editor = tmp_path / "editor.json"
-    editor.write_text((DATA / "txt2img_editor.json").read_text())
-    loaded, code = loaded_after(["import", str(editor), "-o", str(tmp_path / "out.json")])
-    assert loaded == []
-
-
 # ---------------------------------------------------------------------------------------------- end to end
 
 def prepare(tmp_path: Path, name: str) -> Path:
