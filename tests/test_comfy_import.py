@@ -176,8 +176,9 @@ def test_missing_links_cycles_and_bad_values_are_reported_together():
     del prompt["6"]["inputs"]["clip"]
     prompt["8"]["inputs"]["samples"] = ["99", 0]
     prompt["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -20}}
+    prompt["7"]["inputs"]["text"] = "embedding:EasyNegative, blurry"
     found = {(i.node_id, i.field) for i in problems(prompt)}
-    assert {("6", "clip"), ("8", "samples"), ("3", "denoise"), ("10", "stop_at_clip_layer")} <= found
+    assert {("6", "clip"), ("8", "samples"), ("3", "denoise"), ("10", "stop_at_clip_layer"), ("7", "text")} <= found
 
 
 def test_ksampler_advanced_leftover_noise_that_comfyui_drops_is_refused():

@@ -123,6 +123,9 @@ def clip_text_encode(node: ComfyNode, b: Builder) -> list:
     inputs = {"clip": b.link(node, "clip")}
     params: dict = {}
     b.either(node, "text", inputs, params)
+    if "embedding:" in str(params.get("text", "")):
+        b.problem(node, "text", "names a textual-inversion embedding ('embedding:...'), which nodegraph does not "
+                                "load; remove it from the prompt")
     skip = b.source_facts(node, "clip").get("clip_skip")
     if skip:
         params["clip_skip"] = skip
