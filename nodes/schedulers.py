@@ -26,7 +26,6 @@ _SAMPLERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, True),
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}, True),
     "unipc": ("UniPCMultistepScheduler", {}, True),
-    "unipc_bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}, True),
 }
 _SIGMAS = {"karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
 _SPACING = {"linspace": {"timestep_spacing": "linspace"}, "trailing": {"timestep_spacing": "trailing"}}

@@ -15,8 +15,9 @@ from .convert import Builder, ComfyNode, ComfyType, converts
 SAMPLERS = {
     "euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "dpm_2": "dpm_2", "lms": "lms",
     "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
-    "dpmpp_sde": "dpmpp_sde", "dpmpp_sde_gpu": "dpmpp_sde", "ddim": "ddim", "uni_pc": "unipc_bh1",
-    "uni_pc_bh2": "unipc",
+    "dpmpp_sde": "dpmpp_sde", "dpmpp_sde_gpu": "dpmpp_sde", "ddim": "ddim",
+    # ComfyUI's uni_pc is the bh1 variant; diffusers' bh1 diverges (NaN) at small step counts, so both take bh2
+    "uni_pc": "unipc", "uni_pc_bh2": "unipc",
 }
 # ComfyUI scheduler -> suffix of the nodegraph scheduler name (diffusers' sigma / timestep spacing options)
 SCHEDULES = {"normal": "_linspace", "karras": "_karras", "exponential": "_exponential", "sgm_uniform": "_trailing",
