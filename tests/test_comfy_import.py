@@ -587,7 +587,7 @@ def test_data_workflows_run_end_to_end(tmp_path, engine, name):
 
     source = prepare(tmp_path, name)
     result = engine.run(source, out_dir=tmp_path / "out", device="cpu")
-    assert set(result.status.values()) <= {"ran", "cached"}
+    assert set(result.status.values()) <= {"ran", "cached", "skipped"}  # the same graph may have run before
     pngs = sorted((tmp_path / "out").rglob("*.png"))
     assert len(pngs) == 1
     pixels = np.asarray(Image.open(pngs[0]))
