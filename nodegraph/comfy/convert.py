@@ -6,6 +6,10 @@ nodegraph nodes for it through a ``Builder`` and says which nodegraph output eac
 is. The nodes keep their ComfyUI ids (helper nodes get ``<id>_<suffix>``) and titles. Every problem (a type with
 no converter, a missing input, a value nodegraph cannot reproduce) is collected with the ComfyUI id and
 class_type, and all are raised together as one ``WorkflowInvalid``.
+
+``detect_format`` tells nodegraph workflows, API prompts and editor files apart; ``to_nodegraph`` imports either
+ComfyUI format (the editor's through ``editor.editor_to_api``). The workflow reader calls it, so every place that
+takes a workflow takes a ComfyUI one.
 """
 from __future__ import annotations
 
@@ -284,7 +288,7 @@ def import_api(prompt: dict, description: str | None = None) -> dict:
     problems += builder.problems
     if problems:
         raise WorkflowInvalid(problems)
-    # in the prompt's order, each helper node after its ComfyUI node
+    # in the prompt's order, each helper node just before its ComfyUI node
     place = {builder.node_id(n): i for i, n in enumerate(nodes.values())}
     ordered = sorted(builder.nodes, key=lambda nid: (place.get(nid, place.get(nid.rsplit("_", 1)[0], len(place))),
                                                      nid in place))
