@@ -319,6 +319,9 @@ def test_inpaint_model_conditioning_and_differential_diffusion():
         assert "20" not in nodes
         assert nodes["3"]["type"] == "DifferentialSampler"
         assert nodes["3"]["inputs"]["change_map"] == change_map and nodes["3"]["inputs"]["model"] == "4.model"
+    prompt["20"]["inputs"]["strength"] = 0.5
+    with pytest.raises(WorkflowInvalid, match="strength"):
+        convert_with_mask(prompt)
 
 
 def test_ksampler_advanced_steps():

@@ -227,11 +227,16 @@ def inpaint_model_conditioning(node: ComfyNode, b: Builder) -> list:
 
 # ---------------------------------------------------------------------------------------------- sampling
 
-@converts("DifferentialDiffusion", spec=ComfyType({"model": ("MODEL",)}, outputs=("MODEL",),
-                                                  category="_for_testing"))
+@converts("DifferentialDiffusion", spec=ComfyType(
+        {"model": ("MODEL",)}, optional={"strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})},
+        outputs=("MODEL",), category="_for_testing"))
 def differential_diffusion(node: ComfyNode, b: Builder) -> list:
     """No node of its own: a KSampler with this model and a noise mask becomes DifferentialSampler."""
     model = b.link(node, "model")
+    strength = b.value(node, "strength", 1.0)
+    if strength is not None and strength != 1:
+        b.problem(node, "strength", "below 1 (the thresholded mask blended with the soft one) is not reproduced; "
+                                    "nodegraph's DifferentialSampler is strength 1")
     b.tag(node, 0, **{**b.source_facts(node, "model"), "differential": True})
     return [model]
 
