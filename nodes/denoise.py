@@ -485,12 +485,8 @@ def sample(model, positive, negative, latents, *, seed: int, steps: int, guidanc
         draws = INPAINT_FROM_NOISE if strength == 1.0 and not handoff and not start_step else INPAINT
         run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
                       scheduler=scheduler, strength=strength, partial=True, draws=draws, **fractions)
-        extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
-                           _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
-                                      "masked image latents")], dim=1)
-        if guidance_enabled(model.unet, guidance_scale):
-            extra = torch.cat([extra] * 2)
-        return run.denoise(_inpaint_start(run, strength if not start_step else 0.0), [ChannelConcat(extra)], progress)
+        return run.denoise(_inpaint_start(run, strength if not start_step else 0.0),
+                           [_channel_concat(run, latents, model, guidance_scale)], progress)
     draws = TEXT2IMG if from_noise else HANDOFF if handoff else IMG2IMG
     run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
                   scheduler=scheduler, strength=strength, partial=not from_noise, draws=draws, **fractions)
@@ -499,6 +495,14 @@ def sample(model, positive, negative, latents, *, seed: int, steps: int, guidanc
     else:
         start = run.x0 if handoff else run.start_from_image()
     return run.denoise(start, (), progress)
+
+
+def _channel_concat(run: Run, latents, model, guidance_scale: float) -> ChannelConcat:
+    """The inpainting UNet's extra channels: the mask and the masked image's latents (doubled when guiding)."""
+    extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
+                       _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
+                                  "masked image latents")], dim=1)
+    return ChannelConcat(torch.cat([extra] * 2) if guidance_enabled(model.unet, guidance_scale) else extra)
 
 
 def _inpaint_start(run: Run, strength: float) -> torch.Tensor:
@@ -513,12 +517,14 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
                   denoising_end: float = 1.0, progress: Optional[Progress] = None) -> torch.Tensor:
     """Base-model inpainting by latent blending (StableDiffusionInpaintPipeline / StableDiffusionXLInpaintPipeline
     with a 4-channel UNet). With ``denoising_start`` the given latents are continued and also serve as the
-    latents blended back outside the mask, as the SDXL inpaint pipeline does with a refiner."""
+    latents blended back outside the mask, as the SDXL inpaint pipeline does with a refiner. An inpainting
+    checkpoint (9-channel UNet) with a latent from InpaintModelConditioning gets its extra channels as well and is
+    blended the same way (ComfyUI's InpaintModelConditioning with noise_mask)."""
     from .latent import latent_mask
 
-    if model.inpainting:
-        raise NodeError("LatentBlendSampler is for normal (4-channel) checkpoints; this is an inpainting checkpoint "
-                        "(9-channel UNet): use InpaintModelConditioning -> Sampler instead")
+    if model.inpainting and not latents.has_inpaint_conditioning:
+        raise NodeError("this is an inpainting checkpoint (9-channel UNet): make the latent with "
+                        "InpaintModelConditioning (vae, image, mask), or use InpaintModelConditioning -> Sampler")
     if latents.empty:
         raise NodeError("LatentBlendSampler needs the latents of an image to keep (VAEEncode or a previous sampler), "
                         "not an EmptyLatent")
@@ -526,8 +532,10 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
                   scheduler=scheduler, strength=strength, partial=True, draws=INPAINT, denoising_start=denoising_start,
                   denoising_end=denoising_end)
     m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor), run.x0)
-    return run.denoise(_inpaint_start(run, strength), [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)],
-                       progress)
+    hooks = [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)]
+    if model.inpainting:
+        hooks.insert(0, _channel_concat(run, latents, model, guidance_scale))
+    return run.denoise(_inpaint_start(run, strength), hooks, progress)
 
 
 def change_map_to_latent(change: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:

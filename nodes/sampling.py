@@ -113,7 +113,9 @@ def latent_blend_sampler_node(
     starts the masked area from pure noise; lower strength starts from the noised original. Hand-off as
     in Sampler: with denoising_start the given latent is continued and blended back outside the mask
     (StableDiffusionXLInpaintPipeline with a refiner). A photo encoded with VAEEncode mode "sampler" gives
-    StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order)."""
+    StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order).
+    An inpainting checkpoint takes the latent of InpaintModelConditioning and is blended the same way
+    (ComfyUI's InpaintModelConditioning with noise_mask)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
     with on_device(ctx, *model.modules()):

@@ -308,8 +308,12 @@ def test_vae_encode_for_inpaint_and_set_latent_noise_mask_make_a_latent_blend_sa
 def test_inpaint_model_conditioning_and_differential_diffusion():
     nodes = convert_with_mask(inpaint_prompt("InpaintModelConditioning"))
     assert nodes["13"]["type"] == "InpaintModelConditioning"
-    assert nodes["3"]["type"] == "Sampler"  # the inpainting UNet's channels
+    assert nodes["3"]["type"] == "LatentBlendSampler"  # noise_mask: blended (with the channels on a 9-channel UNet)
     assert nodes["3"]["inputs"]["positive"] == "6.conditioning" and nodes["3"]["inputs"]["latent"] == "13.latent"
+    assert nodes["3"]["inputs"]["mask"] == "12.mask"
+    prompt = inpaint_prompt("InpaintModelConditioning")
+    prompt["13"]["inputs"]["noise_mask"] = False
+    assert convert_with_mask(prompt)["3"]["type"] == "Sampler"  # the inpainting UNet's channels only
     for latent_type, change_map in (("InpaintModelConditioning", "12.mask"), ("SetLatentNoiseMask", "12.mask"),
                                     ("VAEEncodeForInpaint", "13.mask")):
         prompt = inpaint_prompt(latent_type, **{"20": {"class_type": "DifferentialDiffusion",

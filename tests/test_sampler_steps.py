@@ -53,3 +53,31 @@ def test_steps_and_strength_together_are_refused_at_validation(sd):
     found = {(i.node_id, i.field): i.message for i in Engine(cache_dir=False).validate(workflow, targets=["s"])}
     assert "either start_step or strength" in found[("s", "strength")]
     assert "below end_step" in found[("s", "start_step")]
+
+
+def test_latent_blend_sampler_takes_inpaint_model_conditioning(sd, sd_inpaint):
+    """ComfyUI's InpaintModelConditioning with noise_mask: an inpainting checkpoint sees the extra channels and
+    is blended with the mask (the original comes back exactly outside it); a normal one is blended only, as with
+    a plain VAEEncode latent."""
+    from nodegraph.nodes.latent import inpaint_conditioning, latent_mask
+
+    from .test_diffusion_parity import centre_mask
+
+    image, mask = photo(), centre_mask(soft=False)
+    args = dict(seed=2, steps=3, guidance_scale=5.0, scheduler="euler", strength=1.0)
+    for handles in (sd_inpaint, sd):
+        model, clip, vae = handles
+        latents = inpaint_conditioning(vae, image, mask)
+        pos = encode_prompt(clip, "a lighthouse")
+        blended = denoise.blend_inpaint(model, pos, None, latents, mask, **args)
+        keep = 1 - latent_mask(mask, tuple(latents.samples.shape[-2:]))
+        assert torch.equal(blended * keep, latents.samples * keep)
+        assert ((blended - latents.samples) * (1 - keep)).abs().max() > 1e-2
+        if handles is sd:
+            plain = denoise.blend_inpaint(model, pos, None, Latents(latents.samples), mask, **args)
+            assert torch.equal(blended, plain)
+        else:
+            unblended = denoise.sample(model, pos, None, latents, **args)
+            assert ((blended - unblended) * (1 - keep)).abs().max() > 0  # the blending reaches inside too
+    with pytest.raises(NodeError, match="InpaintModelConditioning"):
+        denoise.blend_inpaint(sd_inpaint[0], pos, None, Latents(latents.samples), mask, **args)

@@ -213,7 +213,8 @@ def set_latent_noise_mask(node: ComfyNode, b: Builder) -> list:
         category="conditioning/inpaint"))
 def inpaint_model_conditioning(node: ComfyNode, b: Builder) -> list:
     """InpaintModelConditioning: the latent carries the inpainting UNet's extra channels (so the conditionings
-    pass through unchanged); with noise_mask and DifferentialDiffusion the sampler is DifferentialSampler."""
+    pass through unchanged); with noise_mask the sampler blends with the mask (LatentBlendSampler, or
+    DifferentialSampler with DifferentialDiffusion), without it Sampler (an inpainting checkpoint)."""
     positive, negative = b.link(node, "positive"), b.link(node, "negative")
     mask = b.link(node, "mask")
     nid = b.add(node, "InpaintModelConditioning",
@@ -284,13 +285,13 @@ def _sampler(node: ComfyNode, b: Builder, seed_name: str) -> tuple[dict, dict, d
 
 
 def _sampler_type(inputs: dict, params: dict, facts: dict) -> str:
-    """Sampler; with a noise mask LatentBlendSampler (DifferentialSampler with DifferentialDiffusion); a latent
-    from InpaintModelConditioning goes to Sampler (the inpainting UNet's channels)."""
+    """Sampler; with a noise mask LatentBlendSampler (which also gives an inpainting checkpoint the channels of
+    InpaintModelConditioning's latent), or DifferentialSampler with DifferentialDiffusion."""
     mask = facts.get("noise_mask")
     if mask and facts.get("differential"):
         inputs["change_map"] = mask
         return "DifferentialSampler"
-    if mask and not facts.get("inpaint_model"):
+    if mask:
         inputs["mask"] = mask
         return "LatentBlendSampler"
     return "Sampler"
