@@ -625,3 +625,39 @@ def test_every_mapped_sampler_runs(engine, sampler, schedule):
         assert sampler in ("lms", "dpmpp_sde") and "pip install" in str(exc)
         return
     assert torch.isfinite(latent).all()
+
+
+def test_damaged_editor_files_are_problems_never_crashes():
+    base = load("txt2img_editor.json")
+    damaged = []
+    for mutate in (lambda d: d["links"].append([[1], 4, 0, 3, 0, "MODEL"]),
+                   lambda d: d["links"].append([99, 4, "x", 3, 0, "MODEL"]),
+                   lambda d: d["links"].append("nonsense"),
+                   lambda d: d["nodes"].append({"id": [1], "type": "KSampler"}),
+                   lambda d: d["nodes"][0].update(inputs="clip"),
+                   lambda d: d["nodes"][3].update(widgets_values=None),
+                   lambda d: d["nodes"][3].update(widgets_values={"seed": 5, "bogus": 1}),
+                   lambda d: d["nodes"][3]["inputs"].append({"name": ["x"], "link": 1})):
+        doc = copy.deepcopy(base)
+        mutate(doc)
+        damaged.append(doc)
+    for doc in damaged:
+        try:
+            to_nodegraph(doc)
+        except WorkflowInvalid as exc:
+            assert exc.issues
+
+
+@pytest.mark.parametrize("junk", [[1, 2, 3], {"a": 1}, None, "x", -1, 1e309, True])
+def test_junk_values_in_every_type_are_problems_never_crashes(junk):
+    from nodegraph.comfy.convert import SPECS
+
+    for class_type, spec in sorted(SPECS.items()):
+        prompt = txt2img()
+        prompt["50"] = {"class_type": class_type, "inputs": {name: junk for name in {**spec.required, **spec.optional}}}
+        try:
+            workflow = to_nodegraph(prompt)
+        except WorkflowInvalid as exc:
+            assert all(i.node_id for i in exc.issues)
+        else:
+            assert "format" in workflow

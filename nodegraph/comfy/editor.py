@@ -25,14 +25,24 @@ def is_editor(doc: Any) -> bool:
     return isinstance(doc, dict) and isinstance(doc.get("nodes"), list) and isinstance(doc.get("links"), list)
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_slot(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _links(raw: list, problems: list[Issue]) -> dict[int, dict]:
     links = {}
     for item in raw:
+        link = None
         if isinstance(item, list) and len(item) >= 5:
             link = dict(zip(LINK_FIELDS, item))
         elif isinstance(item, dict) and all(k in item for k in LINK_FIELDS[:5]):
             link = item
-        else:
+        if link is None or not (_is_id(link["id"]) and _is_id(link["origin_id"]) and _is_id(link["target_id"])
+                                and _is_slot(link["origin_slot"]) and _is_slot(link["target_slot"])):
             problems.append(Issue("comfy_import", f"links: {str(item)[:80]} is not a link "
                                                   "([id, origin, slot, target, slot, type])"))
             continue
@@ -62,24 +72,28 @@ def editor_to_api(doc: dict) -> dict:
     links = _links(doc["links"], problems)
     nodes = {}
     for raw in doc["nodes"]:
-        if isinstance(raw, dict) and "id" in raw and isinstance(raw.get("type"), str):
+        if isinstance(raw, dict) and _is_id(raw.get("id")) and isinstance(raw.get("type"), str):
             nodes[raw["id"]] = raw
         else:
             problems.append(Issue("comfy_import", f"nodes: {str(raw)[:80]} is not a node (it needs id and type)"))
 
+    def inputs_of(raw: dict) -> list[dict]:
+        entries = raw.get("inputs")
+        return [i for i in entries if isinstance(i, dict)] if isinstance(entries, list) else []
+
     def source(link_id: Any, seen: tuple = ()) -> list | None:
         """[origin id, slot] after following reroutes and bypassed nodes; None for no source."""
-        link = links.get(link_id)
+        link = links.get(link_id) if _is_id(link_id) else None
         if link is None or link_id in seen:
             return None
         origin = nodes.get(link["origin_id"])
         if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
             return None
         if origin["type"] == "Reroute" or origin.get("mode") == BYPASSED:
-            linked = [i for i in origin.get("inputs") or [] if isinstance(i, dict) and i.get("link") is not None]
+            linked = [i for i in inputs_of(origin) if i.get("link") is not None]
             if origin["type"] != "Reroute":  # bypass: the input at the output's slot if its type fits, else the first
                 slot, kind = link["origin_slot"], link.get("type")
-                inputs = origin.get("inputs") or []
+                inputs = inputs_of(origin)
                 same = [inputs[slot]] if slot < len(inputs) and inputs[slot] in linked and \
                     inputs[slot].get("type") == kind else []
                 linked = same or [i for i in linked if i.get("type") == kind]
@@ -101,8 +115,8 @@ def editor_to_api(doc: dict) -> dict:
                 if position < len(values):
                     inputs[name] = values[position]
                 position += 1 + extra
-        for slot in raw.get("inputs") or []:
-            if isinstance(slot, dict) and slot.get("link") is not None:
+        for slot in inputs_of(raw):
+            if slot.get("link") is not None and isinstance(slot.get("name"), str):
                 linked = source(slot["link"])
                 if linked is not None:
                     inputs[slot.get("name")] = linked

@@ -41,11 +41,11 @@ def scheduler_name(node: ComfyNode, b: Builder) -> str | None:
     if sampler is None or schedule is None:
         return None
     found = True
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         b.problem(node, "sampler_name", "has no diffusers equivalent in nodegraph; use one of "
                                         f"{', '.join(SAMPLERS)}")
         found = False
-    if schedule not in SCHEDULES:
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         b.problem(node, "scheduler", "has no diffusers equivalent in nodegraph; use one of "
                                      f"{', '.join(SCHEDULES)}")
         found = False
