@@ -94,7 +94,9 @@ class Engine:
 
     def load(self, source: str | Path | Workflow | dict, raw: bytes | None = None) -> Workflow:
         """A Workflow from a path (JSON, or a PNG that SaveImage wrote), a dict or a Workflow. Structural
-        problems are kept in ``workflow.problems`` and reported by validation with the rest."""
+        problems are kept in ``workflow.problems`` and reported by validation with the rest. A ComfyUI workflow
+        (API or editor format, or a PNG that ComfyUI wrote) is imported (docs/comfy.md); what cannot be
+        imported raises WorkflowInvalid, each issue naming the ComfyUI id and class_type."""
         if isinstance(source, Workflow):
             return source
         if isinstance(source, dict):

@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     models(serve)
     plugins(serve)
 
+    imports = sub.add_parser("import", help="convert a ComfyUI workflow (API or editor JSON, or a ComfyUI PNG) "
+                                            "into a nodegraph workflow")
+    imports.add_argument("source")
+    imports.add_argument("-o", "--output", default="-", metavar="OUT.json", help="where to write it (default: "
+                         "print it)")
+    imports.add_argument("--json", action="store_true")
+
     cache = sub.add_parser("cache", help="the disk cache: info, prune (to its limit) or clear")
     cache.add_argument("action", choices=["info", "prune", "clear"])
     cache_options(cache)
@@ -215,6 +222,8 @@ def _dispatch(args: argparse.Namespace, flag) -> tuple[int, dict | None]:
     if args.command == "serve":
         from .server.options import run as serve
         return serve(args)
+    if args.command == "import":
+        return _import(args)
     registry = _registry(args)
     if args.command == "nodes":
         return _nodes(registry, args)
@@ -275,6 +284,33 @@ def _validate(registry, args) -> tuple[int, dict | None]:
     if not args.json:
         print(f"{args.workflow}: valid ({len(graph.nodes)} nodes, outputs: {', '.join(graph.outputs)})")
     return EXIT_OK, {"nodes": len(graph.nodes), "outputs": graph.outputs}
+
+
+def _import(args) -> tuple[int, dict | None]:
+    """ComfyUI workflow in, readable nodegraph workflow out (written whole or not at all)."""
+    from pathlib import Path
+
+    from .atomic import write_text_atomic
+    from .comfy import NODEGRAPH, detect_format, to_nodegraph
+    from .errors import WorkflowInvalid
+    from .workflow import load_comfy_document
+
+    try:
+        doc = load_comfy_document(args.source)
+        if detect_format(doc) == NODEGRAPH:
+            raise UsageError(f"{args.source} is not a ComfyUI workflow (API format, editor format or a ComfyUI "
+                             "PNG); nodegraph workflows need no import")
+        text = json.dumps(to_nodegraph(doc), indent=2) + "\n"
+    except WorkflowInvalid as exc:
+        return _invalid(exc)
+    if args.output == "-":
+        if not args.json:
+            sys.stdout.write(text)
+        return EXIT_OK, {"workflow": json.loads(text)}
+    write_text_atomic(Path(args.output), text)
+    if not args.json:
+        print(f"{args.output}: written from {args.source}", file=sys.stderr)
+    return EXIT_OK, {"output": args.output}
 
 
 def _model_roots(args):

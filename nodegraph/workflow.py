@@ -237,7 +237,13 @@ def _structure_issue(err: dict, node_id: str | None = None, prefix: tuple = ()) 
 def read_workflow(data: Any, base_dir: Path | None = None, found: list[Issue] | None = None) -> Workflow:
     """A Workflow from parsed JSON, keeping every well-formed node; the problems of the others are in
     ``workflow.problems`` (validation reports them with the rest). A file that is not a workflow at all,
-    or of a newer format, raises WorkflowInvalid."""
+    or of a newer format, raises WorkflowInvalid. A ComfyUI workflow (API or editor format) is imported first
+    (nodegraph.comfy); its problems raise WorkflowInvalid, each naming the ComfyUI id and class_type."""
+    if isinstance(data, dict) and "format" not in data:
+        from .comfy import NODEGRAPH, detect_format, to_nodegraph
+
+        if detect_format(data) != NODEGRAPH:
+            data = to_nodegraph(data)
     if not isinstance(data, dict):
         raise WorkflowInvalid([Issue("bad_structure", "a workflow is a JSON object with \"format\" and \"nodes\"; "
                                      f"this holds a {type(data).__name__}")])
@@ -363,6 +369,17 @@ def load_workflow(path: str | Path, strict: bool = True, raw: bytes | None = Non
     return loads_workflow(text, base_dir=path.resolve().parent, source=str(path), strict=strict)
 
 
+def load_comfy_document(path: str | Path) -> Any:
+    """The parsed JSON of a workflow file, or of the workflow text in a PNG (ours or ComfyUI's)."""
+    path = Path(path)
+    raw = read_workflow_file(path)
+    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else raw.decode("utf-8", errors="replace")
+    data, found = parse_json(text, str(path))
+    if found:
+        raise WorkflowInvalid(found)
+    return data
+
+
 def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<string>", strict: bool = True) -> Workflow:
     data, found = parse_json(text, source)
     workflow = read_workflow(data, base_dir, found)
@@ -378,13 +395,16 @@ def _png_workflow_text(raw: bytes, path: Path) -> str:
 
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            text = image.info.get(PNG_WORKFLOW_KEY)
+            # ours, else ComfyUI's: its API-format prompt, else its editor-format workflow
+            text = next((image.info[key] for key in (PNG_WORKFLOW_KEY, "prompt", "workflow")
+                         if isinstance(image.info.get(key), str) and image.info[key]), None)
     except Exception as exc:  # PIL raises many kinds for broken files
         raise WorkflowInvalid([Issue("unreadable_file", f"cannot read PNG '{path}': {exc}")]) from None
     if not text:
         raise WorkflowInvalid(
-            [Issue("no_workflow", f"'{path}' has no embedded workflow ('{PNG_WORKFLOW_KEY}' text chunk); "
-                   "only images saved by SaveImage, SaveMask or PreviewImage carry one")]
+            [Issue("no_workflow", f"'{path}' has no embedded workflow ('{PNG_WORKFLOW_KEY}' text chunk, or "
+                   "ComfyUI's 'prompt' / 'workflow'); only images saved by SaveImage, SaveMask or PreviewImage "
+                   "(or ComfyUI) carry one")]
         )
     return text
 

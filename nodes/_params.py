@@ -20,3 +20,8 @@ DenoisingStart = Annotated[float, Field(ge=0, lt=1, description="hand-off: conti
                                                                 "fraction of the schedule (strength ignored); 0 = off")]
 DenoisingEnd = Annotated[float, Field(gt=0, le=1, description="hand-off: stop at this fraction of the schedule and "
                                                               "return the noisy latent; 1 = off")]
+StartStep = Annotated[int, Field(ge=0, le=1000, description="skip this many steps of the schedule (ComfyUI's "
+                                                         "start_at_step); an image latent is noised to the first "
+                                                         "step run; 0 = off")]
+EndStep = Annotated[int, Field(ge=0, le=10000, description="stop before this step and return the noisy latent "
+                                                           "(ComfyUI's end_at_step); 0 = run to the end")]

@@ -300,13 +300,25 @@ def _cutoff(scheduler, fraction: float) -> int:
 
 
 def schedule(scheduler, steps: int, strength: float, device, partial: bool, denoising_start: float = 0.0,
-             denoising_end: float = 1.0, begin_at_zero: bool = False) -> tuple[torch.Tensor, int]:
+             denoising_end: float = 1.0, begin_at_zero: bool = False, start_step: int = 0,
+             end_step: int = 0) -> tuple[torch.Tensor, int]:
     """Timesteps to run and N, their count before a ``denoising_end`` cut.
 
     All of them (text2img); the last ``int(steps * strength)`` (img2img, inpaint); with ``denoising_start``
     those below its cutoff, strength ignored (SDXL img2img/inpaint ``get_timesteps``); ``denoising_end``
-    then keeps those at or above its cutoff (the SDXL pipelines' step 8.1)."""
+    then keeps those at or above its cutoff (the SDXL pipelines' step 8.1). ``start_step`` / ``end_step`` (0 =
+    the last) run steps start_step .. end_step - 1 of the ``steps`` (ComfyUI's start_at_step / end_at_step)."""
     scheduler.set_timesteps(steps, device=device)
+    if start_step or end_step:
+        end = end_step if 0 < end_step < steps else steps
+        if start_step >= end:
+            raise NodeError(f"start_step {start_step} leaves no step to run before step {end} of {steps}; "
+                            "lower start_step or raise end_step / steps")
+        first = start_step * scheduler.order
+        timesteps = scheduler.timesteps[first:end * scheduler.order]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        return timesteps, len(timesteps)
     if 0 < denoising_start < 1:
         count = int((scheduler.timesteps < _cutoff(scheduler, denoising_start)).sum().item())
         if scheduler.order == 2 and count % 2 == 0:
@@ -389,7 +401,7 @@ class ModelPatch:
 
 def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidance_scale: float, scheduler: str,
             strength: float, partial: bool, draws: Sequence[str], denoising_start: float = 0.0,
-            denoising_end: float = 1.0) -> Run:
+            denoising_end: float = 1.0, start_step: int = 0, end_step: int = 0, add_noise: bool = True) -> Run:
     """Shared setup: conditioning, scheduler, timesteps and the random draws.
 
     One CPU ``torch.Generator(seed)`` makes ``draws`` in order, as the diffusers pipeline draws from the
@@ -415,7 +427,7 @@ def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidan
                              (samples.shape[-2] * factor, samples.shape[-1] * factor))
     sched = make_scheduler(scheduler, model.scheduler_config)
     timesteps, total = schedule(sched, steps, strength, device, partial, denoising_start, denoising_end,
-                                begin_at_zero=takes_text_time(unet))
+                                begin_at_zero=takes_text_time(unet), start_step=start_step, end_step=end_step)
     generator = torch.Generator("cpu").manual_seed(seed)
     x0, noise, masked = samples, None, latents.masked_image_latents
     for draw in draws:
@@ -431,7 +443,7 @@ def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidan
     for patch in patches:
         cond = patch.condition(cond, batch, guide)
     return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0.to(device=device, dtype=dtype),
-               patches, total, handoff=0 < denoising_start < 1, masked_image_latents=masked)
+               patches, total, handoff=0 < denoising_start < 1 or not add_noise, masked_image_latents=masked)
 
 
 def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -441,15 +453,17 @@ def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- samplers
 
 def sample(model, positive, negative, latents, *, seed: int, steps: int, guidance_scale: float, scheduler: str,
-           strength: float, denoising_start: float = 0.0, denoising_end: float = 1.0,
-           progress: Optional[Progress] = None) -> torch.Tensor:
+           strength: float, denoising_start: float = 0.0, denoising_end: float = 1.0, start_step: int = 0,
+           end_step: int = 0, add_noise: bool = True, progress: Optional[Progress] = None) -> torch.Tensor:
     """Text2img (empty latent), img2img (image latent), or inpainting-checkpoint sampling (latent from
     InpaintModelConditioning, 9-channel UNet). Returns the final latents.
 
     ``denoising_end`` < 1 stops at that fraction of the schedule (the latents stay noisy, for a hand-off);
     ``denoising_start`` > 0 continues such latents from that fraction: strength is ignored and the latents
-    are used as they are (SDXL img2img / inpaint pipelines' ``denoising_start``)."""
-    handoff = 0 < denoising_start < 1
+    are used as they are (SDXL img2img / inpaint pipelines' ``denoising_start``). ``start_step`` / ``end_step``
+    do the same by step number; ``add_noise`` False continues the latents as they are (ComfyUI's
+    KSamplerAdvanced), True noises an image latent to the first step run."""
+    handoff = 0 < denoising_start < 1 or not add_noise
     inpaint = latents.has_inpaint_conditioning and (model.inpainting or not handoff)
     if model.inpainting and not inpaint:
         raise NodeError("the model is an inpainting checkpoint (9-channel UNet): make the latent with "
@@ -461,28 +475,34 @@ def sample(model, positive, negative, latents, *, seed: int, steps: int, guidanc
     if latents.empty and strength < 1:
         raise NodeError(f"strength {strength} < 1 keeps part of the input image, but an EmptyLatent has none: use "
                         "strength 1 for text2img, or VAEEncode an image for img2img")
-    if latents.empty and handoff:
+    if latents.empty and 0 < denoising_start < 1:
         raise NodeError("denoising_start continues a partly denoised latent (from a sampler with denoising_end), "
                         "but an EmptyLatent has none: link that sampler's latent, or set denoising_start 0")
-    fractions = dict(denoising_start=denoising_start, denoising_end=denoising_end)
+    fractions = dict(denoising_start=denoising_start, denoising_end=denoising_end, start_step=start_step,
+                     end_step=end_step, add_noise=add_noise)
+    from_noise = latents.empty and start_step == 0 and add_noise  # text2img
     if inpaint:
-        draws = INPAINT_FROM_NOISE if strength == 1.0 and not handoff else INPAINT
+        draws = INPAINT_FROM_NOISE if strength == 1.0 and not handoff and not start_step else INPAINT
         run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
                       scheduler=scheduler, strength=strength, partial=True, draws=draws, **fractions)
-        extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
-                           _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
-                                      "masked image latents")], dim=1)
-        if guidance_enabled(model.unet, guidance_scale):
-            extra = torch.cat([extra] * 2)
-        return run.denoise(_inpaint_start(run, strength), [ChannelConcat(extra)], progress)
-    draws = TEXT2IMG if latents.empty else HANDOFF if handoff else IMG2IMG
+        return run.denoise(_inpaint_start(run, strength if not start_step else 0.0),
+                           [_channel_concat(run, latents, model, guidance_scale)], progress)
+    draws = TEXT2IMG if from_noise else HANDOFF if handoff else IMG2IMG
     run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  scheduler=scheduler, strength=strength, partial=not latents.empty, draws=draws, **fractions)
-    if latents.empty:
+                  scheduler=scheduler, strength=strength, partial=not from_noise, draws=draws, **fractions)
+    if from_noise:
         start = run.start_from_noise()
     else:
         start = run.x0 if handoff else run.start_from_image()
     return run.denoise(start, (), progress)
+
+
+def _channel_concat(run: Run, latents, model, guidance_scale: float) -> ChannelConcat:
+    """The inpainting UNet's extra channels: the mask and the masked image's latents (doubled when guiding)."""
+    extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
+                       _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
+                                  "masked image latents")], dim=1)
+    return ChannelConcat(torch.cat([extra] * 2) if guidance_enabled(model.unet, guidance_scale) else extra)
 
 
 def _inpaint_start(run: Run, strength: float) -> torch.Tensor:
@@ -497,12 +517,14 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
                   denoising_end: float = 1.0, progress: Optional[Progress] = None) -> torch.Tensor:
     """Base-model inpainting by latent blending (StableDiffusionInpaintPipeline / StableDiffusionXLInpaintPipeline
     with a 4-channel UNet). With ``denoising_start`` the given latents are continued and also serve as the
-    latents blended back outside the mask, as the SDXL inpaint pipeline does with a refiner."""
+    latents blended back outside the mask, as the SDXL inpaint pipeline does with a refiner. An inpainting
+    checkpoint (9-channel UNet) with a latent from InpaintModelConditioning gets its extra channels as well and is
+    blended the same way (ComfyUI's InpaintModelConditioning with noise_mask)."""
     from .latent import latent_mask
 
-    if model.inpainting:
-        raise NodeError("LatentBlendSampler is for normal (4-channel) checkpoints; this is an inpainting checkpoint "
-                        "(9-channel UNet): use InpaintModelConditioning -> Sampler instead")
+    if model.inpainting and not latents.has_inpaint_conditioning:
+        raise NodeError("this is an inpainting checkpoint (9-channel UNet): make the latent with "
+                        "InpaintModelConditioning (vae, image, mask), or use InpaintModelConditioning -> Sampler")
     if latents.empty:
         raise NodeError("LatentBlendSampler needs the latents of an image to keep (VAEEncode or a previous sampler), "
                         "not an EmptyLatent")
@@ -510,8 +532,10 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
                   scheduler=scheduler, strength=strength, partial=True, draws=INPAINT, denoising_start=denoising_start,
                   denoising_end=denoising_end)
     m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor), run.x0)
-    return run.denoise(_inpaint_start(run, strength), [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)],
-                       progress)
+    hooks = [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)]
+    if model.inpainting:
+        hooks.insert(0, _channel_concat(run, latents, model, guidance_scale))
+    return run.denoise(_inpaint_start(run, strength), hooks, progress)
 
 
 def change_map_to_latent(change: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from nodegraph.errors import NodeError
 from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
-from nodegraph.sockets import IMAGE, LATENT, Image, Latent, Mask, Vae
+from nodegraph.sockets import IMAGE, LATENT, MASK, Image, Latent, Mask, Vae
 
 from ._memory import on_device, tiled
 from ._params import Seed
@@ -262,3 +262,43 @@ def inpaint_model_conditioning_node(
     does (image, noise, masked image), so the same seed gives the pipeline's image."""
     with on_device(ctx, ("vae", vae.compute_module())):
         return inpaint_conditioning(vae, image, mask, mode, seed)
+
+
+def grey_masked(image: torch.Tensor, mask: torch.Tensor, grow_by: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's VAEEncodeForInpaint before the encode: the mask resized (bilinear) to the image, the pixels
+    under its rounded value set to grey 0.5, and the noise mask: the rounded mask grown by a ``grow_by`` x
+    ``grow_by`` box (padding ceil((grow_by - 1) / 2), so an even box reaches one pixel further up and left)."""
+    import math
+
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise NodeError(f"mask must be a MASK (B, 1, H, W), got shape {tuple(mask.shape)}")
+    size = tuple(image.shape[-2:])
+    mask = F.interpolate(mask.float(), size=size, mode="bilinear")
+    hard = mask.round()
+    grown = mask
+    if grow_by > 0:
+        box = torch.ones((1, 1, grow_by, grow_by), dtype=hard.dtype)
+        grown = F.conv2d(hard, box, padding=math.ceil((grow_by - 1) / 2)).clamp(0, 1)[..., :size[0], :size[1]]
+    grey = (image - 0.5) * (1.0 - hard).to(image.device) + 0.5
+    return grey, grown.round()
+
+
+@node("VAEEncodeForInpaint", version=1, category="latent", outputs={"latent": LATENT, "mask": MASK},
+      reference="ComfyUI VAEEncodeForInpaint (grey masked pixels, noise mask grown by a box)")
+def vae_encode_for_inpaint_node(
+    vae: Vae,
+    image: Image,
+    mask: Mask,
+    grow_mask_by: Annotated[int, Field(ge=0, le=64, description="grow the returned mask by this box size in "
+                                                                "pixels (ComfyUI's grow_mask_by)")] = 6,
+    ctx: RunContext = None,
+):
+    """Encode an image for inpainting with a normal checkpoint, as ComfyUI does: masked pixels become grey.
+
+    Pixels where the mask rounds to 1 are set to 0.5 before the encode, so the sampler does not see what
+    was there; the mask output is the rounded mask grown by grow_mask_by, for LatentBlendSampler (ComfyUI's
+    noise_mask). The image's sides must be multiples of 8 (ComfyUI crops them; resize or crop first)."""
+    grey, grown = grey_masked(image, mask, grow_mask_by)
+    with on_device(ctx, ("vae", vae.compute_module())):
+        latent = encode_image(vae, grey)
+    return {"latent": latent, "mask": grown}

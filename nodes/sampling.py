@@ -21,11 +21,21 @@ from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
 
 from . import denoise
 from ._memory import on_device
-from ._params import DenoisingEnd, DenoisingStart, Guidance, Seed, Steps, Strength
+from ._params import DenoisingEnd, DenoisingStart, EndStep, Guidance, Seed, StartStep, Steps, Strength
 from .schedulers import SchedulerName
+
+SCHEDULER_HELP = ("diffusers scheduler by its usual UI name; a suffix picks the sigmas (_karras, _exponential) or "
+                  "the timestep spacing (_linspace, _trailing); docs/comfy.md")
 
 
 def _check_fractions(params: dict):
+    stepped = [n for n in ("start_step", "end_step") if isinstance(params.get(n), int) and params[n] > 0]
+    for name, off in (("strength", 1.0), ("denoising_start", 0.0), ("denoising_end", 1.0)):
+        if stepped and isinstance(params.get(name), (int, float)) and params[name] != off:
+            yield name, f"give either {stepped[0]} or {name}, not both (both choose the steps to run)"
+    start, end = params.get("start_step"), params.get("end_step")
+    if isinstance(start, int) and isinstance(end, int) and end > 0 and start >= end:
+        yield "start_step", f"must be below end_step ({end})"
     if "denoising_start" not in params or "denoising_end" not in params:
         return  # one comes through a link
     start, end = params["denoising_start"], params["denoising_end"]
@@ -49,10 +59,14 @@ def sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
+    scheduler: Annotated[SchedulerName, Field(description=SCHEDULER_HELP)] = "euler",
     strength: Strength = 1.0,
     denoising_start: DenoisingStart = 0.0,
     denoising_end: DenoisingEnd = 1.0,
+    start_step: StartStep = 0,
+    end_step: EndStep = 0,
+    add_noise: Annotated[bool, Field(description="noise an image latent before the first step; off: continue a "
+                                                 "noisy latent as it is (ComfyUI's add_noise)")] = True,
 ):
     """Denoise a latent: text2img from an EmptyLatent, img2img from an image latent (strength < 1 keeps more).
 
@@ -60,15 +74,19 @@ def sampler_node(
     the UNet then sees cat([x, mask, masked_image_latents]) at every step (diffusers'
     StableDiffusionInpaintPipeline). SDXL models get their pooled embedding and time ids. Hand-off:
     denoising_end < 1 stops early (noisy latent out, inpainting conditioning kept); denoising_start > 0
-    continues such a latent, e.g. with the SDXL refiner. Arithmetic and noise match diffusers for the same seed;
+    continues such a latent, e.g. with the SDXL refiner. The same by step number (ComfyUI's KSamplerAdvanced):
+    start_step / end_step run only those steps of the schedule, add_noise off takes the latent as it is. Arithmetic and noise match diffusers for the same seed;
     for a photo, encode it with mode "sampler" and the sampler also draws its VAE sample(s) where the pipeline does."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
-            denoising_start=denoising_start, denoising_end=denoising_end)
+            denoising_start=denoising_start, denoising_end=denoising_end, start_step=start_step, end_step=end_step,
+            add_noise=add_noise)
     with on_device(ctx, *model.modules()):
         samples = denoise.sample(model, positive, negative, latent, seed=seed, steps=steps, guidance_scale=guidance_scale,
                                  scheduler=scheduler, strength=strength, denoising_start=denoising_start,
-                                 denoising_end=denoising_end, progress=ctx.progress)
-    return latent.with_samples(samples.float(), keep_inpaint=denoising_end < 1 and model.inpainting)
+                                 denoising_end=denoising_end, start_step=start_step, end_step=end_step,
+                                 add_noise=add_noise, progress=ctx.progress)
+    stopped = denoising_end < 1 or 0 < end_step < steps
+    return latent.with_samples(samples.float(), keep_inpaint=stopped and model.inpainting)
 
 
 @node("LatentBlendSampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
@@ -83,7 +101,7 @@ def latent_blend_sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
+    scheduler: Annotated[SchedulerName, Field(description=SCHEDULER_HELP)] = "euler",
     strength: Strength = 1.0,
     denoising_start: DenoisingStart = 0.0,
     denoising_end: DenoisingEnd = 1.0,
@@ -95,7 +113,9 @@ def latent_blend_sampler_node(
     starts the masked area from pure noise; lower strength starts from the noised original. Hand-off as
     in Sampler: with denoising_start the given latent is continued and blended back outside the mask
     (StableDiffusionXLInpaintPipeline with a refiner). A photo encoded with VAEEncode mode "sampler" gives
-    StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order)."""
+    StableDiffusion(XL)InpaintPipeline's result for the same seed (its VAE draws are made in the pipeline's order).
+    An inpainting checkpoint takes the latent of InpaintModelConditioning and is blended the same way
+    (ComfyUI's InpaintModelConditioning with noise_mask)."""
     _record(ctx, seed=seed, steps=steps, scheduler=scheduler, strength=strength, guidance_scale=guidance_scale,
             denoising_start=denoising_start, denoising_end=denoising_end)
     with on_device(ctx, *model.modules()):
@@ -119,7 +139,7 @@ def differential_sampler_node(
     seed: Seed = 0,
     steps: Steps = 25,
     guidance_scale: Guidance = 7.5,
-    scheduler: Annotated[SchedulerName, Field(description="diffusers scheduler, by its usual UI name")] = "euler",
+    scheduler: Annotated[SchedulerName, Field(description=SCHEDULER_HELP)] = "euler",
     strength: Strength = 1.0,
     denoising_end: DenoisingEnd = 1.0,
 ):

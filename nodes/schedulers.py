@@ -1,28 +1,50 @@
 """Schedulers by name, built from the checkpoint's own scheduler config (diffusers' ``from_config``).
 
-The names follow the usual UI names; each maps to a diffusers scheduler class plus the config overrides
-that make it that sampler (``dpmpp_2m_karras`` = DPMSolverMultistepScheduler with Karras sigmas). Every
-sampler run builds a fresh scheduler, because diffusers schedulers carry per-run state (step index,
-multistep history).
+A name is a sampler, optionally followed by a sigma schedule: ``dpmpp_2m_karras`` = DPMSolverMultistepScheduler
+with Karras sigmas, ``euler_trailing`` = EulerDiscreteScheduler with ``timestep_spacing="trailing"``. Without a
+suffix the checkpoint's own config decides. The suffixes are diffusers' options: ``_karras`` / ``_exponential``
+(``use_karras_sigmas`` / ``use_exponential_sigmas``, for the schedulers that have them) and ``_linspace`` /
+``_trailing`` (``timestep_spacing``). Every sampler run builds a fresh scheduler, because diffusers schedulers
+carry per-run state (step index, multistep history).
 """
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-SchedulerName = Literal["euler", "euler_a", "ddim", "pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
-SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
+from nodegraph.errors import NodeError
 
-# name -> (diffusers class, config overrides)
-_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
+# sampler -> (diffusers class, config overrides, takes Karras / exponential sigmas)
+_SAMPLERS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "euler": ("EulerDiscreteScheduler", {}, True),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, False),
+    "heun": ("HeunDiscreteScheduler", {}, True),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}, True),
+    "lms": ("LMSDiscreteScheduler", {}, True),
+    "ddim": ("DDIMScheduler", {}, False),
+    "pndm": ("PNDMScheduler", {}, False),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, True),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}, True),
+    "unipc": ("UniPCMultistepScheduler", {}, True),
 }
+_SIGMAS = {"karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
+_SPACING = {"linspace": {"timestep_spacing": "linspace"}, "trailing": {"timestep_spacing": "trailing"}}
+# what a diffusers class needs beyond diffusers itself (it is a placeholder without it)
+_EXTRA_PACKAGE = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDEScheduler": "torchsde"}
+
+
+def _table() -> dict[str, tuple[str, dict[str, Any]]]:
+    table = {}
+    for sampler, (cls, overrides, sigmas) in _SAMPLERS.items():
+        table[sampler] = (cls, overrides)
+        for suffix, extra in {**(_SIGMAS if sigmas else {}), **_SPACING}.items():
+            table[f"{sampler}_{suffix}"] = (cls, {**overrides, **extra})
+    return table
+
+
+_SCHEDULERS = _table()
+SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
 
 def make_scheduler(name: str, config: dict):
@@ -32,4 +54,9 @@ def make_scheduler(name: str, config: dict):
     if name not in _SCHEDULERS:
         raise ValueError(f"unknown scheduler '{name}'; known: {', '.join(SCHEDULER_NAMES)}")
     class_name, overrides = _SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(dict(config), **overrides)
+    try:
+        return getattr(diffusers, class_name).from_config(dict(config), **overrides)
+    except ImportError as exc:  # diffusers' placeholder class for a missing optional package
+        package = _EXTRA_PACKAGE.get(class_name, "its optional dependency")
+        raise NodeError(f"scheduler '{name}' ({class_name}) needs the package {package}: pip install {package}") \
+            from exc

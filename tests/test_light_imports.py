@@ -45,3 +45,18 @@ def test_a_run_imports_what_its_nodes_use(tmp_path):
     assert code == 0
     assert {"torch", "cv2", "PIL", "numpy"} <= set(loaded)  # the image nodes' libraries
     assert not {"diffusers", "transformers", "networkx"} & set(loaded)  # no model node ran
+
+
+def test_validating_and_importing_a_comfyui_workflow_import_no_heavy_library(tmp_path):
+    """The importer is as light as the validator: ComfyUI's API and editor formats need no torch to check."""
+    comfy = REPO / "tests" / "data" / "comfy"
+    prompt = json.loads((comfy / "txt2img_api.json").read_text())
+    del prompt["9"]  # SaveImage: its converter belongs to the pixel types
+    prompt["12"] = {"class_type": "DifferentialDiffusion", "inputs": {"model": ["4", 0]}}
+    prompt["3"]["inputs"]["model"] = ["12", 0]
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(prompt))
+    loaded, code = loaded_after(["validate", str(api)])
+    assert loaded == [] and code == 2  # the checkpoint is not there and nothing is saved: said without torch
+    loaded, code = loaded_after(["import", str(comfy / "txt2img_editor.json"), "-o", str(tmp_path / "out.json")])
+    assert loaded == []

@@ -6,6 +6,10 @@ nodegraph nodes for it through a ``Builder`` and says which nodegraph output eac
 is. The nodes keep their ComfyUI ids (helper nodes get ``<id>_<suffix>``) and titles. Every problem (a type with
 no converter, a missing input, a value nodegraph cannot reproduce) is collected with the ComfyUI id and
 class_type, and all are raised together as one ``WorkflowInvalid``.
+
+``detect_format`` tells nodegraph workflows, API prompts and editor files apart; ``to_nodegraph`` imports either
+ComfyUI format (the editor's through ``editor.editor_to_api``). The workflow reader calls it, so every place that
+takes a workflow takes a ComfyUI one.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any, Callable
 from nodegraph.errors import Issue, WorkflowInvalid
 from nodegraph.workflow import FORMAT
 
-NODEGRAPH, COMFY_API = "nodegraph", "comfy-api"
+NODEGRAPH, COMFY_API, COMFY_EDITOR = "nodegraph", "comfy-api", "comfy-editor"
 CONVERTER_MODULES = ("nodegraph.comfy.models", "nodegraph.comfy.pixels")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -90,13 +94,37 @@ class ComfyNode:
     title: str | None = None
 
 
+def _is_api(doc: Any) -> bool:
+    return isinstance(doc, dict) and bool(doc) and all(isinstance(v, dict) and "class_type" in v
+                                                       for v in doc.values())
+
+
 def detect_format(doc: Any) -> str:
-    """NODEGRAPH for a nodegraph workflow, COMFY_API for a ComfyUI API-format prompt; anything else is
-    NODEGRAPH, so that the workflow reader reports what is wrong with it."""
-    if isinstance(doc, dict) and "format" not in doc and "nodes" not in doc and doc and all(
-            isinstance(v, dict) and "class_type" in v for v in doc.values()):
+    """NODEGRAPH for a nodegraph workflow; COMFY_API for a ComfyUI API-format prompt, bare or as the body of
+    ComfyUI's POST /prompt (``{"prompt": {...}}``); COMFY_EDITOR for the file ComfyUI's editor saves (a
+    ``nodes`` list and ``links``; a nodegraph workflow's ``nodes`` is an object). Anything else is NODEGRAPH,
+    so that the workflow reader reports what is wrong with it."""
+    if not isinstance(doc, dict) or "format" in doc:
+        return NODEGRAPH
+    if isinstance(doc.get("nodes"), list) and isinstance(doc.get("links"), list):
+        return COMFY_EDITOR
+    if "nodes" not in doc and (_is_api(doc) or _is_api(doc.get("prompt"))):
         return COMFY_API
     return NODEGRAPH
+
+
+def to_nodegraph(doc: Any) -> Any:
+    """A nodegraph workflow (dict) for a ComfyUI document of either format; a nodegraph one as it is.
+
+    Raises WorkflowInvalid with every problem (each naming the ComfyUI id and class_type)."""
+    kind = detect_format(doc)
+    if kind == COMFY_EDITOR:
+        from .editor import editor_to_api
+
+        return import_api(editor_to_api(doc), "imported from a ComfyUI editor-format workflow")
+    if kind == COMFY_API:
+        return import_api(doc["prompt"] if _is_api(doc.get("prompt")) else doc)
+    return doc
 
 
 @dataclass
@@ -107,12 +135,24 @@ class Builder:
     nodes: dict[str, dict] = field(default_factory=dict)
     outputs: dict[str, list] = field(default_factory=dict)  # ComfyUI id -> nodegraph reference per output slot
     problems: list[Issue] = field(default_factory=list)
+    # what a ComfyUI value carries beyond its nodegraph output, per (ComfyUI id, output slot): a LATENT's
+    # noise mask, a CLIP's last layer, a MODEL's differential-diffusion patch; the nodes that use it read it
+    facts: dict[tuple[str, int], dict] = field(default_factory=dict)
 
     def problem(self, node: ComfyNode, input_name: str | None, message: str, code: str = "comfy_import") -> None:
         value = node.inputs.get(input_name) if input_name else None
         self.problems.append(Issue(code, message, node_id=node.id, node_type=node.class_type, field=input_name,
                                    kind="input" if input_name else None, value=value,
                                    has_value=input_name in node.inputs and not is_link(value)))
+
+    def tag(self, node: ComfyNode, slot: int, **facts: Any) -> None:
+        """Record facts about output ``slot`` of ``node`` (see ``facts``)."""
+        self.facts.setdefault((node.id, slot), {}).update(facts)
+
+    def source_facts(self, node: ComfyNode, name: str) -> dict:
+        """The facts recorded for the output that input ``name`` links to ({} for a value or no facts)."""
+        value = node.inputs.get(name)
+        return dict(self.facts.get((str(value[0]), value[1]), {})) if is_link(value) else {}
 
     def node_id(self, node: ComfyNode, suffix: str | None = None) -> str:
         base = _UNSAFE_ID.sub("_", node.id)
@@ -248,5 +288,9 @@ def import_api(prompt: dict, description: str | None = None) -> dict:
     problems += builder.problems
     if problems:
         raise WorkflowInvalid(problems)
+    # in the prompt's order, each helper node just before its ComfyUI node
+    place = {builder.node_id(n): i for i, n in enumerate(nodes.values())}
+    ordered = sorted(builder.nodes, key=lambda nid: (place.get(nid, place.get(nid.rsplit("_", 1)[0], len(place))),
+                                                     nid in place))
     return {"format": FORMAT, "description": description or "imported from a ComfyUI API-format workflow",
-            "nodes": builder.nodes}
+            "nodes": {nid: builder.nodes[nid] for nid in ordered}}

@@ -1,0 +1,129 @@
+"""ComfyUI's editor format (the ``nodes`` + ``links`` file the UI saves) -> its API format.
+
+The editor keeps a node's values positionally in ``widgets_values``, in the order of the type's widget
+inputs (``ComfyType``: INT, FLOAT, STRING, BOOLEAN and choice lists), with one extra value after a seed
+(``control_after_generate``) and after an image upload widget. Links are ``[id, origin id, origin slot,
+target id, target slot, type]`` (or objects with those names). As ComfyUI's own export does: muted nodes
+(mode 2) are left out, bypassed ones (mode 4) pass their input of the output's type through, Reroute nodes
+are followed to their source, and a PrimitiveNode's value is already in its targets' widgets_values.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nodegraph.errors import Issue, WorkflowInvalid
+
+from .convert import SPECS, converters
+
+MUTED, BYPASSED = 2, 4
+UI_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+LINK_FIELDS = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def is_editor(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("nodes"), list) and isinstance(doc.get("links"), list)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_slot(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _links(raw: list, problems: list[Issue]) -> dict[int, dict]:
+    links = {}
+    for item in raw:
+        link = None
+        if isinstance(item, list) and len(item) >= 5:
+            link = dict(zip(LINK_FIELDS, item))
+        elif isinstance(item, dict) and all(k in item for k in LINK_FIELDS[:5]):
+            link = item
+        if link is None or not (_is_id(link["id"]) and _is_id(link["origin_id"]) and _is_id(link["target_id"])
+                                and _is_slot(link["origin_slot"]) and _is_slot(link["target_slot"])):
+            problems.append(Issue("comfy_import", f"links: {str(item)[:80]} is not a link "
+                                                  "([id, origin, slot, target, slot, type])"))
+            continue
+        links[link["id"]] = link
+    return links
+
+
+def _is_widget(spec: tuple) -> bool:
+    return bool(spec) and (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES)
+
+
+def _widget_names(spec) -> list[tuple[str, int]]:
+    """(input name, extra values after it) for each widget input, in ComfyUI's order."""
+    names = []
+    for name, entry in {**spec.required, **spec.optional}.items():
+        if _is_widget(entry):
+            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            extra = int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
+            names.append((name, extra))
+    return names
+
+
+def editor_to_api(doc: dict) -> dict:
+    """An API-format prompt for an editor-format workflow; structural problems raise WorkflowInvalid."""
+    converters()  # the specs say the widget order
+    problems: list[Issue] = []
+    links = _links(doc["links"], problems)
+    nodes = {}
+    for raw in doc["nodes"]:
+        if isinstance(raw, dict) and _is_id(raw.get("id")) and isinstance(raw.get("type"), str):
+            nodes[raw["id"]] = raw
+        else:
+            problems.append(Issue("comfy_import", f"nodes: {str(raw)[:80]} is not a node (it needs id and type)"))
+
+    def inputs_of(raw: dict) -> list[dict]:
+        entries = raw.get("inputs")
+        return [i for i in entries if isinstance(i, dict)] if isinstance(entries, list) else []
+
+    def source(link_id: Any, seen: tuple = ()) -> list | None:
+        """[origin id, slot] after following reroutes and bypassed nodes; None for no source."""
+        link = links.get(link_id) if _is_id(link_id) else None
+        if link is None or link_id in seen:
+            return None
+        origin = nodes.get(link["origin_id"])
+        if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
+            return None
+        if origin["type"] == "Reroute" or origin.get("mode") == BYPASSED:
+            linked = [i for i in inputs_of(origin) if i.get("link") is not None]
+            if origin["type"] != "Reroute":  # bypass: the input at the output's slot if its type fits, else the first
+                slot, kind = link["origin_slot"], link.get("type")
+                inputs = inputs_of(origin)
+                same = [inputs[slot]] if slot < len(inputs) and inputs[slot] in linked and \
+                    inputs[slot].get("type") == kind else []
+                linked = same or [i for i in linked if i.get("type") == kind]
+            return source(linked[0]["link"], seen + (link_id,)) if linked else None
+        return [str(origin["id"]), link["origin_slot"]]
+
+    prompt = {}
+    for nid, raw in nodes.items():
+        if raw["type"] in UI_ONLY or raw.get("mode") in (MUTED, BYPASSED):
+            continue
+        inputs: dict[str, Any] = {}
+        spec = SPECS.get(raw["type"])
+        values = raw.get("widgets_values")
+        if spec is not None and isinstance(values, dict):
+            inputs.update({k: v for k, v in values.items() if k in dict(_widget_names(spec))})
+        elif spec is not None and isinstance(values, list):
+            position = 0
+            for name, extra in _widget_names(spec):
+                if position < len(values):
+                    inputs[name] = values[position]
+                position += 1 + extra
+        for slot in inputs_of(raw):
+            if slot.get("link") is not None and isinstance(slot.get("name"), str):
+                linked = source(slot["link"])
+                if linked is not None:
+                    inputs[slot.get("name")] = linked
+        entry = {"class_type": raw["type"], "inputs": inputs}
+        if isinstance(raw.get("title"), str):
+            entry["_meta"] = {"title": raw["title"]}
+        prompt[str(nid)] = entry
+    if problems:
+        raise WorkflowInvalid(problems)
+    return prompt
