@@ -119,8 +119,8 @@ def clip_vision_loader(node: ComfyNode, b: Builder) -> list:
 @converts("CLIPTextEncode", spec=ComfyType({"text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
                                             "clip": ("CLIP",)}, outputs=("CONDITIONING",), category="conditioning"))
 def clip_text_encode(node: ComfyNode, b: Builder) -> list:
-    """CLIPEncode; a CLIPSetLastLayer before it becomes clip_skip. Prompts past 77 tokens are encoded in
-    75-token windows, as ComfyUI does."""
+    """CLIPEncode with syntax "comfy": ComfyUI's (word:1.2) weighting and its 75-token windows; a
+    CLIPSetLastLayer before it becomes clip_skip."""
     inputs = {"clip": b.link(node, "clip")}
     params: dict = {}
     b.either(node, "text", inputs, params)
@@ -130,7 +130,7 @@ def clip_text_encode(node: ComfyNode, b: Builder) -> list:
     skip = b.source_facts(node, "clip").get("clip_skip")
     if skip:
         params["clip_skip"] = skip
-    params["long_prompt"] = "chunk"
+    params["syntax"] = "comfy"
     nid = b.add(node, "CLIPEncode", inputs=inputs, params=params)
     return [f"{nid}.conditioning"]
 
