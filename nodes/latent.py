@@ -293,12 +293,18 @@ def vae_encode_for_inpaint_node(
                                                                 "pixels (ComfyUI's grow_mask_by)")] = 6,
     ctx: RunContext = None,
 ):
-    """Encode an image for inpainting with a normal checkpoint, as ComfyUI does: masked pixels become grey.
+    """Encode an image for inpainting, as ComfyUI does: masked pixels become grey.
 
     Pixels where the mask rounds to 1 are set to 0.5 before the encode, so the sampler does not see what
     was there; the mask output is the rounded mask grown by grow_mask_by, for LatentBlendSampler (ComfyUI's
-    noise_mask). The image's sides must be multiples of 8 (ComfyUI crops them; resize or crop first)."""
+    noise_mask). For an inpainting checkpoint the latent also carries the UNet's extra channels as ComfyUI
+    makes them from such a latent: the grown mask resized (bilinear) to the latent and rounded, and the latent
+    itself as the masked image. The image's sides must be multiples of 8 (ComfyUI crops them; resize or crop
+    first)."""
     grey, grown = grey_masked(image, mask, grow_mask_by)
     with on_device(ctx, ("vae", vae.compute_module())):
         latent = encode_image(vae, grey)
+    small = F.interpolate(grown, size=tuple(latent.samples.shape[-2:]), mode="bilinear").round()
+    latent = replace(latent, inpaint_mask=small.to(latent.samples.device, latent.samples.dtype),
+                     masked_image_latents=latent.samples)
     return {"latent": latent, "mask": grown}

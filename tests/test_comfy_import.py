@@ -606,6 +606,32 @@ def test_data_workflows_run_end_to_end(tmp_path, engine, name):
     assert workflow.nodes[sampler].type == expected
 
 
+@PIXEL_TYPES
+def test_an_outpainting_workflow_runs_end_to_end(tmp_path, engine):
+    """ComfyUI's outpainting example shape: pad the photo, VAEEncodeForInpaint, an inpainting checkpoint, weighted
+    prompts."""
+    import numpy as np
+    from PIL import Image
+
+    source = prepare(tmp_path, "outpaint_api.json")
+    workflow = engine.load(source)
+    assert workflow.nodes["5"].params["syntax"] == "comfy" and workflow.nodes["3"].type == "PadImage"
+    result = engine.run(source, out_dir=tmp_path / "out", device="cpu")
+    (png,) = sorted((tmp_path / "out").rglob("*.png"))
+    pixels = np.asarray(Image.open(png))
+    assert pixels.shape[:2] == (64, 96) and pixels[:, 64:].std() > 0
+    assert result.status["7"] == "ran"
+    # the inpainting UNet's extra channels, as ComfyUI's concat_cond makes them from a VAEEncodeForInpaint latent:
+    # the noise mask resized bilinearly to the latent and rounded, and the latent itself as the masked image
+    encoded = engine.run(source, targets=["4"], out_dir=tmp_path / "out", device="cpu").outputs["4"]
+    latent, noise_mask = encoded["latent"], encoded["mask"]
+    import torch
+
+    expected = torch.nn.functional.interpolate(noise_mask, size=(8, 12), mode="bilinear").round()
+    assert torch.equal(latent.inpaint_mask, expected) and latent.masked_image_latents is latent.samples
+    assert expected[..., 8:].min() == 1 and expected[..., :6].max() == 0  # the new strip is repainted
+
+
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "ddim",
                                      "uni_pc", "uni_pc_bh2", "lms", "dpmpp_sde"])
 @pytest.mark.parametrize("schedule", ["normal", "karras", "simple"])
