@@ -318,6 +318,10 @@ def test_info_routes(server):
                                                                   "masks drawn white = keep)"}]
     ckpt = request(f"{server.url}/object_info/LoadCheckpoint")[1]["LoadCheckpoint"]
     assert "tiny-sd15" in ckpt["input"]["required"]["path"][0]
+    # ComfyUI's own types list the same files, so ComfyUI tooling can check a prompt's names before sending it
+    comfy = request(f"{server.url}/object_info/CheckpointLoaderSimple")[1]["CheckpointLoaderSimple"]
+    assert comfy["input"]["required"]["ckpt_name"][0] == ["tiny-sd15", "tiny-sd15.safetensors"]
+    assert "photo.png" in request(f"{server.url}/object_info/LoadImage")[1]["LoadImage"]["input"]["required"]["image"][0]
     assert "checkpoints" in request(f"{server.url}/models")[1]
     assert request(f"{server.url}/api/models/checkpoints")[1] == ["tiny-sd15", "tiny-sd15.safetensors"]
     assert request(f"{server.url}/models/nothing")[0] == 404

@@ -35,7 +35,9 @@ class ComfyType:
     order of an editor-format node's ``widgets_values``.
 
     ``required`` / ``optional``: input name -> ComfyUI's spec tuple, e.g. ``("INT", {"default": 20, "min": 1})``,
-    ``("MASK",)`` or ``(["nearest-exact", "bilinear"],)`` for a list of choices, in ComfyUI's order."""
+    ``("MASK",)`` or ``(["nearest-exact", "bilinear"],)`` for a list of choices, in ComfyUI's order.
+    ``files``: input name -> the folder its choices are the file names of (a models folder such as
+    "checkpoints", or "input"), filled in by whoever knows the folders (the server)."""
 
     required: dict
     optional: dict = field(default_factory=dict)
@@ -43,6 +45,7 @@ class ComfyType:
     output_names: tuple = ()
     category: str = ""
     output_node: bool = False
+    files: dict = field(default_factory=dict)
 
 
 SPECS: dict[str, ComfyType] = {}
@@ -58,13 +61,22 @@ def converts(*class_types: str, spec: ComfyType):
     return register
 
 
-def object_info() -> dict:
-    """ComfyUI's ``/object_info`` entries for every class_type the importer converts."""
+def _with_files(inputs: dict, files: dict, names: Callable[[str], list]) -> dict:
+    return {k: (names(files[k]), *v[1:]) if k in files else v for k, v in inputs.items()}
+
+
+def object_info(names: Callable[[str], list] | None = None) -> dict:
+    """ComfyUI's ``/object_info`` entries for every class_type the importer converts. ``names(folder)``: the file
+    names a file input offers (a models folder's models, or "input": the input folder's files); without it
+    those lists are empty."""
     converters()
     info = {}
     for name, spec in sorted(SPECS.items()):
+        required, optional = spec.required, spec.optional
+        if names is not None and spec.files:
+            required, optional = _with_files(required, spec.files, names), _with_files(optional, spec.files, names)
         info[name] = {
-            "input": {"required": spec.required, **({"optional": spec.optional} if spec.optional else {})},
+            "input": {"required": required, **({"optional": optional} if optional else {})},
             "input_order": {"required": list(spec.required), **({"optional": list(spec.optional)} if spec.optional
                                                                   else {})},
             "output": list(spec.outputs), "output_is_list": [False] * len(spec.outputs),

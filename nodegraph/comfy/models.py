@@ -61,7 +61,7 @@ def scheduler_name(node: ComfyNode, b: Builder) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- loaders
 
-@converts("CheckpointLoaderSimple", spec=ComfyType({"ckpt_name": ([],)}, outputs=("MODEL", "CLIP", "VAE"),
+@converts("CheckpointLoaderSimple", spec=ComfyType({"ckpt_name": ([],)}, files={"ckpt_name": "checkpoints"}, outputs=("MODEL", "CLIP", "VAE"),
                                                    category="loaders"))
 def checkpoint_loader(node: ComfyNode, b: Builder) -> list:
     """LoadCheckpoint; the name is looked up in the models folders' checkpoints/."""
@@ -72,7 +72,7 @@ def checkpoint_loader(node: ComfyNode, b: Builder) -> list:
     return [f"{nid}.model", f"{nid}.clip", f"{nid}.vae"]
 
 
-@converts("VAELoader", spec=ComfyType({"vae_name": ([],)}, outputs=("VAE",), category="loaders"))
+@converts("VAELoader", spec=ComfyType({"vae_name": ([],)}, files={"vae_name": "vae"}, outputs=("VAE",), category="loaders"))
 def vae_loader(node: ComfyNode, b: Builder) -> list:
     """LoadVAE; family sdxl when the name says "xl", else sd1 (ComfyUI reads it from the weights)."""
     name = b.value(node, "vae_name")
@@ -88,7 +88,7 @@ def vae_loader(node: ComfyNode, b: Builder) -> list:
 
 @converts("LoraLoader", spec=ComfyType({"model": ("MODEL",), "clip": ("CLIP",), "lora_name": ([],),
                                         "strength_model": _STRENGTH, "strength_clip": _STRENGTH},
-                                       outputs=("MODEL", "CLIP"), category="loaders"))
+                                       files={"lora_name": "loras"}, outputs=("MODEL", "CLIP"), category="loaders"))
 def lora_loader(node: ComfyNode, b: Builder) -> list:
     """LoadLoRA + ApplyLoRA with both strengths."""
     inputs = {"model": b.link(node, "model"), "clip": b.link(node, "clip")}
@@ -105,7 +105,7 @@ def lora_loader(node: ComfyNode, b: Builder) -> list:
     return [f"{nid}.model", f"{nid}.clip"]
 
 
-@converts("CLIPVisionLoader", spec=ComfyType({"clip_name": ([],)}, outputs=("CLIP_VISION",), category="loaders"))
+@converts("CLIPVisionLoader", spec=ComfyType({"clip_name": ([],)}, files={"clip_name": "clip_vision"}, outputs=("CLIP_VISION",), category="loaders"))
 def clip_vision_loader(node: ComfyNode, b: Builder) -> list:
     """No node of its own: nodegraph loads the CLIP vision encoder inside LoadIPAdapter (image_encoder), so the
     name is kept for the node that uses it; no core ComfyUI type that nodegraph maps takes a CLIP_VISION."""

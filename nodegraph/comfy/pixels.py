@@ -44,7 +44,7 @@ def _image_name(node: ComfyNode, b: Builder) -> str | None:
 
 # --------------------------------------------------------------------------- files
 
-@converts("LoadImage", spec=ComfyType({"image": ([], {"image_upload": True})}, outputs=("IMAGE", "MASK"),
+@converts("LoadImage", spec=ComfyType({"image": ([], {"image_upload": True})}, files={"image": "input"}, outputs=("IMAGE", "MASK"),
                                       category="image"))
 def load_image(node: ComfyNode, b: Builder) -> list:
     """The image as RGB and its mask 1 - alpha; a file without alpha gives ComfyUI's 64x64 mask of zeros."""
@@ -55,7 +55,7 @@ def load_image(node: ComfyNode, b: Builder) -> list:
     return [f"{nid}.image", f"{nid}.mask"]
 
 
-@converts("LoadImageMask", spec=ComfyType({"image": ([], {"image_upload": True}), "channel": (MASK_CHANNELS,)},
+@converts("LoadImageMask", spec=ComfyType({"image": ([], {"image_upload": True}), "channel": (MASK_CHANNELS,)}, files={"image": "input"},
                                           outputs=("MASK",), category="mask"))
 def load_image_mask(node: ComfyNode, b: Builder) -> list:
     """One channel of an image file as a mask: alpha gives 1 - alpha (0 without alpha), a colour its level."""

@@ -45,14 +45,22 @@ def input_spec(spec: InputSpec, choices: list[str] | None = None) -> list:
     return [kind, options]
 
 
+def file_names(folder: str, models, input_dir: Path) -> list[str]:
+    """The names a file input may take: the models in a models folder, or ("input") the input folder's files."""
+    if folder == "input":
+        if not input_dir.is_dir():
+            return []
+        return sorted(p.relative_to(input_dir).as_posix() for p in input_dir.rglob("*") if p.is_file())
+    return sorted({entry.name for entry in models.entries(folder)})
+
+
 def _path_choices(spec: InputSpec, models, input_dir: Path) -> list[str] | None:
-    """The names a file param may take: models in its folder, or the files in the input folder."""
     if spec.path is None:
         return None
     if spec.path.folder:
-        return sorted({entry.name for entry in models.entries(spec.path.folder)})
-    if spec.path.kind == "file" and input_dir.is_dir():
-        return sorted(p.relative_to(input_dir).as_posix() for p in input_dir.rglob("*") if p.is_file())
+        return file_names(spec.path.folder, models, input_dir)
+    if spec.path.kind == "file":
+        return file_names("input", models, input_dir)
     return None
 
 
@@ -79,5 +87,5 @@ def object_info(registry, models, input_dir: Path) -> dict:
     from ..comfy import object_info as comfy_info
 
     info = {name: node_info(d, models, input_dir) for name, d in sorted(registry.types.items())}
-    info.update(comfy_info())
+    info.update(comfy_info(lambda folder: file_names(folder, models, input_dir)))
     return info
