@@ -188,6 +188,8 @@ def test_a_bad_prompt_is_refused_with_every_problem_and_nothing_runs(server):
     assert errors["s"]["errors"][0]["extra_info"]["input_name"] == "steps"
     assert errors["pos"]["errors"][0]["type"] == "required_input_missing"
     assert errors["ckpt"]["errors"][0]["type"] == "value_not_in_list"
+    assert errors["s"]["dependent_outputs"] == errors["ckpt"]["dependent_outputs"] == ["save"]
+    assert errors["extra"]["dependent_outputs"] == []  # nothing reads it
     assert all(set(e) == {"type", "message", "details", "extra_info"} for n in errors.values() for e in n["errors"])
     assert request(f"{server.url}/history")[1] == before
     assert request(f"{server.url}/queue")[1] == {"queue_running": [], "queue_pending": []}
@@ -204,6 +206,13 @@ def test_a_bad_comfy_prompt_names_comfy_ids_and_class_types(server):
     assert answer["node_errors"]["3"]["class_type"] == "NoSuchComfyNode"
     assert answer["node_errors"]["7"]["class_type"] == "InvertMask"
     assert answer["node_errors"]["7"]["errors"][0]["extra_info"]["input_name"] == "mask"
+
+    saved = {"1": {"class_type": "NoSuchLoader", "inputs": {}},
+             "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["1", 2]}},
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+             "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    status, answer = request(f"{server.url}/prompt", {"prompt": saved})
+    assert status == 400 and answer["node_errors"]["1"]["dependent_outputs"] == ["3", "4"]
 
 
 @pytest.mark.parametrize("path, code", [("/etc/hostname", "confined_path"), ("../outside.png", "confined_path"),

@@ -86,7 +86,8 @@ def prepare(engine, doc: Any, number: float, prompt_id: str, extra_data: dict, i
         workflow = read_workflow(native, base_dir=input_dir)
         graph = engine.compile(workflow, targets=targets)
     except WorkflowInvalid as exc:
-        raise PromptRejected(_invalid(exc.issues, class_types)) from None
+        raise PromptRejected(_invalid(exc.issues, class_types, _readers(doc, comfy),
+                                      _output_ids(engine, doc, comfy, class_types))) from None
     except NodegraphError as exc:
         raise PromptRejected(error_body("invalid_prompt", str(exc))) from None
     prompt = Prompt(number, prompt_id, doc, extra_data, workflow, targets, [], comfy, class_types)
@@ -94,7 +95,49 @@ def prepare(engine, doc: Any, number: float, prompt_id: str, extra_data: dict, i
     return prompt
 
 
-def _invalid(issues: list[Issue], class_types: dict[str, str]) -> dict:
+def _readers(doc: dict, comfy: bool) -> dict[str, set[str]]:
+    """Node id -> the ids of the nodes that link to it, in the prompt as submitted."""
+    from ..comfy.convert import is_link
+
+    readers: dict[str, set[str]] = {}
+    nodes = doc.items() if comfy else (doc.get("nodes") or {}).items() if isinstance(doc.get("nodes"), dict) else ()
+    for node_id, spec in nodes:
+        values = (spec.get("inputs") or {}).values() if isinstance(spec, dict) and isinstance(spec.get("inputs"),
+                                                                                                dict) else ()
+        for value in values:
+            source = str(value[0]) if comfy and is_link(value) else (
+                value.split(".", 1)[0] if not comfy and isinstance(value, str) else None)
+            if source is not None:
+                readers.setdefault(source, set()).add(str(node_id))
+    return readers
+
+
+def _output_ids(engine, doc: dict, comfy: bool, class_types: dict[str, str]) -> set[str]:
+    """The ids of the prompt's output nodes (SaveImage and the like)."""
+    from ..comfy.convert import SPECS
+
+    def is_output(kind) -> bool:
+        if comfy and kind in SPECS:
+            return SPECS[kind].output_node
+        definition = engine.registry.types.get(kind)
+        return bool(definition is not None and definition.output)
+
+    return {node_id for node_id, kind in class_types.items() if is_output(kind)}
+
+
+def _dependent_outputs(node_id: str, readers: dict[str, set[str]], outputs: set[str]) -> list[str]:
+    """ComfyUI's dependent_outputs: the output nodes that need ``node_id`` (itself, if it is one)."""
+    seen, todo = {node_id}, [node_id]
+    while todo:
+        for reader in readers.get(todo.pop(), ()):
+            if reader not in seen:
+                seen.add(reader)
+                todo.append(reader)
+    return sorted(seen & outputs)
+
+
+def _invalid(issues: list[Issue], class_types: dict[str, str], readers: dict[str, set[str]] | None = None,
+             outputs: set[str] | None = None) -> dict:
     """ComfyUI's answer to a prompt that failed validation, every issue in it."""
     node_errors: dict[str, dict] = {}
     general = []
@@ -105,8 +148,9 @@ def _invalid(issues: list[Issue], class_types: dict[str, str]) -> dict:
         node_id = issue.node_id if issue.node_id in class_types else issue.node_id.rsplit("_", 1)[0]
         if node_id not in class_types:
             node_id = issue.node_id
-        entry = node_errors.setdefault(node_id, {"errors": [], "dependent_outputs": [],
-                                                 "class_type": class_types.get(node_id, issue.node_type)})
+        entry = node_errors.setdefault(node_id, {
+            "errors": [], "dependent_outputs": _dependent_outputs(node_id, readers or {}, outputs or set()),
+            "class_type": class_types.get(node_id, issue.node_type)})
         entry["errors"].append({
             "type": COMFY_TYPES.get(issue.code, issue.code), "message": issue.message, "details": str(issue),
             "extra_info": {"input_name": issue.field, **({"received_value": issue.value} if issue.has_value else {})}})
