@@ -4,6 +4,7 @@ by tensor into the target dtype and through diffusers' own converters."""
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +25,12 @@ class LoadedOnce:
     (``slot``: paths, dtype, device) with the content they were loaded from (``identity``): when the files
     change, the next request loads them again and the old model is let go."""
 
+    every: "weakref.WeakSet[LoadedOnce]" = weakref.WeakSet()  # every loader's, for release_all_loaded
+
     def __init__(self) -> None:
         self._items: dict[tuple, tuple[tuple, Any]] = {}
         self.lock = threading.RLock()
+        LoadedOnce.every.add(self)
 
     def get(self, slot: tuple, identity: tuple, load: Callable[[], Any]) -> Any:
         with self.lock:
@@ -42,6 +46,13 @@ class LoadedOnce:
 
 
 _LOADED = LoadedOnce()  # (identity, dtype, device) -> (MODEL, CLIP, VAE) handles
+
+
+def release_all_loaded() -> None:
+    """Forget every loaded model of every loader (checkpoints, VAEs, LoRAs, IP-Adapters, ...): they go once
+    nothing else holds them, and the next load reads the files again."""
+    for loaded in list(LoadedOnce.every):
+        loaded.clear()
 
 
 def clear_loaded_models() -> None:

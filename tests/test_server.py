@@ -467,3 +467,18 @@ def test_cross_site_requests_are_refused_and_annotated_names_are_viewed(server):
     assert post("http://evil.example") == 403
     assert post(server.url) == 200 and post(None) == 200
     assert request(f"{server.url}/view?filename=photo.png%20[input]")[0] == 200
+
+
+def test_free_forgets_the_cached_results_and_loaded_models_between_prompts(server):
+    """ComfyUI's POST /free: unload_models and free_memory, done by the worker between prompts."""
+    prompt = img2img(seed=81, prefix="free")
+    run_prompt(server, prompt)
+    _, again = run_prompt(server, prompt)
+    cached = [m["data"]["nodes"] for m in again if m["type"] == "execution_cached"]
+    assert cached and "ckpt" in cached[0]  # warm: nothing but the saver runs
+    engine = server.server.engine
+    assert request(f"{server.url}/free", {"unload_models": True, "free_memory": True})[0] == 200
+    wait_for(lambda: len(engine.memory) == 0)
+    _, cold = run_prompt(server, prompt)
+    cached = [m["data"]["nodes"] for m in cold if m["type"] == "execution_cached"]
+    assert not cached or "ckpt" not in cached[0]  # the checkpoint is loaded again

@@ -84,7 +84,7 @@ class Server:
         routes = [
             ("GET", "/ws", self.websocket), ("GET", "/prompt", self.get_prompt), ("POST", "/prompt", self.post_prompt),
             ("GET", "/queue", self.get_queue), ("POST", "/queue", self.post_queue),
-            ("POST", "/interrupt", self.interrupt), ("GET", "/history", self.get_history),
+            ("POST", "/interrupt", self.interrupt), ("POST", "/free", self.free), ("GET", "/history", self.get_history),
             ("GET", "/history/{prompt_id}", self.get_history), ("POST", "/history", self.post_history),
             ("GET", "/view", self.view), ("POST", "/upload/image", self.upload_image),
             ("POST", "/upload/mask", self.upload_mask), ("GET", "/object_info", self.object_info),
@@ -195,6 +195,11 @@ class Server:
     async def interrupt(self, request: web.Request) -> web.Response:
         body = await _json(request)
         self.queue.interrupt(body.get("prompt_id"))
+        return web.Response(status=200)
+
+    async def free(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        self.queue.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
         return web.Response(status=200)
 
     async def get_history(self, request: web.Request) -> web.Response:

@@ -41,6 +41,7 @@ class PromptQueue:
         self._arrivals = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._free: tuple[bool, bool] | None = None  # (unload_models, free_memory) asked for by POST /free
         self._thread = threading.Thread(target=self._work, name="nodegraph-prompt-worker", daemon=True)
 
     # ------------------------------------------------------------------ the queue
@@ -133,15 +134,45 @@ class PromptQueue:
 
     # ------------------------------------------------------------------ the worker
 
-    def _take(self) -> Prompt | None:
+    def request_free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's /free: done by the worker before the next prompt (at once when idle), never during one."""
         with self._cond:
-            while not self.pending and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            _, _, prompt = heapq.heappop(self.pending)
-            self.running, self.flag = prompt, InterruptFlag()
-            return prompt
+            old = self._free or (False, False)
+            self._free = (old[0] or unload_models, old[1] or free_memory)
+            self._cond.notify_all()
+
+    def _release(self, unload_models: bool, free_memory: bool) -> None:
+        """unload_models: every model off the device (to the CPU); free_memory: the memory cache emptied and the
+        loaded models forgotten (the disk cache stays), so they leave RAM too."""
+        import gc
+
+        from nodegraph.nodes._loading import release_all_loaded
+        from nodegraph.nodes._memory import MANAGER
+
+        if unload_models or free_memory:
+            MANAGER.unload_all()
+        if free_memory:
+            self.engine.memory.clear()
+            release_all_loaded()
+            gc.collect()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _take(self) -> Prompt | None:
+        while True:
+            with self._cond:
+                while not self.pending and not self._stopping and self._free is None:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                free, self._free = self._free, None
+                if free is None:
+                    _, _, prompt = heapq.heappop(self.pending)
+                    self.running, self.flag = prompt, InterruptFlag()
+                    return prompt
+            self._release(*free)
 
     def _work(self) -> None:
         while (prompt := self._take()) is not None:
