@@ -75,6 +75,8 @@ def plan(batch: Batch, engine) -> list[Job]:
             continue
         sweeps.append(jobs)
         inputs |= bound
+    if batch.bind and not any(Path(s).is_dir() for s in batch.sweeps):
+        problems.append(f"--bind {batch.bind}: binds the images of a folder sweep, and no --sweep is a folder")
     if problems:
         raise SweepInvalid(problems)
     overrides = combine(sweeps, batch.sweeps)

@@ -55,8 +55,6 @@ def read_sweep(path: str | Path, bind: str | None = None) -> tuple[list[dict[str
         if problems:
             raise SweepInvalid(problems)
         return [{bind: str(p)} for p in images], {bind}
-    if bind:
-        raise SweepInvalid([f"--bind {bind}: only a folder of images is bound to a param; '{path}' is a file"])
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
