@@ -87,9 +87,10 @@ class Affinity:
 
 
 def dispatch(pool, jobs: list[Job], make_task: Callable[[Job], Task], on_outcome: Callable[[Job, dict], None],
-             interrupt=None, attempts: int = 3) -> bool:
+             interrupt=None, attempts: int = 3, depth: int = 2) -> bool:
     """Run every job on the pool's workers, calling ``on_outcome(job, outcome)`` as each ends (failed jobs
-    included). A job whose worker died is retried on another, up to ``attempts`` times in all. Returns
+    included). Each worker holds up to ``depth`` jobs, so it starts the next without waiting for the driver.
+    A job whose worker died is retried on another, up to ``attempts`` times in all. Returns
     False when stopped by ``interrupt`` (jobs still pending or running are left out)."""
     queue = Affinity(jobs, list(pool.workers))
     live = list(pool.workers)
@@ -98,10 +99,14 @@ def dispatch(pool, jobs: list[Job], make_task: Callable[[Job], Task], on_outcome
     while len(queue) or running:
         if interrupt is not None and interrupt.is_set():
             return False
-        busy = {w for _, w in running.values()}
-        for worker, job in queue.take([w for w in live if w not in busy]):
-            tries[job.key] = tries.get(job.key, 0) + 1
-            running[pool.submit(worker, make_task(job), job)] = (job, worker)
+        while True:  # fill every worker up to ``depth`` jobs: the next is queued there before this one ends
+            load = [w for _, w in running.values()]
+            picks = queue.take([w for w in live if load.count(w) < depth])
+            if not picks:
+                break
+            for worker, job in picks:
+                tries[job.key] = tries.get(job.key, 0) + 1
+                running[pool.submit(worker, make_task(job), job)] = (job, worker)
         if not running:  # every worker is gone
             for job in [j for q in queue.queues.values() for j in q]:
                 on_outcome(job, {"status": "failed", "error": "no worker left to run it (every worker died)",

@@ -22,10 +22,16 @@ def _start(name: str, engine_options: dict[str, Any], threads: int | None, gpu: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the workers
     if gpu is not None:  # before torch touches CUDA: this worker's "cuda" is that one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if threads:  # before torch and OpenCV load: their thread pools then match the worker's share of the cores
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = str(threads)
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+        import cv2
+
+        cv2.setNumThreads(threads)
     _NAME = name
     _ENGINE = make_engine(engine_options)
 
