@@ -178,7 +178,7 @@ def test_affinity_rules():
 
 
 class FlakyPool:
-    """A pool whose worker w1 dies on its first job: dispatch must retry that job on w0."""
+    """A pool whose worker w1 dies: dispatch must retry its jobs on w0."""
 
     workers = ["w0", "w1"]
 
@@ -200,10 +200,12 @@ class FlakyPool:
 
 def test_a_dead_workers_job_runs_again_on_another():
     pool, outcomes = FlakyPool(), {}
-    assert dispatch(pool, [job("j0"), job("j1"), job("j2")], lambda j: None,
-                    lambda j, o: outcomes.setdefault(j.key, o))
-    assert {k: (o["status"], o["worker"]) for k, o in outcomes.items()} == {k: ("done", "w0") for k in ("j0", "j1", "j2")}
-    assert [w for w, _ in pool.runs].count("w1") == 1 and outcomes["j1"]["attempts"] == 2
+    keys = ["j0", "j1", "j2", "j3"]
+    assert dispatch(pool, [job(k) for k in keys], lambda j: None, lambda j, o: outcomes.setdefault(j.key, o))
+    assert {k: (o["status"], o["worker"]) for k, o in outcomes.items()} == {k: ("done", "w0") for k in keys}
+    # two jobs were in flight on w1 (two per worker) when it died: both ran again on w0
+    assert sorted(k for w, k in pool.runs if w == "w1") == ["j1", "j3"]
+    assert [outcomes[k]["attempts"] for k in keys] == [1, 2, 1, 2]
 
 
 def test_a_failing_job_is_recorded_and_the_rest_go_on(setup, tmp_path):

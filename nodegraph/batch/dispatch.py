@@ -119,8 +119,9 @@ def dispatch(pool, jobs: list[Job], make_task: Callable[[Job], Task], on_outcome
                 outcome = future.result()
             except Exception as exc:  # noqa: BLE001 - the pool says whether the worker died
                 if pool.lost(exc):
-                    live.remove(worker)
-                    queue.drop_worker(worker)
+                    if worker in live:  # its other job in flight fails the same way
+                        live.remove(worker)
+                        queue.drop_worker(worker)
                     if tries[job.key] < attempts:
                         queue.put_back(job)
                         continue
