@@ -23,8 +23,8 @@ def _start(name: str, engine_options: dict[str, Any], threads: int | None, gpu: 
     if gpu is not None:  # before torch touches CUDA: this worker's "cuda" is that one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if threads:  # before torch and OpenCV load: their thread pools then match the worker's share of the cores
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[name] = str(threads)
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[variable] = str(threads)
     import torch
 
     if threads:
