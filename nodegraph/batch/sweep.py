@@ -57,8 +57,10 @@ def read_sweep(path: str | Path, bind: str | None = None) -> tuple[list[dict[str
         return [{bind: str(p)} for p in images], {bind}
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SweepInvalid([f"sweep '{path}': cannot read it ({exc})"]) from None
+    except OSError as exc:
+        raise SweepInvalid([f"sweep '{path}': cannot read it ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError:
+        raise SweepInvalid([f"sweep '{path}': not UTF-8 text"]) from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         jobs = _jsonl(path, text, problems)
