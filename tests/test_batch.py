@@ -303,3 +303,21 @@ def test_cli_exit_codes_and_ctrl_c_then_resume(setup, tmp_path):
     summary = json.loads(report)
     assert summary["skipped"] == len(done) and summary["done"] == 40 - len(done) and summary["total"] == 40
     assert sorted(r["index"] for r in records(out)) == list(range(40))
+
+
+def test_usage_errors_exit_2_before_anything_loads(setup, tmp_path, monkeypatch):
+    from nodegraph.cli import main
+
+    workflow, sweep, *_ = setup
+    out = tmp_path / "out"
+    assert main(["batch", str(workflow), "--sweep", str(sweep), "--out", str(out), "--shared-out"]) == 2
+    assert main(["batch", str(workflow), "--sweep", str(sweep), "--out", str(out), "--workers", "0"]) == 2
+    assert main(["batch", str(workflow), "--sweep", str(sweep), "--out", str(out), "--bind", "photo.path"]) == 2
+    assert main(["batch", str(workflow), "--out", str(out)]) == 2  # --sweep is required
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    from nodegraph.batch.ray_pool import import_ray
+    from nodegraph.errors import NodegraphError
+
+    with pytest.raises(NodegraphError, match=r'pip install "nodegraph\[ray\]"'):
+        import_ray()
+    assert not out.exists()
