@@ -143,6 +143,21 @@ def test_local_workers_give_the_same_images(setup, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(batch_images(tmp_path / "out"), reference))
 
 
+def test_workers_share_a_disk_cache_folder(setup, tmp_path):
+    workflow, sweep, _, reference = setup
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    first = run_batch(Batch(workflow=workflow, sweeps=[str(sweep)], out=tmp_path / "one", progress=False,
+                            workers=2, threads=1, engine_options=cache))
+    second = run_batch(Batch(workflow=workflow, sweeps=[str(sweep)], out=tmp_path / "two", progress=False,
+                             workers=2, threads=1, engine_options=cache))  # new worker processes
+    assert first.done == second.done == 8
+    assert all(r["nodes"]["ran"] >= 3 for r in records(tmp_path / "one"))  # sampler, decoder, SaveImage at least
+    # in new processes only SaveImage (it writes into its job's own folder) ran again: the decoded image came
+    # from the shared disk cache, and nothing before it was needed
+    assert all(r["nodes"] == {"ran": 1, "cached": 1, "skipped": 6} for r in records(tmp_path / "two"))
+    assert all(np.array_equal(a, b) for a, b in zip(batch_images(tmp_path / "two"), reference))
+
+
 def test_affinity_sends_each_checkpoint_to_the_worker_holding_it(tiny, setup, tmp_path):
     workflow, *_ = setup
     # the folder and the single file are two checkpoints, interleaved in the sweep; with two jobs each, neither

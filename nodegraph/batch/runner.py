@@ -182,6 +182,7 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
         entry = {"key": job.key, "index": job.index, "job": job.name, "overrides": job.overrides,
                  "status": outcome["status"], "seconds": outcome.get("seconds", 0.0), "files": files,
                  "worker": outcome.get("worker"), "attempts": outcome.get("attempts", 1),
+                 "nodes": outcome.get("nodes", {}),
                  **({"error": outcome["error"]} if outcome.get("error") else {}),
                  "manifest": outcome.get("manifest", {})}
         results.append(entry)

@@ -59,6 +59,9 @@ def run_task(engine, task: Task, worker: str, interrupt=None, files: dict[str, b
             outcome.update(status="failed", error=f"internal error: {type(exc).__name__}: {exc}")
             result = None
         outcome["seconds"] = round(time.perf_counter() - start, 4)
+        if result is not None:  # how many nodes ran and how many came from a cache (shared or not)
+            statuses = list(result.status.values())
+            outcome["nodes"] = {s: statuses.count(s) for s in sorted(set(statuses))}
         written = [Path(f) for f in (result.files if result is not None else [])]
         outcome["files"] = [str(f.relative_to(out)) for f in written if f.is_relative_to(out)]
         if task.out_dir is None and outcome["status"] == "done":
