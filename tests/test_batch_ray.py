@@ -53,9 +53,10 @@ def test_eight_jobs_on_two_actors_match_one_by_one_runs(cluster, setup, tmp_path
     actors = pool()
     try:
         summary = run_batch(batch(setup, tmp_path / "out"), pool=actors)  # files sent back to the driver
-        shared = run_batch(batch(setup, tmp_path / "shared", shared_out=True), pool=actors)
     finally:
         actors.close()
+    # as the CLI does it: the batch makes its own pool (on the Ray this process started) and closes it
+    shared = run_batch(batch(setup, tmp_path / "shared", shared_out=True, workers=2, threads=1))
     assert (summary.done, summary.failed, summary.exit_code) == (8, 0, 0) and shared.done == 8
     assert {r["worker"] for r in records(tmp_path / "out")} == {"ray-0", "ray-1"}
     reference = setup[3]
