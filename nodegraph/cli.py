@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["info", "prune", "clear"])
     cache_options(cache)
     cache.add_argument("--json", action="store_true")
+
+    from .batch.command import add_parser as add_batch_parser  # nodegraph batch (docs/batch.md)
+
+    add_batch_parser(sub)
     return parser
 
 
@@ -225,6 +229,10 @@ def _dispatch(args: argparse.Namespace, flag) -> tuple[int, dict | None]:
     if args.command == "import":
         return _import(args)
     registry = _registry(args)
+    if args.command == "batch":
+        from .batch.command import run_command
+
+        return run_command(args, flag)
     if args.command == "nodes":
         return _nodes(registry, args)
     if args.command == "schema":

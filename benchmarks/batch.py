@@ -1,0 +1,117 @@
+"""Batch throughput: jobs per second of a tiny-model img2img sweep on 1 and 2 workers, local and on Ray.
+
+    python benchmarks/batch.py [--jobs 48] [--size 64] [--steps 4] [--no-ray]
+
+Each pool is started and warmed first (every worker loads the checkpoint and runs a job), then a sweep of
+--jobs seeds runs; throughput is taken between its first and last completion, so the figures are steady state,
+not start-up (the driver's checking of the sweep is printed apart). Every worker runs torch
+with 1 thread (this machine has 2 cores). Prints jobs/s per pool, the scaling efficiency
+(jobs/s with 2 workers / (2 x jobs/s with 1)) and Ray's overhead per job against local workers
+(1/throughput of Ray - 1/throughput of local workers, at the same worker count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("NODEGRAPH_CACHE_DIR", "off")
+
+from nodegraph.batch import Batch, run_batch  # noqa: E402
+from nodegraph.batch.local import LocalPool  # noqa: E402
+
+
+def workflow(folder: Path, checkpoint: Path, size: int, steps: int) -> Path:
+    from tests.batch_helpers import img2img_workflow
+
+    path = img2img_workflow(folder, checkpoint)
+    data = json.loads(path.read_text())
+    data["nodes"]["resize"]["params"].update(width=size, height=size)
+    data["nodes"]["sample"]["params"]["steps"] = steps
+    path.write_text(json.dumps(data))
+    return path
+
+
+def sweep(folder: Path, name: str, seeds: range) -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"grid": {"sample.seed": list(seeds)}}))
+    return path
+
+
+def throughput(pool, wf: Path, folder: Path, name: str, jobs: int, workers: int, engine) -> tuple[float, float]:
+    """Steady-state jobs/s (completions from the first to the last, so neither checking the jobs nor filling
+    the workers counts) and the seconds the driver spent checking the sweep before the first job ran."""
+    options = dict(workflow=wf, progress=False, engine_options={"cache_dir": False})
+    warm = run_batch(Batch(sweeps=[str(sweep(folder, f"{name}-warm", range(10_000, 10_000 + 2 * workers)))],
+                           out=folder / f"{name}-warm", **options), pool=pool, engine=engine)
+    assert warm.done == 2 * workers, warm
+    ends: list[float] = []
+    start = time.perf_counter()
+    timed = run_batch(Batch(sweeps=[str(sweep(folder, name, range(jobs)))], out=folder / name, **options), pool=pool,
+                      engine=engine, on_outcome=lambda job, record: ends.append(time.perf_counter()))
+    assert timed.done == jobs, timed
+    first_job = min(r["seconds"] for r in timed.records)
+    return (jobs - 1) / (ends[-1] - ends[0]), ends[0] - start - first_job
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=48)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    from tests.tiny_models import build_tiny_models
+
+    folder = Path(tempfile.mkdtemp(prefix="nodegraph-batch-bench-"))
+    wf = workflow(folder, build_tiny_models(folder / "models").sd15, args.size, args.steps)
+    print(f"tiny SD 1.x img2img {args.size}x{args.size}, {args.steps} steps x strength 0.6, {args.jobs} jobs; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    from nodegraph.api import Engine
+
+    engine = Engine(cache_dir=False)  # the driver's: checks the jobs (its registry is loaded once)
+    rates: dict[tuple[str, int], float] = {}
+    checks: list[float] = []
+    for workers in (1, 2):
+        pool = LocalPool(workers, {"cache_dir": False}, threads=1)
+        try:
+            rates["local", workers], check = throughput(pool, wf, folder, f"local{workers}", args.jobs, workers,
+                                                       engine)
+            checks.append(check)
+        finally:
+            pool.close()
+    if not args.no_ray:
+        import ray
+
+        from nodegraph.batch.ray_pool import RayPool
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        for workers in (1, 2):
+            pool = RayPool({"cache_dir": False}, workers=workers, threads=1)
+            try:
+                rates["ray", workers], _ = throughput(pool, wf, folder, f"ray{workers}", args.jobs, workers, engine)
+            finally:
+                pool.close()
+        ray.shutdown()
+    for (kind, workers), rate in rates.items():
+        print(f"{kind:5} {workers} worker{'s' if workers > 1 else ' '}: {rate:6.2f} jobs/s  ({1000 / rate:6.1f} ms/job)")
+    for kind in ("local", "ray"):
+        if (kind, 2) in rates:
+            print(f"{kind} scaling efficiency at 2 workers: {rates[kind, 2] / (2 * rates[kind, 1]):.2f} "
+                  "(target >= 0.85)")
+    for workers in (1, 2):
+        if ("ray", workers) in rates:
+            overhead = 1000 * (1 / rates["ray", workers] - 1 / rates["local", workers])
+            print(f"Ray overhead per job at {workers} worker{'s' if workers > 1 else ''}: {overhead:+.1f} ms "
+                  "(target < 50 ms)")
+    print(f"checking the sweep before the first job: {1000 * min(checks) / args.jobs:.1f} ms per job")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
