@@ -172,6 +172,13 @@ def test_unmapped_sampler_and_scheduler_names_name_node_input_and_value(sampler,
     assert "'3' (KSampler)" in text and field in text and repr(issue.value) in text
 
 
+def test_a_bad_sampler_name_is_reported_also_when_the_scheduler_is_missing():
+    prompt = txt2img(sampler_name="dpmpp_3m_sde")
+    del prompt["3"]["inputs"]["scheduler"]
+    assert {(i.field, i.value if i.has_value else None) for i in problems(prompt)} == {
+        ("sampler_name", "dpmpp_3m_sde"), ("scheduler", None)}
+
+
 def test_missing_links_cycles_and_bad_values_are_reported_together():
     prompt = txt2img(denoise=0)
     del prompt["6"]["inputs"]["clip"]

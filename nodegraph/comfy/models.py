@@ -38,14 +38,12 @@ def scheduler_name(node: ComfyNode, b: Builder) -> str | None:
     from nodegraph.nodes.schedulers import SCHEDULER_NAMES  # light: a table, no diffusers
 
     sampler, schedule = b.value(node, "sampler_name"), b.value(node, "scheduler")
-    if sampler is None or schedule is None:
-        return None
-    found = True
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+    found = sampler is not None and schedule is not None  # a missing one is reported; still check the other
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
         b.problem(node, "sampler_name", "has no diffusers equivalent in nodegraph; use one of "
                                         f"{', '.join(SAMPLERS)}")
         found = False
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+    if schedule is not None and (not isinstance(schedule, str) or schedule not in SCHEDULES):
         b.problem(node, "scheduler", "has no diffusers equivalent in nodegraph; use one of "
                                      f"{', '.join(SCHEDULES)}")
         found = False
