@@ -331,8 +331,12 @@ def serve(config: ServerConfig) -> None:
     server = Server(config)
     started = (f"nodegraph serve: http://{config.listen}:{config.port} (input {server.folders.input}, output "
                f"{server.folders.output}); Ctrl-C stops it")
-    try:  # aiohttp prints once it listens
+    from aiohttp.web_runner import GracefulExit
+
+    try:  # aiohttp prints once it listens; the first Ctrl-C or SIGTERM stops it cleanly (exit 0)
         web.run_app(server.app(), host=config.listen, port=config.port, print=lambda _: print(started, flush=True))
+    except GracefulExit:  # a second signal while shutting down (aiohttp's SystemExit): interrupted, not a success
+        raise KeyboardInterrupt("stopped by a second signal while shutting down") from None
     except OSError as exc:  # the port is taken, or the address is not this machine's
         raise NodegraphError(f"cannot listen on {config.listen}:{config.port}: {exc.strerror or exc}; choose "
                              "another --port or --listen") from None
