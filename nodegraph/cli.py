@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model-paths", metavar="FILE", help="model paths file (ComfyUI's extra_model_paths.yaml "
                        "format; default: $NODEGRAPH_MODEL_PATHS, else model_paths.yaml in the user's config folder)")
 
-    def limits(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-nodes", type=int, metavar="N", help="most nodes after group expansion (default 100000)")
+    def limits(p: argparse.ArgumentParser, max_nodes: int = 100_000) -> None:
+        p.add_argument("--max-nodes", type=int, metavar="N", help=f"most nodes after group expansion (default "
+                                                                  f"{max_nodes})")
         p.add_argument("--max-pixels", type=int, metavar="N", help="most pixels (width x height x batch) a node may "
                        "decode or create (default 33554432)")
 
@@ -132,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins(listing)
 
     serve = sub.add_parser("serve", help="serve ComfyUI's HTTP and websocket API (docs/server.md)")
-    from .server.options import add_options as serve_options
+    from .server.options import SERVED_MAX_NODES, add_options as serve_options
     serve_options(serve)
     cache_options(serve)
-    limits(serve)
+    limits(serve, max_nodes=SERVED_MAX_NODES)
     models(serve)
     plugins(serve)
 

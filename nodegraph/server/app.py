@@ -29,6 +29,7 @@ from .messages import Hub
 from .object_info import object_info
 from .prompts import PromptRejected, error_body, prepare
 from .queue import PromptQueue
+from .options import SERVED_MAX_NODES
 from .uploads import upload_image, upload_mask
 
 log = logging.getLogger("nodegraph.server")
@@ -51,7 +52,7 @@ class ServerConfig:
     memory_budget: int | None = None
     allow_download: bool = False
     max_queue: int = 100
-    max_nodes: int = 1000
+    max_nodes: int = SERVED_MAX_NODES
     max_pixels: int = 2**25
     max_upload: int = 100 * 1024**2  # request body limit (aiohttp's client_max_size)
     max_history: int = 10_000

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SERVED_MAX_NODES = 1000  # a prompt sent by someone else (ComfyUI workflows have tens of nodes)
+
 
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS", help="address to bind (default 127.0.0.1: "
@@ -30,6 +32,6 @@ def run(args: argparse.Namespace) -> tuple[int, None]:
         cache_dir=args.cache_dir, cache_size=args.cache_size, allow_download=args.allow_download,
         max_queue=args.max_queue, max_upload=args.max_upload, max_history=args.max_history, plugin_dirs=args.plugins,
         model_paths=Path(args.model_paths) if args.model_paths else None,
-        max_nodes=args.max_nodes or 1000, max_pixels=args.max_pixels or 2**25)
+        max_nodes=args.max_nodes or SERVED_MAX_NODES, max_pixels=args.max_pixels or 2**25)
     serve(config)
     return 0, None  # the CLI's (exit status, --json document)
