@@ -248,3 +248,55 @@ def test_a_failing_job_inside_a_group_is_recorded_and_the_rest_are_batched(fox, 
     assert run(fox, {"zip": {"sample.seed": [1, 3], "pos.text": ["a fox", "a cat"]}}, reference, 1).exit_code == 0
     for mine, ref in zip([got[0], got[2]], records(reference)):
         assert_close_images(tmp_path / "out" / mine["files"][0], reference / ref["files"][0])
+
+
+# ----------------------------------------------------------------------------- worker processes and Ray actors
+
+@pytest.mark.parametrize("where", ["processes", "ray"])
+def test_groups_run_on_worker_processes_and_ray_actors(tiny, tmp_path, where):
+    """Photos sent through Ray's object store are written once per group; each job's files come back."""
+    from .batch_helpers import img2img_workflow, one_by_one, photo_folder
+
+    options = {"workers": 2, "threads": 1}
+    if where == "ray":
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        options["ray"] = True
+    try:
+        workflow = img2img_workflow(tmp_path, tiny.sd15)
+        photos = photo_folder(tmp_path / "photos")
+        seeds = tmp_path / "seeds.json"
+        seeds.write_text(json.dumps({"grid": {"sample.seed": [1, 2, 3, 4]}}))
+        summary = run_batch(Batch(workflow=workflow, sweeps=[str(photos), str(seeds)], bind="photo.path",
+                                  out=tmp_path / "out", progress=False, batch_size=4,
+                                  engine_options={"cache_dir": False}, **options))
+    finally:
+        if where == "ray":
+            ray.shutdown()
+    assert (summary.done, summary.exit_code) == (8, 0)
+    got = records(tmp_path / "out")
+    assert all(r["batch"]["size"] == 4 for r in got)
+    assert {r["worker"] for r in got} <= {"local-0", "local-1", "ray-0", "ray-1"}
+    jobs = [{"photo.path": r["overrides"]["photo.path"], "sample.seed": r["overrides"]["sample.seed"]} for r in got]
+    reference = one_by_one(workflow, jobs, tmp_path / "reference")
+    for r, image in zip(got, reference):
+        assert np.abs(pixels(tmp_path / "out" / r["files"][0]).astype(int) - image.astype(int)).max() <= 1
+
+
+def test_cli_batch_size(fox, tmp_path):
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "seeds.json"
+    sweep.write_text(json.dumps({"grid": {"sample.seed": [1, 2, 3]}}))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "nodegraph.cli", "batch", str(fox), "--sweep", str(sweep),
+                               "--no-cache", "--threads", "1", *map(str, args)], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    bad = cli("--out", tmp_path / "bad", "--batch-size", "0")
+    assert bad.returncode == 2 and "--batch-size must be at least 1" in bad.stderr
+    good = cli("--out", tmp_path / "out", "--batch-size", "2", "--json")
+    assert good.returncode == 0 and json.loads(good.stdout)["done"] == 3
+    assert [r.get("batch", {}).get("size") for r in records(tmp_path / "out")] == [2, 2, None]  # 2 + 1 alone
