@@ -46,17 +46,19 @@ def sweep(folder: Path, name: str, seeds: range) -> Path:
 
 
 def throughput(pool, wf: Path, folder: Path, name: str, jobs: int, workers: int, engine,
-               batch_size: int = 1) -> tuple[float, float]:
+               batch_size: int = 1, first: int = 0) -> tuple[float, float]:
     """Steady-state jobs/s (completions from the first to the last, so neither checking the jobs nor filling
     the workers counts) and the seconds the driver spent checking the sweep before the first job ran."""
     options = dict(workflow=wf, progress=False, engine_options={"cache_dir": False}, batch_size=batch_size)
     warm_jobs = 2 * workers * batch_size
-    warm = run_batch(Batch(sweeps=[str(sweep(folder, f"{name}-warm", range(10_000, 10_000 + warm_jobs)))],
+    warm_seeds = range(first + 10_000, first + 10_000 + warm_jobs)
+    warm = run_batch(Batch(sweeps=[str(sweep(folder, f"{name}-warm", warm_seeds))],
                            out=folder / f"{name}-warm", **options), pool=pool, engine=engine)
     assert warm.done == warm_jobs, warm
     ends: list[float] = []
     start = time.perf_counter()
-    timed = run_batch(Batch(sweeps=[str(sweep(folder, name, range(jobs)))], out=folder / name, **options), pool=pool,
+    timed = run_batch(Batch(sweeps=[str(sweep(folder, name, range(first, first + jobs)))], out=folder / name,
+                            **options), pool=pool,
                       engine=engine, on_outcome=lambda job, record: ends.append(time.perf_counter()))
     assert timed.done == jobs, timed
     assert all((r.get("batch") or {}).get("size", 1) == batch_size for r in timed.records[:jobs - jobs % batch_size])
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--batching-only", action="store_true", help="only --batch-size 1 vs 4 on one worker")
+    parser.add_argument("--repeat", type=int, default=3, help="--batch-size 1 and 4 measured this many times, "
+                        "alternating (the median is reported: robust to other processes' load)")
     args = parser.parse_args()
     from tests.tiny_models import build_tiny_models
 
@@ -91,13 +95,17 @@ def main() -> None:
             checks.append(check)
         finally:
             pool.close()
-    batched: dict[int, float] = {}
-    for size in (1, 4):  # one worker, the jobs sampled one by one or 4 at a time
-        pool = LocalPool(1, {"cache_dir": False}, threads=1)
-        try:
-            batched[size], _ = throughput(pool, wf, folder, f"batch{size}", args.jobs, 1, engine, size)
-        finally:
-            pool.close()
+    batched: dict[int, list[float]] = {1: [], 4: []}
+    pool = LocalPool(1, {"cache_dir": False}, threads=1)  # one worker, the jobs sampled one by one or 4 at a time
+    try:
+        for round_ in range(args.repeat):
+            for size in batched:
+                # new seeds each time: the worker's memory cache holds the latents of the seeds it ran
+                rate, _ = throughput(pool, wf, folder, f"batch{size}-{round_}", args.jobs, 1, engine, size,
+                                     first=100_000 * (1 + 2 * round_ + (size > 1)))
+                batched[size].append(rate)
+    finally:
+        pool.close()
     if not args.no_ray and not args.batching_only:
         import ray
 
@@ -122,9 +130,15 @@ def main() -> None:
             overhead = 1000 * (1 / rates["ray", workers] - 1 / rates["local", workers])
             print(f"Ray overhead per job at {workers} worker{'s' if workers > 1 else ''}: {overhead:+.1f} ms "
                   "(target < 50 ms)")
-    for size, rate in batched.items():
-        print(f"local 1 worker, --batch-size {size}: {rate:6.2f} jobs/s  ({1000 / rate:6.1f} ms/job)")
-    print(f"--batch-size 4 against 1: {batched[4] / batched[1]:.2f}x")
+    import statistics
+
+    for size, rates_ in batched.items():
+        rate = statistics.median(rates_)
+        print(f"local 1 worker, --batch-size {size}: {rate:6.2f} jobs/s  ({1000 / rate:6.1f} ms/job; median of "
+              f"{len(rates_)}, {min(rates_):.1f}-{max(rates_):.1f})")
+    ratios = [b / a for a, b in zip(batched[1], batched[4])]
+    print(f"--batch-size 4 against 1: {statistics.median(batched[4]) / statistics.median(batched[1]):.2f}x "
+          f"(per round {', '.join(f'{r:.2f}' for r in ratios)})")
     if checks:
         print(f"checking the sweep before the first job: {1000 * min(checks) / args.jobs:.1f} ms per job")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

@@ -58,8 +58,8 @@ def run_command(args: argparse.Namespace, flag) -> tuple[int, dict]:
                "plugin_dirs": [str(Path(p).resolve()) for p in args.plugins] or None}
     batch = Batch(workflow=Path(args.workflow), sweeps=args.sweep, out=Path(args.out), bind=args.bind,
                   base=parse_set(args.set), resume=args.resume, workers=args.workers, threads=args.threads,
-                  ray=args.ray is not None, ray_address=args.ray or None, shared_out=args.shared_out, batch_size=args.batch_size,
-                  device=args.device, dtype=args.dtype, engine_options=options, progress=not args.json)
+                  ray=args.ray is not None, ray_address=args.ray or None, shared_out=args.shared_out,
+                  batch_size=args.batch_size,                  device=args.device, dtype=args.dtype, engine_options=options, progress=not args.json)
     summary = run_batch(batch, interrupt=flag)
     line = (f"{summary.total} jobs: {summary.done} done, {summary.failed} failed, {summary.skipped} done before"
             f"{', interrupted' if summary.interrupted else ''} ({summary.seconds:.1f}s); {batch.out / 'results.jsonl'}")

@@ -164,6 +164,7 @@ def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch:
 
     device, dtype = resolve_device(tasks[0].device), resolve_dtype(tasks[0].dtype)
     rows, graphs, keys, values = [], [], [], []
+    made: dict[tuple, dict] = {}  # the sampler's inputs by their keys: jobs differing only in seed share them
     for i, task in enumerate(tasks):
         graph = engine.compile(task.workflow, task.overrides)
         node_keys = stable_keys(graph, device, dtype)
@@ -171,17 +172,20 @@ def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch:
         if key is None or engine.memory.get(key) is not None:
             continue  # drawn at random, or made already: the job runs as it is
         sources = sorted({src for src, _ in graph.nodes[sampler].links.values()})
-        try:
-            result = engine.run(task.workflow, task.overrides, out_dir=scratch, targets=sources, device=device,
-                                dtype=dtype, interrupt=interrupt)
-        except Interrupted:
-            raise
-        except Exception:  # noqa: BLE001 - this job runs alone and reports its own failure
-            continue
+        inputs = tuple(node_keys.get(src) for src in sources)
+        if None in inputs or inputs not in made:
+            try:
+                result = engine.run(task.workflow, task.overrides, out_dir=scratch, targets=sources, device=device,
+                                    dtype=dtype, interrupt=interrupt)
+            except Interrupted:
+                raise
+            except Exception:  # noqa: BLE001 - this job runs alone and reports its own failure
+                continue
+            made[inputs] = result.outputs
         rows.append(i)
         graphs.append(graph)
         keys.append((key, node_keys))
-        values.append(result.outputs)
+        values.append(made[inputs])
     if len(rows) < 2:
         return []
     node = graphs[0].nodes[sampler]
