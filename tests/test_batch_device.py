@@ -172,9 +172,10 @@ def test_latents_of_a_batched_job_match_its_single_run(fox):
     engine = Engine(cache_dir=False)
     with torch_threads(1):
         rows = sample_together(engine, tasks, "sample", None, fox.parent / "scratch")
-        assert rows == [0, 1, 2, 3]
-        for task in tasks:
+        assert [row for row, _ in rows.values()] == [0, 1, 2, 3]
+        for i, task in enumerate(tasks):
             key = stable_keys(engine.compile(fox, task.overrides), torch.device("cpu"), torch.float32)["sample"]
+            assert rows[i][1] == key
             batched = engine.memory.get(key)["latent"].samples
             alone = Engine(cache_dir=False).run(fox, task.overrides, targets=["sample"], device="cpu",
                                                 out_dir=fox.parent / "o").outputs["sample"]["latent"].samples
@@ -300,3 +301,17 @@ def test_cli_batch_size(fox, tmp_path):
     good = cli("--out", tmp_path / "out", "--batch-size", "2", "--json")
     assert good.returncode == 0 and json.loads(good.stdout)["done"] == 3
     assert [r.get("batch", {}).get("size") for r in records(tmp_path / "out")] == [2, 2, None]  # 2 + 1 alone
+
+
+def test_without_room_in_the_memory_cache_jobs_say_they_were_not_batched(fox, tmp_path):
+    """The rows live in the memory cache until their jobs run: with no room there each job samples alone, and
+    its record does not claim a batch."""
+    sweep = tmp_path / "seeds.json"
+    sweep.write_text(json.dumps({"grid": {"sample.seed": [5, 6]}}))
+    with torch_threads(1), unet_calls() as calls:
+        summary = run_batch(Batch(workflow=fox, sweeps=[str(sweep)], out=tmp_path / "out", progress=False, workers=1,
+                                  batch_size=2, engine_options={"cache_dir": False, "memory_budget": 0}))
+    assert summary.done == 2
+    for r in records(tmp_path / "out"):
+        assert "batch" not in r and "batch" not in r["manifest"]["samplers"]["sample"]
+    assert calls == [4] * STEPS + [2] * (2 * STEPS)  # the batch was made, then each job sampled alone

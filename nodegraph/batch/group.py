@@ -125,13 +125,15 @@ def run_group(engine, group: GroupTask, worker: str, interrupt=None, files: dict
             return {"outcomes": [{"status": "interrupted", "error": "interrupted", "worker": worker}
                                  for _ in tasks]}
         except Exception:  # noqa: BLE001 - nothing batched: each job runs alone and reports for itself
-            rows = []
+            rows = {}
         shared = round(time.perf_counter() - start, 4)
         outcomes = []
         for i, task in enumerate(tasks):
+            row = rows.get(i)
+            served = row is not None and row[1] in engine.memory  # else (evicted) its sampler runs alone
             outcome = run_task(engine, task, worker, interrupt)
-            if i in rows:
-                outcome["batch"] = {"size": len(rows), "index": rows.index(i), "seconds": shared}
+            if served:
+                outcome["batch"] = {"size": len(rows), "index": row[0], "seconds": shared}
             outcomes.append(outcome)
         return {"outcomes": outcomes}
     finally:
@@ -152,9 +154,9 @@ def _local_inputs(task: Task, files: dict[str, bytes] | None, scratch: Path) -> 
     return replace(task, overrides=overrides, inputs={})
 
 
-def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch: Path) -> list[int]:
-    """Run ``sampler`` once for the tasks' rows and cache each row under its job's key; the task indices
-    batched (none when fewer than two could be)."""
+def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch: Path) -> dict[int, tuple[int, str]]:
+    """Run ``sampler`` once for the tasks' rows and cache each row under its job's key; for each task batched,
+    its row and that key (none when fewer than two could be batched)."""
     from ..context import InterruptFlag, RunConfig, RunContext, RunRecord
     from ..devices import resolve_device, resolve_dtype
     from ..errors import Interrupted
@@ -187,7 +189,7 @@ def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch:
         keys.append((key, node_keys))
         values.append(made[inputs])
     if len(rows) < 2:
-        return []
+        return {}
     node = graphs[0].nodes[sampler]
     definition = node.definition
     kwargs = dict(node.params)
@@ -198,12 +200,12 @@ def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch:
             value = items[0]  # the same node output for every job
             if isinstance(value, Latents):
                 if value.samples.shape[0] != 1:
-                    return []  # a row per seed: latents of batch > 1 are sampled job by job
+                    return {}  # a row per seed: latents of batch > 1 are sampled job by job
                 value = _rows(value, lambda t: t.repeat(count, *([1] * (t.ndim - 1))))
         elif all(isinstance(v, PromptEmbeds) and v.batch == 1 for v in items):
             value = concat_conditionings(items)
         else:
-            return []
+            return {}
         if not definition.inputs[name].is_socket:
             value = definition.inputs[name].validate(value)
         kwargs[name] = value
@@ -224,7 +226,7 @@ def sample_together(engine, tasks: list[Task], sampler: str, interrupt, scratch:
             own["samplers"].update(seed=seed, batch={"size": count, "index": row})
         engine.memory.put(key, mine)
         engine.facts.remember(key, own)
-    return rows
+    return {task: (row, key) for row, (task, (key, _)) in enumerate(zip(rows, keys))}
 
 
 def _rows(latent, pick):
