@@ -315,3 +315,23 @@ def test_without_room_in_the_memory_cache_jobs_say_they_were_not_batched(fox, tm
     for r in records(tmp_path / "out"):
         assert "batch" not in r and "batch" not in r["manifest"]["samplers"]["sample"]
     assert calls == [4] * STEPS + [2] * (2 * STEPS)  # the batch was made, then each job sampled alone
+
+
+def test_sdxl_rows_get_their_own_pooled_embeds_and_draws(xl):
+    """SDXL: concatenated conditionings carry each prompt's pooled embedding; rows match their single runs."""
+    from nodegraph.nodes.latent import empty_latent
+
+    model, clip, _ = xl
+    prompts = [encode_prompt(clip, t) for t in ("a cat", "a lighthouse at night")]
+    seeds = [7, 8]
+    settings = dict(steps=2, guidance_scale=5.0, scheduler="euler_a", strength=1.0, partial=False,
+                    draws=denoise.TEXT2IMG)
+    together = concat_conditionings(prompts)
+    assert torch.equal(together.pooled[1:], prompts[1].pooled)
+    many = denoise.prepare(model, together, None, empty_latent(64, 64, 2), seed=seeds, **settings)
+    with torch_threads(1):
+        out = many.denoise(many.start_from_noise())
+        for i, (seed, prompt) in enumerate(zip(seeds, prompts)):
+            one = denoise.prepare(model, prompt, None, empty_latent(64, 64), seed=seed, **settings)
+            assert torch.equal(many.noise[i:i + 1], one.noise)
+            assert close_latents(out[i:i + 1], one.denoise(one.start_from_noise()))
