@@ -410,10 +410,14 @@ class Facts:
         return facts
 
     def put(self, key: str, facts: dict, warn: Callable[[str], None] | None = None) -> None:
+        self.remember(key, facts)
+        if self.disk is not None:
+            self.disk.put_facts(key, facts, warn)
+
+    def remember(self, key: str, facts: dict) -> None:
+        """Keep facts in this process only (for a result put in the memory cache alone)."""
         with self._lock:
             self.memory[key] = facts
             self.memory.move_to_end(key)
             while len(self.memory) > _FACTS_KEPT:
                 self.memory.popitem(last=False)
-        if self.disk is not None:
-            self.disk.put_facts(key, facts, warn)

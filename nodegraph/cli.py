@@ -540,5 +540,7 @@ def entry() -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
-    entry()
+if __name__ == "__main__":  # python -m nodegraph.cli: run the imported module, whose UsageError others raise
+    from nodegraph.cli import entry as _entry
+
+    _entry()

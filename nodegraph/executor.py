@@ -298,6 +298,13 @@ def _plan_keys(graph: Graph, config: RunConfig, record: RunRecord) -> _Plan:
     return _Plan(key_plan.order, keys, params, key_plan.identities, repeated)
 
 
+def stable_keys(graph: Graph, device: Any, dtype: Any) -> dict[str, str]:
+    """The cache keys a run on ``device`` / ``dtype`` gives the graph's needed nodes, except output nodes and
+    volatile ones (never cached, params drawn at random, or after such a node), whose keys change per run."""
+    plan = _key_plan(graph, run_salt(device, dtype), "")
+    return {node_id: key for node_id, key in plan.keys.items() if not graph.nodes[node_id].definition.output}
+
+
 def _repeated(keys) -> set[str]:
     seen: set[str] = set()
     return {key for key in keys if key in seen or seen.add(key)}

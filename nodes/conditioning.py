@@ -228,6 +228,22 @@ def encode_prompt(clip, text: str, clip_skip: int = 0, long_prompt: str = "trunc
     return PromptEmbeds(embeds, family=clip.family, text=text, uncond=uncond)
 
 
+def concat_conditionings(items: list[PromptEmbeds]) -> PromptEmbeds:
+    """One CONDITIONING whose batch rows are ``items``' rows in order (the prompts of jobs sampled as one
+    batch). They must come from one CLIP with the same settings: same default negative, length and size."""
+    first = items[0]
+    for other in items[1:]:
+        if (other.uncond is not first.uncond or other.family != first.family or other.size != first.size
+                or other.embeds.shape[1:] != first.embeds.shape[1:] or set(other.added) != set(first.added)
+                or (other.pooled is None) != (first.pooled is None)):
+            raise NodeError("these conditionings cannot be batched: they come from different CLIPs or settings, "
+                            "or their prompts encode to different lengths")
+    return replace(first, embeds=torch.cat([c.embeds for c in items]),
+                   pooled=torch.cat([c.pooled for c in items]) if first.pooled is not None else None,
+                   added={k: torch.cat([c.added[k] for c in items]) for k in first.added},
+                   text="\n".join(c.text for c in items))
+
+
 def with_size(conditioning: PromptEmbeds, **size) -> PromptEmbeds:
     """A copy of ``conditioning`` with SDXL micro-conditioning values set (None values are left out)."""
     merged = {**conditioning.size, **{k: v for k, v in size.items() if v is not None}}

@@ -399,13 +399,15 @@ class ModelPatch:
         return cond
 
 
-def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidance_scale: float, scheduler: str,
+def prepare(model, positive, negative, latents, *, seed: int | Sequence[int], steps: int, guidance_scale: float, scheduler: str,
             strength: float, partial: bool, draws: Sequence[str], denoising_start: float = 0.0,
             denoising_end: float = 1.0, start_step: int = 0, end_step: int = 0, add_noise: bool = True) -> Run:
     """Shared setup: conditioning, scheduler, timesteps and the random draws.
 
     One CPU ``torch.Generator(seed)`` makes ``draws`` in order, as the diffusers pipeline draws from the
-    caller's generator, and then feeds the scheduler's steps:
+    caller's generator, and then feeds the scheduler's steps. A list of seeds (one per latent row, for jobs run
+    as one batch) gives each row its own generator: its draws, and a stochastic scheduler's per-step draws, are
+    then exactly those of its own run with that seed:
 
     - "image": the VAE sample of a LATENT encoded in mode "sampler" (``Latents.sample_std``); other latents
       are used as they are, as the pipelines use latents given to them;
@@ -428,22 +430,41 @@ def prepare(model, positive, negative, latents, *, seed: int, steps: int, guidan
     sched = make_scheduler(scheduler, model.scheduler_config)
     timesteps, total = schedule(sched, steps, strength, device, partial, denoising_start, denoising_end,
                                 begin_at_zero=takes_text_time(unet), start_step=start_step, end_step=end_step)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    x0, noise, masked = samples, None, latents.masked_image_latents
-    for draw in draws:
-        if draw == "image" and latents.sample_std is not None:
-            x0 = vae_sample(samples, latents.sample_std, generator)
-        elif draw == "noise":
-            noise = torch.randn(tuple(samples.shape), generator=generator, dtype=dtype).to(device)
-        elif draw == "masked_image" and latents.masked_image_std is not None:
-            masked = vae_sample(masked, latents.masked_image_std, generator)
-        elif draw == "masked_image" and latents.sample_std is not None:
-            torch.randn(tuple(latents.sample_std.shape), generator=generator, dtype=latents.sample_std.dtype)
+    if isinstance(seed, int):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        x0, noise, masked = _draw(latents, draws, generator, dtype)
+    else:  # one seed per item: each item's draws are exactly those of its own run
+        # (diffusers' randn_tensor draws row i from generator i, so a list needs one row per seed)
+        if len(seed) != batch:
+            raise NodeError(f"{len(seed)} seeds for a latent batch of {batch}: give one seed per item")
+        generator = [torch.Generator("cpu").manual_seed(s) for s in seed]
+        parts = [_draw(latents, draws, g, dtype, slice(i, i + 1)) for i, g in enumerate(generator)]
+        x0, noise, masked = (None if part[0] is None else torch.cat(part) for part in zip(*parts))
+    noise = noise.to(device) if noise is not None else None
     patches = tuple(getattr(model, "patches", ()))
     for patch in patches:
         cond = patch.condition(cond, batch, guide)
     return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0.to(device=device, dtype=dtype),
                patches, total, handoff=0 < denoising_start < 1 or not add_noise, masked_image_latents=masked)
+
+
+def _draw(latents, draws: Sequence[str], generator: torch.Generator, dtype, rows: slice = slice(None)):
+    """The draws of one run (``rows`` of the latent batch) from its generator, in the pipeline's order:
+    (x0, noise, masked-image latents)."""
+    samples = latents.samples[rows]
+    x0, noise = samples, None
+    masked = latents.masked_image_latents[rows] if latents.masked_image_latents is not None else None
+    for draw in draws:
+        if draw == "image" and latents.sample_std is not None:
+            x0 = vae_sample(samples, latents.sample_std[rows], generator)
+        elif draw == "noise":
+            noise = torch.randn(tuple(samples.shape), generator=generator, dtype=dtype)
+        elif draw == "masked_image" and latents.masked_image_std is not None:
+            masked = vae_sample(masked, latents.masked_image_std[rows], generator)
+        elif draw == "masked_image" and latents.sample_std is not None:
+            std = latents.sample_std[rows]
+            torch.randn(tuple(std.shape), generator=generator, dtype=std.dtype)
+    return x0, noise, masked
 
 
 def _latent_size_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
                    "visible GPU, else one)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads per worker (default: the cores shared "
                    "out)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="K", help="sample up to K jobs that differ only "
+                   "in a sampler's seed and prompt texts as one batch on the device (default 1: job by job)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run on a pool of Ray actors: 'auto' "
                    "joins a running cluster, ray://HOST:PORT a remote one, none starts a local one")
     p.add_argument("--shared-out", action="store_true", help="with --ray: actors write into --out themselves "
@@ -45,9 +47,9 @@ def run_command(args: argparse.Namespace, flag) -> tuple[int, dict]:
     from ..cli import UsageError, parse_set
     from .runner import Batch, run_batch
 
-    for name in ("workers", "threads"):
+    for name in ("workers", "threads", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.shared_out and args.ray is None:
         raise UsageError("--shared-out goes with --ray")
     options = {"cache_dir": False if args.no_cache else args.cache_dir, "cache_size": args.cache_size,
@@ -57,7 +59,7 @@ def run_command(args: argparse.Namespace, flag) -> tuple[int, dict]:
     batch = Batch(workflow=Path(args.workflow), sweeps=args.sweep, out=Path(args.out), bind=args.bind,
                   base=parse_set(args.set), resume=args.resume, workers=args.workers, threads=args.threads,
                   ray=args.ray is not None, ray_address=args.ray or None, shared_out=args.shared_out,
-                  device=args.device, dtype=args.dtype, engine_options=options, progress=not args.json)
+                  batch_size=args.batch_size,                  device=args.device, dtype=args.dtype, engine_options=options, progress=not args.json)
     summary = run_batch(batch, interrupt=flag)
     line = (f"{summary.total} jobs: {summary.done} done, {summary.failed} failed, {summary.skipped} done before"
             f"{', interrupted' if summary.interrupted else ''} ({summary.seconds:.1f}s); {batch.out / 'results.jsonl'}")

@@ -22,6 +22,9 @@ class Job:
     key: str
     models: tuple[str, ...] = ()  # model files it loads: jobs sharing them go to the worker holding them
     inputs: dict[str, str] = field(default_factory=dict)  # override key -> input image path (object store)
+    role: tuple[str, str] | None = None  # (sampler, what it shares) when it may be sampled with others (group.py)
+    members: tuple["Job", ...] = ()  # a group of jobs sampled as one batch: its jobs
+    sampler: str | None = None  # a group's shared sampler node
 
     @property
     def name(self) -> str:

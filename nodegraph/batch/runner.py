@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import NodegraphError, WorkflowInvalid
+from .group import GroupTask, batch_role, form_groups
 from .jobs import Job, Results, job_key, workflow_digest
 from .sweep import SweepInvalid, combine, read_sweep
 from .task import Task
@@ -45,6 +46,7 @@ class Batch:
     device: str = "auto"
     dtype: str = "float32"
     engine_options: dict[str, Any] = field(default_factory=dict)  # Engine keyword arguments for each worker
+    batch_size: int = 1  # up to this many jobs differing only in seed / prompt sampled as one batch (group.py)
     progress: bool = True
 
 
@@ -99,7 +101,8 @@ def plan(batch: Batch, engine) -> list[Job]:
             problems += [f"{label}: {issue}" for issue in exc.issues]
             continue
         jobs.append(Job(index, job_overrides, key, _models(graph),
-                        {k: str(job_overrides[k]) for k in inputs if k in job_overrides}))
+                        {k: str(job_overrides[k]) for k in inputs if k in job_overrides},
+                        batch_role(graph, job_overrides) if batch.batch_size > 1 else None))
     if problems:
         raise BatchInvalid(problems)
     return jobs
@@ -169,13 +172,20 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
         pool = make_pool(batch, interrupt, engine if in_process else None)
     bar = _bar(len(todo), batch.progress)
 
-    def task(job: Job) -> Task:
+    def task(job: Job) -> Task | GroupTask:
+        if job.members:
+            return GroupTask([task(member) for member in job.members], job.sampler)
         shipped = batch.ray and not batch.shared_out
         folder = None if shipped else str((batch.out / f".{job.name}.partial").resolve())
         return Task(job.key, str(batch.workflow.resolve()), {**batch.base, **job.overrides}, folder,
                     batch.device, batch.dtype, job.inputs if batch.ray else {})
 
     def record(job: Job, outcome: dict) -> None:
+        if job.members:  # a group: each job's own outcome, or the group's failure for every job
+            each = outcome.get("outcomes") or [dict(outcome) for _ in job.members]
+            for member, own in zip(job.members, each):
+                record(member, {**own, "attempts": outcome.get("attempts", 1)})
+            return
         if outcome["status"] == "interrupted":
             return
         files = _finish(batch.out, job, outcome)
@@ -183,6 +193,7 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
                  "status": outcome["status"], "seconds": outcome.get("seconds", 0.0), "files": files,
                  "worker": outcome.get("worker"), "attempts": outcome.get("attempts", 1),
                  "nodes": outcome.get("nodes", {}),
+                 **({"batch": outcome["batch"]} if outcome.get("batch") else {}),
                  **({"error": outcome["error"]} if outcome.get("error") else {}),
                  "manifest": outcome.get("manifest", {})}
         results.append(entry)
@@ -205,7 +216,8 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
     try:
         if interrupt is not None:
             interrupt.running = True
-        finished = dispatch(pool, todo, task, record, interrupt) if todo else True
+        units = form_groups(todo, {j.key: j.role for j in todo}, batch.batch_size)
+        finished = dispatch(pool, units, task, record, interrupt) if todo else True
     finally:
         if own_pool and pool is not None:
             pool.close(now=not finished)

@@ -34,6 +34,10 @@ def run_task(engine, task: Task, worker: str, interrupt=None, files: dict[str, b
     override pointed there."""
     from ..errors import Interrupted, NodegraphError, NodeFailed, WorkflowInvalid
 
+    if not isinstance(task, Task):  # jobs sampled as one batch (group.GroupTask)
+        from .group import run_group
+
+        return run_group(engine, task, worker, interrupt, files)
     overrides = dict(task.overrides)
     scratch = Path(tempfile.mkdtemp(prefix="nodegraph-job-"))
     try:
