@@ -16,7 +16,7 @@ from nodegraph.cache import DiskCache
 from nodegraph.errors import Interrupted, NodeFailed, WorkflowInvalid
 from nodegraph.limits import Limits
 
-from .conftest import REPO, STUB_PLUGINS
+from .conftest import REPO
 from .test_hardening_input import cli, write
 
 
