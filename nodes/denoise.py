@@ -25,7 +25,7 @@ for the length of a run, and a run with the plain MODEL must not see them.
 SDXL (StableDiffusionXLPipeline / ...Img2ImgPipeline / ...InpaintPipeline): ``UNetConditioning`` carries
 ``added_cond_kwargs`` = pooled text embeds and the micro-conditioning ``time_ids`` (original size, crop,
 target size, or aesthetic score for the refiner), made here from the sampled pixel size and the
-CONDITIONING's ``size`` settings; IP-Adapter image embeds join them through ``ModelPatch.condition``.
+CONDITIONING's ``size`` settings; IP-Adapter image embeds join them per step through ``ModelPatch.hooks``.
 
 Refiner hand-off (``denoising_start`` / ``denoising_end``, diffusers' semantics): the schedule is cut at
 the discrete timestep ``round(T - f * T)``; ``denoising_end`` stops early and returns the still noisy
@@ -161,14 +161,44 @@ def guidance_enabled(unet, guidance_scale: float) -> bool:
 
 # ---------------------------------------------------------------------------------------------- hooks
 
+@dataclass
+class Step:
+    """One UNet call of the loop, as hooks see it: step ``index`` of ``total`` at ``timestep``; ``model_input`` the
+    (scaled, CFG-doubled when ``guide``) latents; ``kwargs`` the UNet's keyword arguments for this call only
+    (``encoder_hidden_states``, ``added_cond_kwargs``, ``cross_attention_kwargs``, ... and, for a ControlNet,
+    ``down_block_additional_residuals`` / ``mid_block_additional_residual``), a fresh dict every step."""
+
+    index: int
+    total: int
+    timestep: torch.Tensor
+    model_input: torch.Tensor
+    kwargs: dict
+    guide: bool
+
+    def add_cond(self, key: str, value) -> None:
+        """Set one of the UNet's ``added_cond_kwargs`` for this call (the shared dict is not touched)."""
+        self.kwargs["added_cond_kwargs"] = {**(self.kwargs.get("added_cond_kwargs") or {}), key: value}
+
+
 class Hook:
-    """Per-step behaviour plugged into ``denoise``; override what you need."""
+    """Per-step behaviour plugged into ``denoise``; override what you need. Samplers pass their own hooks and
+    every model patch adds its own (``ModelPatch.hooks``), so an extension works with every sampler.
+
+    Order within a step: ``before_step`` (latents), ``unet_input`` (the UNet's input tensor), ``unet_kwargs``
+    (the UNet's other arguments, through ``step.kwargs``), the UNet call, ``after_unet`` (its raw output, both
+    halves under guidance), guidance, the scheduler step, ``after_step`` (latents)."""
 
     def before_step(self, latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         return latents
 
     def unet_input(self, model_input: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         return model_input
+
+    def unet_kwargs(self, step: Step) -> None:
+        """Change ``step.kwargs`` for this call (e.g. add a ControlNet's residuals, image embeds)."""
+
+    def after_unet(self, step: Step, noise_pred: torch.Tensor) -> torch.Tensor:
+        return noise_pred
 
     def after_step(self, latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         return latents
@@ -251,14 +281,14 @@ def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, con
             model_input = scheduler.scale_model_input(model_input, t)
             for hook in hooks:
                 model_input = hook.unet_input(model_input, i, t)
-            noise_pred = unet(
-                model_input, t,
-                encoder_hidden_states=cond.encoder_hidden_states,
-                timestep_cond=cond.timestep_cond,
-                cross_attention_kwargs=cond.cross_attention_kwargs,
-                added_cond_kwargs=cond.added_cond_kwargs,
-                return_dict=False,
-            )[0]
+            step = Step(i, total, t, model_input, dict(
+                encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=cond.timestep_cond,
+                cross_attention_kwargs=cond.cross_attention_kwargs, added_cond_kwargs=cond.added_cond_kwargs), guide)
+            for hook in hooks:
+                hook.unet_kwargs(step)
+            noise_pred = unet(step.model_input, t, **step.kwargs, return_dict=False)[0]
+            for hook in hooks:
+                noise_pred = hook.after_unet(step, noise_pred)
             if guide:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -376,11 +406,17 @@ class Run:
         return self.noise * self.scheduler.init_noise_sigma
 
     def denoise(self, latents, hooks=(), progress=None) -> torch.Tensor:
+        """The loop with the sampler's ``hooks`` and, before them, the model patches' own."""
         with unet_lock(self.unet), contextlib.ExitStack() as stack:
             for patch in self.patches:
                 stack.enter_context(patch.applied(self.unet))
+            hooks = [*(h for patch in self.patches for h in patch.hooks(self)), *hooks]
             return denoise(self.unet, self.scheduler, self.timesteps, latents, self.cond, self.guidance_scale, hooks,
                            self.generator, progress=progress)
+
+    @property
+    def guide(self) -> bool:
+        return guidance_enabled(self.unet, self.guidance_scale)
 
 
 class ModelPatch:
@@ -394,9 +430,10 @@ class ModelPatch:
     def applied(self, unet) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def condition(self, cond: UNetConditioning, batch: int, guide: bool) -> UNetConditioning:
-        """Add what the patch needs to the UNet's conditioning (e.g. image embeds)."""
-        return cond
+    def hooks(self, run: "Run") -> Sequence[Hook]:
+        """The patch's per-step hooks for this run (e.g. image embeds or a ControlNet's residuals added to the
+        UNet's arguments); they run in every sampler, before the sampler's own."""
+        return ()
 
 
 def prepare(model, positive, negative, latents, *, seed: int | Sequence[int], steps: int, guidance_scale: float, scheduler: str,
@@ -442,8 +479,6 @@ def prepare(model, positive, negative, latents, *, seed: int | Sequence[int], st
         x0, noise, masked = (None if part[0] is None else torch.cat(part) for part in zip(*parts))
     noise = noise.to(device) if noise is not None else None
     patches = tuple(getattr(model, "patches", ()))
-    for patch in patches:
-        cond = patch.condition(cond, batch, guide)
     return Run(unet, sched, timesteps, noise, generator, cond, guidance_scale, x0.to(device=device, dtype=dtype),
                patches, total, handoff=0 < denoising_start < 1 or not add_noise, masked_image_latents=masked)
 

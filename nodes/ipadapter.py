@@ -58,7 +58,7 @@ from ._files import files_identity, safetensors_shapes, weights_file_problem, we
 from ._loading import LoadedOnce
 from ._pixels import check_image, to_pil
 from ._memory import MANAGER, on_device
-from .denoise import ModelPatch, UNetConditioning, unet_lock
+from .denoise import Hook, ModelPatch, unet_lock
 
 log = logging.getLogger("nodegraph.ipadapter")
 
@@ -389,7 +389,7 @@ class IPAdapterPatch(ModelPatch):
     """One or more IP-Adapters on a UNet, installed only around a sampler run.
 
     ``applied`` swaps diffusers' IP modules in (with this patch's scales) and restores the UNet's own
-    processors, ``encoder_hid_proj`` and config afterwards; ``condition`` adds the image embeds."""
+    processors, ``encoder_hid_proj`` and config afterwards; its hook adds the image embeds at each step."""
 
     def __init__(self, unet, entries: list[AdapterImages]):
         self.unet, self.entries = unet, list(entries)
@@ -422,20 +422,29 @@ class IPAdapterPatch(ModelPatch):
             unet.config.encoder_hid_dim_type = hid_type
             unet.set_attn_processor(dict(original))
 
-    def condition(self, cond: UNetConditioning, batch: int, guide: bool) -> UNetConditioning:
-        """``added_cond_kwargs["image_embeds"]``: one tensor per adapter, [negative, positive] under guidance."""
-        device, dtype = cond.encoder_hidden_states.device, cond.encoder_hidden_states.dtype
-        embeds = []
+    def hooks(self, run) -> list:
+        """The image embeds for the UNet's ``added_cond_kwargs["image_embeds"]``: one tensor per adapter,
+        [negative, positive] under guidance, set at every step."""
+        device, dtype = run.cond.encoder_hidden_states.device, run.cond.encoder_hidden_states.dtype
+        batch, embeds = run.x0.shape[0], []
         for entry in self.entries:
             # num_images_per_prompt copies, as diffusers' prepare_ip_adapter_image_embeds makes them
             positive = torch.cat([entry.positive] * batch).to(device=device, dtype=dtype)
-            if guide:
+            if run.guide:
                 negative = torch.cat([entry.negative] * batch).to(device=device, dtype=dtype)
                 positive = torch.cat([negative, positive])
             embeds.append(positive)
-        added = dict(cond.added_cond_kwargs or {})
-        added["image_embeds"] = embeds
-        return replace(cond, added_cond_kwargs=added)
+        return [ImageEmbeds(embeds)]
+
+
+class ImageEmbeds(Hook):
+    """Adds the IP-Adapters' image embeds to each UNet call."""
+
+    def __init__(self, embeds: list):
+        self.embeds = embeds
+
+    def unet_kwargs(self, step) -> None:
+        step.add_cond("image_embeds", self.embeds)
 
 
 def apply_ip_adapter(model, adapter: IPAdapterHandle, images: torch.Tensor, scale: float = 1.0):
