@@ -1,0 +1,252 @@
+"""ControlNets through the loop's hooks, against diffusers' ControlNet pipelines on tiny random models (fp32, CPU).
+
+The ControlNets are made from the tiny UNets (ControlNetModel.from_unet) with their zero-initialised convolutions
+filled with random values (else every residual would be zero and any mistake would pass), saved in diffusers'
+layout and loaded back through LoadControlNet's loader. Same seed, same images: final latents within 1e-4.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from nodegraph.errors import NodeError
+from nodegraph.nodes import denoise
+from nodegraph.nodes.conditioning import encode_prompt
+from nodegraph.nodes.controlnet import (apply_controlnet, controlnet_path_problem, inpaint_control_image,
+                                        load_controlnet)
+from nodegraph.nodes.latent import empty_latent, encode_image, inpaint_conditioning
+from tests.test_diffusion_parity import assert_close, centre_mask, diffusers_scheduler, embeds, photo
+
+PROMPT = "a stone castle on a hill and the sea"
+
+
+def random_controlnet(unet, seed):
+    """A ControlNet shaped like ``unet`` (4 latent channels) whose zero convolutions are random."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    if cn.config.in_channels != unet.config.out_channels:  # an inpainting UNet's ControlNet still sees 4 channels
+        cn = ControlNetModel.from_config({**cn.config, "in_channels": unet.config.out_channels})
+    zero_initialised = [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for layer in zero_initialised:
+            for p in layer.parameters():
+                p.normal_(0, 0.2)
+    return cn
+
+
+@pytest.fixture(scope="module")
+def controlnets(sd, xl, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnets")
+    folders = {}
+    for name, unet, seed in [("sd_a", sd[0].unet, 1), ("sd_b", sd[0].unet, 2), ("xl", xl[0].unet, 3)]:
+        random_controlnet(unet, seed).save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def cn_pipeline(cls_name, handles, controlnet, scheduler="euler", xl=False):
+    import diffusers
+
+    model, clip, vae = handles
+    parts = dict(vae=vae.vae, text_encoder=clip.text_encoder, tokenizer=clip.tokenizer, unet=model.unet,
+                 controlnet=controlnet, scheduler=diffusers_scheduler(scheduler, model.scheduler_config))
+    if xl:
+        parts.update(text_encoder_2=clip.text_encoder_2, tokenizer_2=clip.tokenizer_2)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, cls_name)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gen(seed):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def control(seed=7, height=64, width=64):
+    return photo(height, width, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("strength,start,end,guess", [(1.0, 0.0, 1.0, False), (0.7, 0.25, 0.75, True)])
+def test_text2img_matches_controlnet_pipeline(sd, controlnets, strength, start, end, guess):
+    model, clip, _ = sd
+    cn = load_controlnet(controlnets["sd_a"])
+    image = control(height=48)
+    patched = apply_controlnet(model, cn, image, strength, start, end, guess)
+    ours = denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 48), seed=3, steps=4,
+                          guidance_scale=7.5, scheduler="euler", strength=1.0)
+    pipe = cn_pipeline("StableDiffusionControlNetPipeline", sd, cn.module)
+    pe, ne = embeds(pipe)
+    ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, image=image, height=48, width=64, generator=gen(3),
+               num_inference_steps=4, guidance_scale=7.5, controlnet_conditioning_scale=strength,
+               control_guidance_start=start, control_guidance_end=end, guess_mode=guess, output_type="latent").images
+    assert_close(ours, ref)
+    plain = denoise.sample(model, encode_prompt(clip, PROMPT), None, empty_latent(64, 48), seed=3, steps=4,
+                           guidance_scale=7.5, scheduler="euler", strength=1.0)
+    assert (plain - ours).abs().max() > 1e-3  # the ControlNet changed the result
+
+
+def test_two_stacked_controlnets_match_multi_controlnet_model(sd, controlnets):
+    from diffusers.models import MultiControlNetModel
+
+    model, clip, _ = sd
+    a, b = load_controlnet(controlnets["sd_a"]), load_controlnet(controlnets["sd_b"])
+    ia, ib = control(seed=7), control(seed=8)
+    patched = apply_controlnet(apply_controlnet(model, a, ia, 0.8, 0.0, 0.5), b, ib, 1.2, 0.25, 1.0)
+    ours = denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=4, steps=4,
+                          guidance_scale=5.0, scheduler="dpmpp_2m_karras", strength=1.0)
+    pipe = cn_pipeline("StableDiffusionControlNetPipeline", sd, MultiControlNetModel([a.module, b.module]),
+                       "dpmpp_2m_karras")
+    pe, ne = embeds(pipe)
+    ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, image=[ia, ib], height=64, width=64, generator=gen(4),
+               num_inference_steps=4, guidance_scale=5.0, controlnet_conditioning_scale=[0.8, 1.2],
+               control_guidance_start=[0.0, 0.25], control_guidance_end=[0.5, 1.0], output_type="latent").images
+    assert_close(ours, ref)
+    only_a = denoise.sample(apply_controlnet(model, a, ia, 0.8, 0.0, 0.5), encode_prompt(clip, PROMPT), None,
+                            empty_latent(64, 64), seed=4, steps=4, guidance_scale=5.0, scheduler="dpmpp_2m_karras",
+                            strength=1.0)
+    assert (only_a - ours).abs().max() > 1e-3  # the second one counts
+
+
+def test_inpainting_checkpoint_matches_controlnet_inpaint_pipeline(sd, sd_inpaint, controlnets):
+    model, clip, vae = sd_inpaint
+    cn = load_controlnet(controlnets["sd_a"])  # made from the base UNet: same blocks, 4-channel latents
+    image, mask = photo(seed=2), centre_mask()
+    control_image = inpaint_control_image(image, mask)
+    patched = apply_controlnet(model, cn, control_image, 0.9)
+    ours = denoise.sample(patched, encode_prompt(clip, PROMPT), None, inpaint_conditioning(vae, image, mask, mode="sampler"), seed=9,
+                          steps=4, guidance_scale=7.5, scheduler="euler", strength=1.0)
+    pipe = cn_pipeline("StableDiffusionControlNetInpaintPipeline", sd_inpaint, cn.module)
+    pe, ne = embeds(pipe)
+    ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, image=image, mask_image=mask, control_image=control_image,
+               height=64, width=64, strength=1.0, generator=gen(9), num_inference_steps=4, guidance_scale=7.5,
+               controlnet_conditioning_scale=0.9, output_type="latent").images
+    assert_close(ours, ref)
+
+
+def test_sdxl_inpainting_checkpoint_matches_sdxl_controlnet_inpaint_pipeline(xl_inpaint, controlnets):
+    model, clip, vae = xl_inpaint
+    cn = load_controlnet(controlnets["xl"])
+    image, mask = photo(seed=2), centre_mask()
+    control_image = inpaint_control_image(image, mask)
+    patched = apply_controlnet(model, cn, control_image, 0.8, 0.0, 0.75)
+    ours = denoise.sample(patched, encode_prompt(clip, PROMPT), None, inpaint_conditioning(vae, image, mask, mode="sampler"), seed=9,
+                          steps=4, guidance_scale=7.5, scheduler="euler", strength=1.0)
+    pipe = cn_pipeline("StableDiffusionXLControlNetInpaintPipeline", xl_inpaint, cn.module, xl=True)
+    ref = pipe(prompt=PROMPT, image=image, mask_image=mask, control_image=control_image, height=64, width=64,
+               strength=1.0, generator=gen(9), num_inference_steps=4, guidance_scale=7.5,
+               controlnet_conditioning_scale=0.8, control_guidance_end=0.75, output_type="latent").images
+    assert_close(ours, ref)
+
+
+def test_inpaint_control_image_is_make_inpaint_condition():
+    """diffusers' docs: image / 255 (RGB), mask / 255 (L), image[mask > 0.5] = -1."""
+    import numpy as np
+
+    image, mask = photo(seed=5), centre_mask()
+    ref = image[0].permute(1, 2, 0).numpy().copy()
+    ref[mask[0, 0].numpy() > 0.5] = -1.0
+    ours = inpaint_control_image(image, mask)
+    assert np.array_equal(ours[0].permute(1, 2, 0).numpy(), ref)
+
+
+# ---------------------------------------------------------------------------------------------- other samplers
+
+@pytest.mark.parametrize("kind", ["blend", "differential"])
+def test_blend_and_differential_samplers_are_steered(sd, controlnets, kind):
+    model, clip, vae = sd
+    cn = load_controlnet(controlnets["sd_a"])
+    positive, latents, mask = encode_prompt(clip, PROMPT), encode_image(vae, photo()), centre_mask()
+    run = denoise.blend_inpaint if kind == "blend" else denoise.differential
+
+    def sample(m):
+        return run(m, positive, None, latents, mask, seed=5, steps=4, guidance_scale=4.0, scheduler="euler",
+                   strength=1.0)
+
+    plain = sample(model)
+    assert torch.equal(sample(apply_controlnet(model, cn, control(), 0.0)), plain)  # strength 0: no change
+    assert torch.equal(sample(apply_controlnet(model, cn, control(), 1.0, 1.0, 1.0)), plain)  # acts at no step
+    steered = sample(apply_controlnet(model, cn, control(), 1.0))
+    assert (steered - plain).abs().max() > 1e-3
+    late = sample(apply_controlnet(model, cn, control(), 1.0, 0.5, 1.0))  # only the second half of the steps
+    assert (late - plain).abs().max() > 1e-4 and (late - steered).abs().max() > 1e-4
+
+
+def test_the_residuals_reach_the_unet_once_per_step(sd, controlnets):
+    """A hook after the ControlNet's sees its residuals in the UNet's arguments, summed for two ControlNets."""
+    from nodegraph.nodes.controlnet import ControlNetResiduals
+
+    model, clip, _ = sd
+    cn = load_controlnet(controlnets["sd_a"])
+    seen = []
+
+    class Spy(denoise.Hook):
+        def unet_kwargs(self, step):
+            seen.append((step.index, step.kwargs.get("mid_block_additional_residual")))
+
+    class SpyPatch(denoise.ModelPatch):
+        def hooks(self, run):
+            return [Spy()]
+
+    patched = apply_controlnet(model, cn, control(), 1.0, 0.0, 0.5).with_patch(SpyPatch())
+    denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=4,
+                   guidance_scale=4.0, scheduler="euler", strength=1.0)
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    assert seen[0][1] is not None and seen[1][1] is not None  # steps 0 and 1 of 4: within end 0.5
+    assert seen[2][1] is None and seen[3][1] is None
+    assert seen[0][1].shape[0] == 2  # [uncond, cond]
+    assert ControlNetResiduals is not None
+
+
+# ---------------------------------------------------------------------------------------------- loading, bad input
+
+def test_a_diffusers_layout_single_file_with_its_config_loads_the_same(controlnets, tmp_path):
+    folder = controlnets["sd_a"]
+    single = tmp_path / "cn.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", single)
+    assert "no config" in controlnet_path_problem(single)
+    shutil.copy(folder / "config.json", tmp_path / "cn.json")
+    assert controlnet_path_problem(single) is None
+    a, b = load_controlnet(folder).module, load_controlnet(single).module
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert load_controlnet(folder) is load_controlnet(folder)  # loaded once
+
+
+def test_original_layout_and_pickles_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    original = tmp_path / "control_sd15_canny.safetensors"
+    save_file({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, str(original))
+    assert "original layout" in controlnet_path_problem(original)
+    (tmp_path / "cn.pth").write_bytes(b"x")
+    assert "pickle" in controlnet_path_problem(tmp_path / "cn.pth")
+    (tmp_path / "empty").mkdir()
+    assert "config.json" in controlnet_path_problem(tmp_path / "empty")
+
+
+def test_a_controlnet_for_another_family_fails_before_sampling(sd, xl, controlnets):
+    with pytest.raises(NodeError, match="does not fit the model's UNet"):
+        apply_controlnet(sd[0], load_controlnet(controlnets["xl"]), control())
+    with pytest.raises(NodeError, match="does not fit"):
+        apply_controlnet(xl[0], load_controlnet(controlnets["sd_a"]), control())
+
+
+def test_a_control_image_of_another_shape_fails_before_the_first_step(sd, controlnets):
+    model, clip, _ = sd
+    steps = []
+    patched = apply_controlnet(model, load_controlnet(controlnets["sd_a"]), control(height=32, width=64))
+    with pytest.raises(NodeError, match="aspect ratio"):
+        denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=2,
+                       guidance_scale=4.0, scheduler="euler", strength=1.0, progress=lambda i, n: steps.append(i))
+    assert steps == []
+    # the same aspect ratio at another size is resized, as diffusers does
+    same = apply_controlnet(model, load_controlnet(controlnets["sd_a"]), control(height=128, width=128))
+    denoise.sample(same, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=1,
+                   guidance_scale=4.0, scheduler="euler", strength=1.0)
