@@ -250,3 +250,52 @@ def test_a_control_image_of_another_shape_fails_before_the_first_step(sd, contro
     same = apply_controlnet(model, load_controlnet(controlnets["sd_a"]), control(height=128, width=128))
     denoise.sample(same, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=1,
                    guidance_scale=4.0, scheduler="euler", strength=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- the workflow
+
+def test_controlnet_inpaint_workflow_with_a_models_folder_name(tiny, controlnets, tmp_path):
+    """workflows/controlnet_inpaint.json on the tiny models; the ControlNet found by its name in controlnet/."""
+    import numpy as np
+    from PIL import Image
+
+    from nodegraph.api import Engine
+    from tests.test_diffusion_workflows import WORKFLOWS
+
+    root = tmp_path / "models"
+    shutil.copytree(controlnets["sd_a"], root / "controlnet" / "control_v11p_sd15_inpaint")
+    workflow = WORKFLOWS / "controlnet_inpaint.json"
+    assert json.loads(workflow.read_text())["nodes"]["controlnet"]["params"]["path"] == "control_v11p_sd15_inpaint"
+    small = {"ckpt.path": str(tiny.sd15_inpaint), "resize.width": 64, "resize.height": 64, "mask.width": 64,
+             "mask.height": 64, "inpaint.steps": 2}
+    engine = Engine(cache_dir=False, models=[root])
+
+    def run(strength, out):
+        result = engine.run(workflow, overrides={**small, "controlled.strength": strength}, out_dir=tmp_path / out)
+        assert len(result.files) == 1
+        return np.asarray(Image.open(result.files[0]).convert("RGB"), dtype=np.float32) / 255.0
+
+    steered, plain = run(1.0, "a"), run(0.0, "b")
+    got = engine.run(workflow, overrides=small, targets=["resize", "feather"], out_dir=tmp_path / "c").outputs
+    photo_ = got["resize"]["image"][0].permute(1, 2, 0).numpy()
+    keep = got["feather"]["mask"][0, 0].numpy() == 0
+    assert keep.sum() > 500 and (~keep).sum() > 100
+    assert np.abs(steered[keep] - photo_[keep]).max() <= 1 / 255 + 1e-6  # outside the mask: the photograph
+    assert np.abs(steered[~keep] - plain[~keep]).mean() > 1e-3  # inside: the ControlNet made a difference
+
+
+def test_bad_controlnet_params_are_reported_at_validation(tiny, tmp_path):
+    from nodegraph.api import Engine
+    from nodegraph.errors import WorkflowInvalid
+    from tests.test_diffusion_workflows import WORKFLOWS
+
+    pickle = tmp_path / "cn.pth"
+    pickle.write_bytes(b"x")
+    with pytest.raises(WorkflowInvalid) as err:
+        Engine(cache_dir=False).compile(WORKFLOWS / "controlnet_inpaint.json", overrides={
+            "ckpt.path": str(tiny.sd15_inpaint), "controlnet.path": str(pickle), "controlled.start": 0.8,
+            "controlled.end": 0.2, "controlled.strength": -1})
+    found = {(i.node_id, i.field): i.message for i in err.value.issues}
+    assert "pickle" in found[("controlnet", "path")]
+    assert "after end" in found[("controlled", "start")]
+    assert ("controlled", "strength") in found
