@@ -13,7 +13,8 @@ MultiControlNetModel), done through the loop's hooks so that no sampler knows ab
   ``i / n < start`` or ``(i + 1) / n > end`` (diffusers' ``controlnet_keep``). A step where it does not act
   skips the ControlNet call, which is exact: diffusers adds residuals scaled by 0;
 - guess mode (or a ControlNet with ``global_pool_conditions``) runs it on the conditional half only and
-  gives the unconditional half zero residuals;
+  gives the unconditional half zero residuals; ``sides`` "positive" does the same without guess mode's
+  scaling of the residuals (ComfyUI's ControlNetApply, whose ControlNet sits on the positive prompt only);
 - the control image is prepared as diffusers' ``prepare_control_image``: ``VaeImageProcessor`` without
   normalisation, resized to the sampled pixel size, one copy per latent, doubled under guidance (not in guess mode).
 
@@ -170,6 +171,7 @@ class ControlEntry:
     start: float
     end: float
     guess_mode: bool
+    positive_only: bool = False
 
 
 def keep(i: int, total: int, start: float, end: float) -> float:
@@ -177,10 +179,10 @@ def keep(i: int, total: int, start: float, end: float) -> float:
     return 1.0 - float(i / total < start or (i + 1) / total > end)
 
 
-def prepare_control_image(image: torch.Tensor, height: int, width: int, batch: int, guide: bool, guess_mode: bool,
+def prepare_control_image(image: torch.Tensor, height: int, width: int, batch: int, guide: bool, cond_only: bool,
                           device, dtype) -> torch.Tensor:
     """diffusers' prepare_control_image: VaeImageProcessor (no normalisation) at the sampled size, one copy per
-    latent, [uncond, cond] copies under guidance unless in guess mode."""
+    latent, [uncond, cond] copies under guidance unless it steers the conditional half only (guess mode)."""
     from diffusers.image_processor import VaeImageProcessor
 
     h, w = image.shape[-2:]
@@ -193,7 +195,7 @@ def prepare_control_image(image: torch.Tensor, height: int, width: int, batch: i
         raise NodeError(f"the control image batch has {image.shape[0]} images but the latent batch has {batch}: "
                         "give one control image, or one per latent")
     image = image.repeat_interleave(batch if image.shape[0] == 1 else 1, dim=0).to(device=device, dtype=dtype)
-    return torch.cat([image] * 2) if guide and not guess_mode else image
+    return torch.cat([image] * 2) if guide and not cond_only else image
 
 
 class ControlNetPatch(ModelPatch):
@@ -212,9 +214,10 @@ class ControlNetPatch(ModelPatch):
         module = entry.controlnet.module
         guess = bool(entry.guess_mode or getattr(module.config, "global_pool_conditions", False))
         height, width = (s * self.vae_scale_factor for s in run.x0.shape[-2:])
-        image = prepare_control_image(entry.image, height, width, run.x0.shape[0], run.guide, guess,
+        half = guess or entry.positive_only
+        image = prepare_control_image(entry.image, height, width, run.x0.shape[0], run.guide, half,
                                       run.unet.device, module.dtype)
-        return [ControlNetResiduals(module, image, entry.strength, entry.start, entry.end, guess)]
+        return [ControlNetResiduals(module, image, entry.strength, entry.start, entry.end, guess, half)]
 
 
 def _cond_half(value):
@@ -224,9 +227,10 @@ def _cond_half(value):
 class ControlNetResiduals(Hook):
     """Runs a ControlNet at each step and adds its residuals to the UNet's arguments."""
 
-    def __init__(self, module, image: torch.Tensor, strength: float, start: float, end: float, guess: bool):
-        self.module, self.image, self.strength, self.start, self.end, self.guess = (
-            module, image, strength, start, end, guess)
+    def __init__(self, module, image: torch.Tensor, strength: float, start: float, end: float, guess: bool,
+                 cond_only: bool):
+        self.module, self.image, self.strength, self.start, self.end = module, image, strength, start, end
+        self.guess, self.cond_only = guess, cond_only  # cond_only: guess mode, or sides "positive"
 
     def unet_kwargs(self, step) -> None:
         scale = self.strength * keep(step.index, step.total, self.start, self.end)
@@ -236,7 +240,7 @@ class ControlNetResiduals(Hook):
         hidden = step.kwargs["encoder_hidden_states"]
         added = step.kwargs.get("added_cond_kwargs") or {}
         added = {k: added[k] for k in ("text_embeds", "time_ids") if k in added}
-        half = self.guess and step.guide
+        half = self.cond_only and step.guide
         if half:  # only the conditional half; the unconditional half gets zero residuals below
             sample, hidden = sample.chunk(2)[1], hidden.chunk(2)[1]
             added = {k: _cond_half(v) for k, v in added.items()}
@@ -262,15 +266,17 @@ def _zero_pad(down, mid):
 
 
 def apply_controlnet(model, controlnet: ControlNetHandle, image: torch.Tensor, strength: float = 1.0,
-                     start: float = 0.0, end: float = 1.0, guess_mode: bool = False):
-    """A copy of the MODEL handle whose samplers are steered by ``controlnet`` seeing ``image``."""
+                     start: float = 0.0, end: float = 1.0, guess_mode: bool = False, sides: str = "both"):
+    """A copy of the MODEL handle whose samplers are steered by ``controlnet`` seeing ``image``; ``sides``
+    "positive" leaves the unconditional half of guidance alone (ComfyUI's ControlNetApply)."""
     image = check_image(image, "image")
     problem = unet_fit_problem(controlnet.module, model.unet)
     if problem:
         raise NodeError(problem)
     if start > end:
         raise NodeError(f"start {start} is after end {end}: the ControlNet would act at no step")
-    entry = ControlEntry(controlnet, image, float(strength), float(start), float(end), bool(guess_mode))
+    entry = ControlEntry(controlnet, image, float(strength), float(start), float(end), bool(guess_mode),
+                         sides == "positive")
     return model.with_patch(ControlNetPatch(entry, getattr(model, "vae_scale_factor", 8)))
 
 
@@ -335,13 +341,16 @@ def apply_controlnet_node(
     end: Annotated[float, Field(ge=0, le=1, description="fraction of the run's steps after which it stops "
                                                         "(control_guidance_end)")] = 1.0,
     guess_mode: Annotated[bool, Field(description="run it on the conditional half only (diffusers' guess_mode)")] = False,
+    sides: Annotated[Literal["both", "positive"],
+                     Field(description="which halves of guidance it steers: both (diffusers), or the positive "
+                                       "prompt's only (ComfyUI's ControlNetApply)")] = "both",
 ):
     """Steer the model with a ControlNet and its control image: a new MODEL for any sampler.
 
     The control image is resized to the sampled size. Chain several ApplyControlNet nodes to stack ControlNets:
     their residuals add up (MultiControlNetModel). The input MODEL is unchanged. A ControlNet made for another
     model family fails here, before any sampling step."""
-    return apply_controlnet(model, control_net, image, strength, start, end, guess_mode)
+    return apply_controlnet(model, control_net, image, strength, start, end, guess_mode, sides)
 
 
 @node("InpaintControlImage", version=1, category="image", outputs={"image": IMAGE},

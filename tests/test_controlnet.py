@@ -299,3 +299,30 @@ def test_bad_controlnet_params_are_reported_at_validation(tiny, tmp_path):
     assert "pickle" in found[("controlnet", "path")]
     assert "after end" in found[("controlled", "start")]
     assert ("controlled", "strength") in found
+
+
+def test_sides_positive_leaves_the_unconditional_half_alone(sd, controlnets):
+    """ComfyUI's ControlNetApply: zero residuals for the negative prompt's half, the ControlNet's for the other."""
+    model, clip, _ = sd
+    cn = load_controlnet(controlnets["sd_a"])
+    seen = []
+
+    class Spy(denoise.Hook):
+        def unet_kwargs(self, step):
+            seen.append(step.kwargs["mid_block_additional_residual"])
+
+    class SpyPatch(denoise.ModelPatch):
+        def hooks(self, run):
+            return [Spy()]
+
+    def run(sides, guidance, spy=False):
+        patched = apply_controlnet(model, cn, control(), 1.0, sides=sides)
+        patched = patched.with_patch(SpyPatch()) if spy else patched
+        return denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=2,
+                              guidance_scale=guidance, scheduler="euler", strength=1.0)
+
+    assert torch.equal(run("positive", 1.0), run("both", 1.0))  # without guidance there is one half only
+    assert (run("positive", 5.0) - run("both", 5.0)).abs().max() > 1e-3
+    run("positive", 5.0, spy=True)
+    uncond, cond = seen[0].chunk(2)
+    assert torch.equal(uncond, torch.zeros_like(uncond)) and cond.abs().max() > 0
