@@ -326,3 +326,49 @@ def test_sides_positive_leaves_the_unconditional_half_alone(sd, controlnets):
     run("positive", 5.0, spy=True)
     uncond, cond = seen[0].chunk(2)
     assert torch.equal(uncond, torch.zeros_like(uncond)) and cond.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI import
+
+def comfy_prompt() -> dict:
+    """ComfyUI's default txt2img graph (API format) with two ControlNets: Apply (positive only), then Advanced."""
+    from tests.test_comfy_import import txt2img
+
+    prompt = txt2img()
+    prompt["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny"}}
+    prompt["21"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+    prompt["22"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["6", 0], "control_net": ["20", 0],
+                                                                 "image": ["21", 0], "strength": 0.6}}
+    prompt["23"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["22", 0], "negative": ["7", 0], "control_net": ["20", 0], "image": ["21", 0], "strength": 0.9,
+        "start_percent": 0.1, "end_percent": 0.8}}
+    prompt["3"]["inputs"].update(positive=["23", 0], negative=["23", 1])
+    return prompt
+
+
+def test_comfy_controlnet_nodes_become_apply_controlnet_on_the_sampler_s_model():
+    from nodegraph.comfy import import_api
+
+    nodes = import_api(comfy_prompt())["nodes"]
+    assert nodes["20"] == {"type": "LoadControlNet", "params": {"path": "canny"}}
+    assert "22" not in nodes and "23" not in nodes  # the conditionings pass through
+    assert nodes["3"]["inputs"]["positive"] == "6.conditioning" and nodes["3"]["inputs"]["negative"] == "7.conditioning"
+    first, second = nodes["3_controlnet0"], nodes["3_controlnet1"]
+    assert first == {"type": "ApplyControlNet", "inputs": {"model": "4.model", "control_net": "20.control_net",
+                                                           "image": "21.image"},
+                     "params": {"strength": 0.6, "start": 0.0, "end": 1.0, "sides": "positive"}}
+    assert second["inputs"]["model"] == "3_controlnet0.model"
+    assert second["params"] == {"strength": 0.9, "start": 0.1, "end": 0.8, "sides": "both"}
+    assert nodes["3"]["inputs"]["model"] == "3_controlnet1.model"
+
+
+def test_comfy_controlnet_on_the_negative_prompt_only_is_reported():
+    from nodegraph.comfy import to_nodegraph
+    from nodegraph.errors import WorkflowInvalid
+
+    prompt = comfy_prompt()
+    prompt["22"]["inputs"]["conditioning"] = ["7", 0]
+    prompt["23"]["inputs"].update(positive=["6", 0], negative=["22", 0])
+    with pytest.raises(WorkflowInvalid) as err:
+        to_nodegraph(prompt)
+    assert any(i.node_id == "3" and "negative prompt only" in i.message for i in err.value.issues)
