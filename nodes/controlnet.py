@@ -206,8 +206,9 @@ class ControlNetPatch(ModelPatch):
 
     @contextlib.contextmanager
     def applied(self, unet):
-        self.entry.controlnet.module.to(unet.device)  # the UNet may have been moved (memory budget, --device)
-        yield unet
+        # on the UNet's device for the run, within the memory budget like the models nodes run
+        with MANAGER.use(unet.device, ("controlnet", self.entry.controlnet.module)):
+            yield unet
 
     def hooks(self, run) -> list:
         entry = self.entry
