@@ -372,3 +372,30 @@ def test_comfy_controlnet_on_the_negative_prompt_only_is_reported():
     with pytest.raises(WorkflowInvalid) as err:
         to_nodegraph(prompt)
     assert any(i.node_id == "3" and "negative prompt only" in i.message for i in err.value.issues)
+
+
+def test_a_latent_batch_shares_one_control_image(sd, controlnets):
+    model, clip, _ = sd
+    cn = load_controlnet(controlnets["sd_a"])
+    image = control()
+    ours = denoise.sample(apply_controlnet(model, cn, image, 1.1), encode_prompt(clip, PROMPT), None,
+                          empty_latent(64, 64, batch=2), seed=11, steps=3, guidance_scale=5.0, scheduler="euler",
+                          strength=1.0)
+    pipe = cn_pipeline("StableDiffusionControlNetPipeline", sd, cn.module)
+    ref = pipe(prompt=PROMPT, image=image, num_images_per_prompt=2, height=64, width=64, generator=gen(11),
+               num_inference_steps=3, guidance_scale=5.0, controlnet_conditioning_scale=1.1, output_type="latent").images
+    assert_close(ours, ref)
+
+
+def test_a_controlnet_that_does_not_fit_names_the_node_when_the_workflow_runs(tiny, controlnets, tmp_path):
+    from nodegraph.api import Engine
+    from nodegraph.errors import NodeFailed
+    from tests.test_diffusion_workflows import WORKFLOWS
+
+    overrides = {"ckpt.path": str(tiny.sd15_inpaint), "controlnet.path": str(controlnets["xl"]), "resize.width": 64,
+                 "resize.height": 64, "mask.width": 64, "mask.height": 64, "inpaint.steps": 2}
+    with pytest.raises(NodeFailed) as err:
+        Engine(cache_dir=False).run(WORKFLOWS / "controlnet_inpaint.json", overrides=overrides, out_dir=tmp_path)
+    text = str(err.value)
+    assert "controlled" in text and "ApplyControlNet" in text and "does not fit" in text
+    assert not list(tmp_path.glob("*.png"))  # nothing half-written
