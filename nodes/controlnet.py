@@ -96,15 +96,20 @@ def controlnet_path_problem(path: str | Path) -> str | None:
         keys = safetensors_shapes(p)
     except NodeError as exc:
         return str(exc)
-    if not any(k.endswith(DIFFUSERS_KEY) for k in keys):
-        if any(k.endswith(ORIGINAL_KEY) for k in keys):
-            return (f"'{p.name}' is a ControlNet in the original layout; give it in diffusers' layout (a folder, or "
-                    "the .safetensors with its config.json beside it), e.g. converted by diffusers' "
-                    "ControlNetModel.from_single_file(...).save_pretrained(...)")
-        return f"'{p.name}' holds no ControlNet weights (no '{DIFFUSERS_KEY}')"
+    layout = _layout(keys)
+    if layout is None:
+        return f"'{p.name}' holds no ControlNet weights (neither '{DIFFUSERS_KEY}' nor '{ORIGINAL_KEY}')"
     if _config_beside(p) is None:
-        return (f"'{p.name}' is in diffusers' layout but has no config beside it: put its config.json (or "
-                f"'{p.with_suffix('.json').name}') in the same folder")
+        return (f"'{p.name}' is a ControlNet in {layout} layout but has no config beside it: put its diffusers "
+                f"config.json (or '{p.with_suffix('.json').name}') in the same folder")
+    return None
+
+
+def _layout(keys) -> str | None:
+    if any(k.endswith(DIFFUSERS_KEY) for k in keys):
+        return "diffusers'"
+    if any(k.endswith(ORIGINAL_KEY) for k in keys):
+        return "the original"
     return None
 
 
@@ -113,7 +118,7 @@ _LOADED = LoadedOnce()  # (paths, dtype, device) -> ControlNetHandle
 
 def load_controlnet(path: str | Path, dtype=None, device="cpu") -> ControlNetHandle:
     """Load (once per content, dtype and device; float32 by default) a diffusers ControlNetModel from a folder or a
-    diffusers-layout .safetensors with its config beside it."""
+    .safetensors (diffusers' or the original layout) with its config beside it."""
     p = Path(path)
     problem = controlnet_path_problem(p)
     if problem:
@@ -129,8 +134,13 @@ def load_controlnet(path: str | Path, dtype=None, device="cpu") -> ControlNetHan
             module = ControlNetModel.from_pretrained(str(p), torch_dtype=dtype, use_safetensors=True,
                                                      local_files_only=True)
         else:
-            module = ControlNetModel.from_config(_read_json(config))
+            settings = _read_json(config)
+            module = ControlNetModel.from_config(settings)
             state = read_state_dict(p, dtype)
+            if _layout(state) == "the original":  # (ComfyUI's files) through diffusers' own converter
+                from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+                state = convert_controlnet_checkpoint(state, dict(module.config))
             try:
                 module.load_state_dict(state)
             except RuntimeError as exc:
@@ -307,16 +317,18 @@ def _check_load(params: dict):
 def load_controlnet_node(
     path: Annotated[str, InputPath(kind="any", folder="controlnet"),
                     Field(description="a name in the models folders' controlnet/, a diffusers ControlNet folder, or "
-                                      "a diffusers-layout .safetensors with its config.json beside it")],
+                                      "a .safetensors (diffusers' or the original layout) with its config.json "
+                                      "beside it")],
     ctx: RunContext,
     dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"],
                      Field(description="weights' dtype; auto follows the run's --dtype")] = "auto",
 ):
     """Load a ControlNet (SD 1.x or SDXL) in diffusers' layout.
 
-    A diffusers folder (config.json + .safetensors) or one .safetensors in diffusers' layout with its config.json
-    (or NAME.json) beside it. Files in the original layout and pickles are refused at validation with how to
-    convert them. Whether it fits the model is checked by ApplyControlNet."""
+    A diffusers folder (config.json + .safetensors) or one .safetensors, in diffusers' layout or the original one
+    (ComfyUI's, converted by diffusers' own converter), with its diffusers config.json (or NAME.json) beside it.
+    Pickles and files without a config are refused at validation. Whether it fits the model is checked by
+    ApplyControlNet."""
     torch_dtype = resolve_dtype(dtype, auto=ctx.dtype)
     handle = load_controlnet(path, torch_dtype, ctx.device)
     ctx.record("models", {"source": handle.source, "kind": "ControlNet",

@@ -219,12 +219,50 @@ def test_a_diffusers_layout_single_file_with_its_config_loads_the_same(controlne
     assert load_controlnet(folder) is load_controlnet(folder)  # loaded once
 
 
-def test_original_layout_and_pickles_are_refused(tmp_path):
+def original_layout(cn) -> dict:
+    """A diffusers ControlNetModel's weights in the original (ldm / ComfyUI) layout: the inverse of diffusers'
+    convert_controlnet_checkpoint, written from its key mapping."""
+    from tests.tiny_models import _unet_to_original
+
+    state = cn.state_dict()
+    unet_part = {k: v for k, v in state.items()
+                 if k.split(".")[0] in ("time_embedding", "conv_in", "down_blocks", "mid_block")}
+    out = {"control_model." + k.removeprefix("model.diffusion_model."): v
+           for k, v in _unet_to_original(unet_part, cn.config).items()}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            out[f"control_model.zero_convs.{parts[1]}.0.{parts[2]}"] = value
+        elif parts[0] == "controlnet_mid_block":
+            out[f"control_model.middle_block_out.0.{parts[1]}"] = value
+        elif parts[0] == "controlnet_cond_embedding":
+            fixed = {"conv_in": 0, "conv_out": 14}
+            index = fixed[parts[1]] if parts[1] in fixed else 2 * (int(parts[2]) + 1)
+            out[f"control_model.input_hint_block.{index}.{parts[-1]}"] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_an_original_layout_file_with_its_config_loads_the_same(controlnets, tmp_path):
     from safetensors.torch import save_file
 
-    original = tmp_path / "control_sd15_canny.safetensors"
-    save_file({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, str(original))
-    assert "original layout" in controlnet_path_problem(original)
+    folder = controlnets["sd_a"]
+    reference = load_controlnet(folder).module
+    original = tmp_path / "control_sd15_tiny.safetensors"
+    save_file(original_layout(reference), str(original))
+    assert "no config beside it" in controlnet_path_problem(original)
+    shutil.copy(folder / "config.json", tmp_path / "control_sd15_tiny.json")
+    assert controlnet_path_problem(original) is None
+    loaded = load_controlnet(original).module.state_dict()
+    assert loaded.keys() == reference.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+
+
+def test_pickles_and_files_without_controlnet_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(other))
+    assert "holds no ControlNet weights" in controlnet_path_problem(other)
     (tmp_path / "cn.pth").write_bytes(b"x")
     assert "pickle" in controlnet_path_problem(tmp_path / "cn.pth")
     (tmp_path / "empty").mkdir()
