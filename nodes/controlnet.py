@@ -26,10 +26,13 @@ from __future__ import annotations
 from nodegraph.lazy import lazy
 
 import contextlib
+import inspect
+import json
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 torch = lazy("torch")
 from pydantic import Field
@@ -64,14 +67,65 @@ FIT_KEYS = ("block_out_channels", "layers_per_block", "cross_attention_dim", "ad
 
 @dataclass(eq=False)
 class ControlNetHandle:
-    """CONTROL_NET: a loaded diffusers ControlNetModel and where it came from."""
+    """CONTROL_NET: a loaded diffusers ControlNetModel and where it came from. A single file without a config
+    holds its weights (``state``) until ``module_for`` builds the module with the settings of the UNet it steers."""
 
     module: Any
     source: str
+    state: Optional[dict] = None
+    device: Any = "cpu"
+    built: dict = field(default_factory=dict)  # the UNet's settings -> module, for a file without a config
+    lock: Any = field(default_factory=threading.Lock)
 
-    @property
-    def config(self):
-        return self.module.config
+    def module_for(self, unet):
+        """The ControlNetModel to steer ``unet`` with (NodeError when it does not fit)."""
+        if self.module is not None:
+            problem = unet_fit_problem(self.module, unet)
+            if problem:
+                raise NodeError(problem)
+            return self.module
+        settings = controlnet_settings(unet)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        with self.lock:
+            if key not in self.built:
+                self.built[key] = _build(settings, self.state, Path(self.source).name, "the model's UNet",
+                                         self.device)
+            return self.built[key]
+
+
+def controlnet_settings(unet) -> dict:
+    """A ControlNet config for ``unet``: its settings that ControlNetModel takes, on 4-channel latents (what
+    diffusers' ControlNetModel.from_unet copies)."""
+    from diffusers import ControlNetModel
+
+    accepted = set(inspect.signature(ControlNetModel.__init__).parameters) - {"self"}
+    settings = {k: v for k, v in dict(unet.config).items() if k in accepted}
+    settings["in_channels"] = int(unet.config.out_channels)
+    return settings
+
+
+def _build(settings: dict, state: dict, name: str, config_name: str, device):
+    """A ControlNetModel from a config and weights in either layout."""
+    from diffusers import ControlNetModel
+
+    dtype = next(iter(state.values())).dtype
+    module = ControlNetModel.from_config(settings)
+    if _layout(state) == "the original":  # (ComfyUI's files) through diffusers' own converter
+        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+        plain = {k.removeprefix("control_model."): v for k, v in state.items()}
+        converted = convert_controlnet_checkpoint(plain, dict(module.config))
+        for layer, old in (("linear_1", "0"), ("linear_2", "2")):  # SDXL's added embedding, which it leaves out
+            for kind in ("weight", "bias"):
+                if f"label_emb.0.{old}.{kind}" in plain and getattr(module, "add_embedding", None) is not None:
+                    converted[f"add_embedding.{layer}.{kind}"] = plain[f"label_emb.0.{old}.{kind}"]
+        state = converted
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise NodeError(f"the ControlNet '{name}' does not fit {config_name} (a ControlNet for another model family, "
+                        f"e.g. SD 1.5 vs SDXL?): {str(exc)[:300]}") from None
+    return module.to(dtype).to("cpu" if MANAGER.offloads else device).eval().requires_grad_(False)
 
 
 def _config_beside(path: Path) -> Path | None:
@@ -96,12 +150,8 @@ def controlnet_path_problem(path: str | Path) -> str | None:
         keys = safetensors_shapes(p)
     except NodeError as exc:
         return str(exc)
-    layout = _layout(keys)
-    if layout is None:
+    if _layout(keys) is None:
         return f"'{p.name}' holds no ControlNet weights (neither '{DIFFUSERS_KEY}' nor '{ORIGINAL_KEY}')"
-    if _config_beside(p) is None:
-        return (f"'{p.name}' is a ControlNet in {layout} layout but has no config beside it: put its diffusers "
-                f"config.json (or '{p.with_suffix('.json').name}') in the same folder")
     return None
 
 
@@ -118,7 +168,8 @@ _LOADED = LoadedOnce()  # (paths, dtype, device) -> ControlNetHandle
 
 def load_controlnet(path: str | Path, dtype=None, device="cpu") -> ControlNetHandle:
     """Load (once per content, dtype and device; float32 by default) a diffusers ControlNetModel from a folder or a
-    .safetensors (diffusers' or the original layout) with its config beside it."""
+    .safetensors (diffusers' or the original layout); a file without a config beside it takes the settings of the
+    UNet it is applied to."""
     p = Path(path)
     problem = controlnet_path_problem(p)
     if problem:
@@ -133,21 +184,12 @@ def load_controlnet(path: str | Path, dtype=None, device="cpu") -> ControlNetHan
         if p.is_dir():
             module = ControlNetModel.from_pretrained(str(p), torch_dtype=dtype, use_safetensors=True,
                                                      local_files_only=True)
-        else:
-            settings = _read_json(config)
-            module = ControlNetModel.from_config(settings)
-            state = read_state_dict(p, dtype)
-            if _layout(state) == "the original":  # (ComfyUI's files) through diffusers' own converter
-                from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
-                state = convert_controlnet_checkpoint(state, dict(module.config))
-            try:
-                module.load_state_dict(state)
-            except RuntimeError as exc:
-                raise NodeError(f"'{p.name}' does not match its config '{config.name}': {str(exc)[:300]}") from None
-            module.to(dtype)
-        module.to("cpu" if MANAGER.offloads else device).eval().requires_grad_(False)
-        return ControlNetHandle(module, str(p))
+            return ControlNetHandle(module.to("cpu" if MANAGER.offloads else device).eval().requires_grad_(False),
+                                    str(p))
+        state = read_state_dict(p, dtype)
+        if config is None:  # built when applied, with the settings of the UNet it steers
+            return ControlNetHandle(None, str(p), state, device)
+        return ControlNetHandle(_build(_read_json(config), state, p.name, f"its config '{config.name}'", device), str(p))
 
     identity = files_identity([p] if config is None else [p, config])
     return _LOADED.get((tuple(q for q, _ in identity), str(dtype), str(device)), identity, load)
@@ -175,7 +217,7 @@ def unet_fit_problem(controlnet, unet) -> str | None:
 class ControlEntry:
     """One ControlNet of a patch with its control image and settings."""
 
-    controlnet: ControlNetHandle
+    module: Any  # a diffusers ControlNetModel
     image: torch.Tensor  # (B, 3, H, W), [0, 1] (or -1 for masked pixels from InpaintControlImage)
     strength: float
     start: float
@@ -217,12 +259,12 @@ class ControlNetPatch(ModelPatch):
     @contextlib.contextmanager
     def applied(self, unet):
         # on the UNet's device for the run, within the memory budget like the models nodes run
-        with MANAGER.use(unet.device, ("controlnet", self.entry.controlnet.module)):
+        with MANAGER.use(unet.device, ("controlnet", self.entry.module)):
             yield unet
 
     def hooks(self, run) -> list:
         entry = self.entry
-        module = entry.controlnet.module
+        module = entry.module
         guess = bool(entry.guess_mode or getattr(module.config, "global_pool_conditions", False))
         height, width = (s * self.vae_scale_factor for s in run.x0.shape[-2:])
         half = guess or entry.positive_only
@@ -281,12 +323,10 @@ def apply_controlnet(model, controlnet: ControlNetHandle, image: torch.Tensor, s
     """A copy of the MODEL handle whose samplers are steered by ``controlnet`` seeing ``image``; ``sides``
     "positive" leaves the unconditional half of guidance alone (ComfyUI's ControlNetApply)."""
     image = check_image(image, "image")
-    problem = unet_fit_problem(controlnet.module, model.unet)
-    if problem:
-        raise NodeError(problem)
+    module = controlnet.module_for(model.unet)
     if start > end:
         raise NodeError(f"start {start} is after end {end}: the ControlNet would act at no step")
-    entry = ControlEntry(controlnet, image, float(strength), float(start), float(end), bool(guess_mode),
+    entry = ControlEntry(module, image, float(strength), float(start), float(end), bool(guess_mode),
                          sides == "positive")
     return model.with_patch(ControlNetPatch(entry, getattr(model, "vae_scale_factor", 8)))
 
@@ -317,8 +357,8 @@ def _check_load(params: dict):
 def load_controlnet_node(
     path: Annotated[str, InputPath(kind="any", folder="controlnet"),
                     Field(description="a name in the models folders' controlnet/, a diffusers ControlNet folder, or "
-                                      "a .safetensors (diffusers' or the original layout) with its config.json "
-                                      "beside it")],
+                                      "a .safetensors (diffusers' or the original layout; its config.json beside "
+                                      "it, else the model's settings are used)")],
     ctx: RunContext,
     dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"],
                      Field(description="weights' dtype; auto follows the run's --dtype")] = "auto",
@@ -326,9 +366,9 @@ def load_controlnet_node(
     """Load a ControlNet (SD 1.x or SDXL) in diffusers' layout.
 
     A diffusers folder (config.json + .safetensors) or one .safetensors, in diffusers' layout or the original one
-    (ComfyUI's, converted by diffusers' own converter), with its diffusers config.json (or NAME.json) beside it.
-    Pickles and files without a config are refused at validation. Whether it fits the model is checked by
-    ApplyControlNet."""
+    (ComfyUI's, converted by diffusers' own converter). A single file's config is its config.json (or NAME.json)
+    beside it; without one it takes the settings of the UNet it is applied to. Pickles are refused at validation.
+    Whether it fits the model is checked by ApplyControlNet."""
     torch_dtype = resolve_dtype(dtype, auto=ctx.dtype)
     handle = load_controlnet(path, torch_dtype, ctx.device)
     ctx.record("models", {"source": handle.source, "kind": "ControlNet",

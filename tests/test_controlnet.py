@@ -207,16 +207,25 @@ def test_the_residuals_reach_the_unet_once_per_step(sd, controlnets):
 
 # ---------------------------------------------------------------------------------------------- loading, bad input
 
-def test_a_diffusers_layout_single_file_with_its_config_loads_the_same(controlnets, tmp_path):
+def same_weights(a, b) -> bool:
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diffusers_layout_single_file_loads_with_or_without_its_config(sd, controlnets, tmp_path):
     folder = controlnets["sd_a"]
-    single = tmp_path / "cn.safetensors"
-    shutil.copy(folder / "diffusion_pytorch_model.safetensors", single)
-    assert "no config" in controlnet_path_problem(single)
+    reference = load_controlnet(folder)
+    assert load_controlnet(folder) is reference  # loaded once
+    bare = tmp_path / "bare" / "cn.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", bare)
+    assert controlnet_path_problem(bare) is None
+    # without a config the module is built when applied, with the settings of the UNet it steers
+    assert same_weights(load_controlnet(bare).module_for(sd[0].unet), reference.module)
+    configured = tmp_path / "cn.safetensors"
+    shutil.copy(bare, configured)
     shutil.copy(folder / "config.json", tmp_path / "cn.json")
-    assert controlnet_path_problem(single) is None
-    a, b = load_controlnet(folder).module, load_controlnet(single).module
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert load_controlnet(folder) is load_controlnet(folder)  # loaded once
+    assert same_weights(load_controlnet(configured).module, reference.module)
 
 
 def original_layout(cn) -> dict:
@@ -242,19 +251,44 @@ def original_layout(cn) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def test_an_original_layout_file_with_its_config_loads_the_same(controlnets, tmp_path):
+def test_an_original_layout_file_loads_the_same_and_steers_the_same(sd, controlnets, tmp_path):
+    """ComfyUI's files: the original layout, usually without a config (the UNet's settings are used)."""
     from safetensors.torch import save_file
 
+    model, clip, _ = sd
     folder = controlnets["sd_a"]
-    reference = load_controlnet(folder).module
+    reference = load_controlnet(folder)
     original = tmp_path / "control_sd15_tiny.safetensors"
-    save_file(original_layout(reference), str(original))
-    assert "no config beside it" in controlnet_path_problem(original)
-    shutil.copy(folder / "config.json", tmp_path / "control_sd15_tiny.json")
+    save_file(original_layout(reference.module), str(original))
     assert controlnet_path_problem(original) is None
-    loaded = load_controlnet(original).module.state_dict()
-    assert loaded.keys() == reference.state_dict().keys()
-    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+    handle = load_controlnet(original)
+    assert same_weights(handle.module_for(model.unet), reference.module)
+    assert handle.module_for(model.unet) is handle.module_for(model.unet)  # built once per UNet settings
+
+    def sample(cn):
+        return denoise.sample(apply_controlnet(model, cn, control()), encode_prompt(clip, PROMPT), None,
+                              empty_latent(64, 64), seed=2, steps=2, guidance_scale=4.0, scheduler="euler",
+                              strength=1.0)
+
+    assert torch.equal(sample(handle), sample(reference))
+    with_config = tmp_path / "configured" / "control_sd15_tiny.safetensors"
+    with_config.parent.mkdir()
+    shutil.copy(original, with_config)
+    shutil.copy(folder / "config.json", with_config.parent / "config.json")
+    assert same_weights(load_controlnet(with_config).module, reference.module)
+
+
+def test_an_sdxl_original_layout_file_keeps_its_added_embedding(xl, controlnets, tmp_path):
+    from safetensors.torch import save_file
+
+    reference = load_controlnet(controlnets["xl"]).module
+    weights = original_layout(reference)
+    for layer, old in (("linear_1", "0"), ("linear_2", "2")):
+        for kind in ("weight", "bias"):
+            weights[f"control_model.label_emb.0.{old}.{kind}"] = reference.state_dict()[f"add_embedding.{layer}.{kind}"]
+    path = tmp_path / "control_xl_tiny.safetensors"
+    save_file(weights, str(path))
+    assert same_weights(load_controlnet(path).module_for(xl[0].unet), reference)
 
 
 def test_pickles_and_files_without_controlnet_weights_are_refused(tmp_path):
@@ -269,11 +303,15 @@ def test_pickles_and_files_without_controlnet_weights_are_refused(tmp_path):
     assert "config.json" in controlnet_path_problem(tmp_path / "empty")
 
 
-def test_a_controlnet_for_another_family_fails_before_sampling(sd, xl, controlnets):
+def test_a_controlnet_for_another_family_fails_before_sampling(sd, xl, controlnets, tmp_path):
     with pytest.raises(NodeError, match="does not fit the model's UNet"):
         apply_controlnet(sd[0], load_controlnet(controlnets["xl"]), control())
     with pytest.raises(NodeError, match="does not fit"):
         apply_controlnet(xl[0], load_controlnet(controlnets["sd_a"]), control())
+    bare = tmp_path / "cn.safetensors"  # without a config: its weights do not fit the UNet's settings
+    shutil.copy(controlnets["xl"] / "diffusion_pytorch_model.safetensors", bare)
+    with pytest.raises(NodeError, match="does not fit the model's UNet"):
+        apply_controlnet(sd[0], load_controlnet(bare), control())
 
 
 def test_a_control_image_of_another_shape_fails_before_the_first_step(sd, controlnets):

@@ -107,8 +107,7 @@ def lora_loader(node: ComfyNode, b: Builder) -> list:
 @converts("ControlNetLoader", spec=ComfyType({"control_net_name": ([],)}, files={"control_net_name": "controlnet"},
                                              outputs=("CONTROL_NET",), category="loaders"))
 def controlnet_loader(node: ComfyNode, b: Builder) -> list:
-    """LoadControlNet; the name is looked up in the models folders' controlnet/ (a config.json must lie beside a
-    single file)."""
+    """LoadControlNet; the name is looked up in the models folders' controlnet/."""
     params: dict = {}
     inputs: dict = {}
     b.either(node, "control_net_name", inputs, params, to="path")
