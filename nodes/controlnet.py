@@ -121,7 +121,7 @@ def _build(settings: dict, state: dict, name: str, config_name: str, device):
                     converted[f"add_embedding.{layer}.{kind}"] = plain[f"label_emb.0.{old}.{kind}"]
         state = converted
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(state, assign=True)  # shares the tensors read: one copy in memory
     except RuntimeError as exc:
         raise NodeError(f"the ControlNet '{name}' does not fit {config_name} (a ControlNet for another model family, "
                         f"e.g. SD 1.5 vs SDXL?): {str(exc)[:300]}") from None
