@@ -166,7 +166,9 @@ class Step:
     """One UNet call of the loop, as hooks see it: step ``index`` of ``total`` at ``timestep``; ``model_input`` the
     (scaled, CFG-doubled when ``guide``) latents; ``kwargs`` the UNet's keyword arguments for this call only
     (``encoder_hidden_states``, ``added_cond_kwargs``, ``cross_attention_kwargs``, ... and, for a ControlNet,
-    ``down_block_additional_residuals`` / ``mid_block_additional_residual``), a fresh dict every step."""
+    ``down_block_additional_residuals`` / ``mid_block_additional_residual``), a fresh dict every step.
+    ``latent_input`` is ``model_input`` before the ``unet_input`` hooks: the scaled latents alone, without an
+    inpainting UNet's extra channels (what diffusers gives a ControlNet)."""
 
     index: int
     total: int
@@ -174,6 +176,7 @@ class Step:
     model_input: torch.Tensor
     kwargs: dict
     guide: bool
+    latent_input: Optional[torch.Tensor] = None
 
     def add_cond(self, key: str, value) -> None:
         """Set one of the UNet's ``added_cond_kwargs`` for this call (the shared dict is not touched)."""
@@ -278,12 +281,12 @@ def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, con
             for hook in hooks:
                 latents = hook.before_step(latents, i, t)
             model_input = torch.cat([latents] * 2) if guide else latents
-            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = latent_input = scheduler.scale_model_input(model_input, t)
             for hook in hooks:
                 model_input = hook.unet_input(model_input, i, t)
             step = Step(i, total, t, model_input, dict(
                 encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=cond.timestep_cond,
-                cross_attention_kwargs=cond.cross_attention_kwargs, added_cond_kwargs=cond.added_cond_kwargs), guide)
+                cross_attention_kwargs=cond.cross_attention_kwargs, added_cond_kwargs=cond.added_cond_kwargs), guide, latent_input)
             for hook in hooks:
                 hook.unet_kwargs(step)
             noise_pred = unet(step.model_input, t, **step.kwargs, return_dict=False)[0]

@@ -8,6 +8,7 @@ clip_skip, and the sampler type that KSampler becomes (Sampler, LatentBlendSampl
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .convert import Builder, ComfyNode, ComfyType, converts
 
@@ -101,6 +102,17 @@ def lora_loader(node: ComfyNode, b: Builder) -> list:
     b.tag(node, 0, **b.source_facts(node, "model"))
     b.tag(node, 1, **b.source_facts(node, "clip"))
     return [f"{nid}.model", f"{nid}.clip"]
+
+
+@converts("ControlNetLoader", spec=ComfyType({"control_net_name": ([],)}, files={"control_net_name": "controlnet"},
+                                             outputs=("CONTROL_NET",), category="loaders"))
+def controlnet_loader(node: ComfyNode, b: Builder) -> list:
+    """LoadControlNet; the name is looked up in the models folders' controlnet/."""
+    params: dict = {}
+    inputs: dict = {}
+    b.either(node, "control_net_name", inputs, params, to="path")
+    nid = b.add(node, "LoadControlNet", inputs=inputs, params=params)
+    return [f"{nid}.control_net"]
 
 
 @converts("CLIPVisionLoader", spec=ComfyType({"clip_name": ([],)}, files={"clip_name": "clip_vision"}, outputs=("CLIP_VISION",), category="loaders"))
@@ -240,6 +252,72 @@ def differential_diffusion(node: ComfyNode, b: Builder) -> list:
     return [model]
 
 
+_CN_STRENGTH = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})
+_PERCENT_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
+_PERCENT_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
+
+
+def _control_entry(node: ComfyNode, b: Builder, start: Any, end: Any) -> dict | None:
+    """One ControlNet carried by a conditioning until a sampler puts it on the model (None: strength 0, which
+    ComfyUI ignores)."""
+    strength = b.value(node, "strength", 1.0)
+    if strength == 0:
+        return None
+    return {"id": node.id, "control_net": b.link(node, "control_net"), "image": b.link(node, "image"),
+            "strength": strength, "start": start, "end": end}
+
+
+def _tag_control(node: ComfyNode, b: Builder, slot: int, source: str, entry: dict | None) -> None:
+    facts = b.source_facts(node, source)
+    if entry is not None:
+        facts["controlnets"] = (*facts.get("controlnets", ()), entry)
+    b.tag(node, slot, **facts)
+
+
+@converts("ControlNetApply", spec=ComfyType(
+        {"conditioning": ("CONDITIONING",), "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
+         "strength": _CN_STRENGTH}, outputs=("CONDITIONING",), category="conditioning/controlnet"))
+def controlnet_apply(node: ComfyNode, b: Builder) -> list:
+    """No node of its own: the sampler that uses this conditioning as its positive prompt gets ApplyControlNet
+    (sides "positive": ComfyUI does not steer the negative prompt's half) on its model."""
+    conditioning = b.link(node, "conditioning")
+    _tag_control(node, b, 0, "conditioning", _control_entry(node, b, 0.0, 1.0))
+    return [conditioning]
+
+
+@converts("ControlNetApplyAdvanced", spec=ComfyType(
+        {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
+         "image": ("IMAGE",), "strength": _CN_STRENGTH, "start_percent": _PERCENT_START, "end_percent": _PERCENT_END},
+        optional={"vae": ("VAE",)}, outputs=("CONDITIONING", "CONDITIONING"), output_names=("positive", "negative"),
+        category="conditioning/controlnet"))
+def controlnet_apply_advanced(node: ComfyNode, b: Builder) -> list:
+    """No node of its own: the sampler using these conditionings gets ApplyControlNet (both sides) on its model,
+    start_percent / end_percent as start / end (fractions of the steps; ComfyUI's are of the sigma range)."""
+    positive, negative = b.link(node, "positive"), b.link(node, "negative")
+    entry = _control_entry(node, b, b.value(node, "start_percent", 0.0), b.value(node, "end_percent", 1.0))
+    _tag_control(node, b, 0, "positive", entry)
+    _tag_control(node, b, 1, "negative", entry)
+    return [positive, negative]
+
+
+def _controlled_model(node: ComfyNode, b: Builder, model: str | None) -> str | None:
+    """The sampler's model with an ApplyControlNet (``<id>_controlnet<k>``) for each ControlNet on its prompts."""
+    positive = b.source_facts(node, "positive").get("controlnets", ())
+    negative = b.source_facts(node, "negative").get("controlnets", ())
+    both = {e["id"] for e in negative}
+    for entry in negative:
+        if entry["id"] not in {e["id"] for e in positive}:
+            b.problem(node, "negative", f"carries ControlNet '{entry['id']}' that the positive prompt does not; a "
+                                        "ControlNet on the negative prompt only is not reproduced")
+    for k, entry in enumerate(positive):
+        params = {"strength": entry["strength"], "start": entry["start"], "end": entry["end"],
+                  "sides": "both" if entry["id"] in both else "positive"}
+        nid = b.add(node, "ApplyControlNet", suffix=f"controlnet{k}", params=params,
+                    inputs={"model": model, "control_net": entry["control_net"], "image": entry["image"]})
+        model = f"{nid}.model"
+    return model
+
+
 _KSAMPLER = ComfyType({"model": ("MODEL",), "seed": _SEED, "steps": _STEPS, "cfg": _CFG,
                        "sampler_name": _SAMPLER_CHOICES, "scheduler": _SCHEDULER_CHOICES,
                        "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
@@ -279,6 +357,7 @@ def _sampler(node: ComfyNode, b: Builder, seed_name: str) -> tuple[dict, dict, d
     params["steps"] = steps
     params["scheduler"] = scheduler_name(node, b)
     facts = {**b.source_facts(node, "model"), **b.source_facts(node, "latent_image")}
+    inputs["model"] = _controlled_model(node, b, inputs["model"])
     return inputs, params, facts
 
 
