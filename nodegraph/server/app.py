@@ -131,8 +131,8 @@ class Server:
                 await ws.send_str(json.dumps({"type": "status", "data": status}))
             else:
                 self.hub.send_now("status", status, sid)
-                current = self.queue.execution  # a client back while its prompt runs hears where it is
-                if current is not None and current.sid == sid and current.last is not None:
+                current = self.queue.running_for(sid)  # a client back while its prompt runs hears where it is
+                if current is not None and current.last is not None:
                     self.hub.send_now("executing", {"node": current.last, "display_node": current.last,
                                                      "prompt_id": current.prompt.prompt_id}, sid)
             async for _ in ws:  # clients' messages (feature flags) need no answer
