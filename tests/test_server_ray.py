@@ -126,10 +126,14 @@ def test_interrupt_reaches_the_actor_running_that_prompt(server):
     assert request(f"{server.url}/history/{prompt_id}")[1][prompt_id]["status"]["status_str"] == "error"
 
 
-def test_free_reaches_every_actor_and_prompts_still_run(server):
+def test_free_memory_empties_the_actors_caches_between_prompts(server):
+    cached = lambda messages: next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")  # noqa
+    run_prompt(server, img2img(seed=12, prefix="freed"))
+    assert set(cached(run_prompt(server, img2img(seed=12, prefix="freed"))[1])) >= {"ckpt", "s", "dec"}
     assert request(f"{server.url}/free", {"unload_models": True, "free_memory": True})[0] == 200
     prompt_id, messages = run_prompt(server, img2img(seed=12, prefix="freed"))
-    assert "execution_success" in kinds(messages, prompt_id)
+    assert cached(messages) == [] and "execution_success" in kinds(messages, prompt_id)
+    assert sum(m["type"] == "progress" for m in messages) == 2  # sampled again
 
 
 def test_a_killed_actor_s_prompt_runs_again_on_the_other_then_errors_when_none_is_left(server):
@@ -160,3 +164,28 @@ def test_a_killed_actor_s_prompt_runs_again_on_the_other_then_errors_when_none_i
         assert "no Ray actor" in error["exception_message"]
     finally:
         ws.close()
+
+
+class FakePool:
+    def __init__(self, workers):
+        self.workers, self.ray, self.actors = workers, None, {}
+
+
+def test_an_idle_actor_takes_the_prompt_whose_models_it_holds_else_the_queue_s_next(tmp_path):
+    from nodegraph.server.prompts import Prompt
+    from nodegraph.server.ray_queue import RayPromptQueue
+
+    q = RayPromptQueue(None, lambda *a: None, tmp_path, tmp_path, 10, 10, FakePool(["ray-0", "ray-1"]))
+
+    def put(number, models):
+        q.put(Prompt(number, f"p{number}", {}, {}, None, None, [], False, models=models))
+
+    q.holds["ray-1"] = {"a.safetensors"}
+    put(0, ("b.safetensors",))
+    put(1, ("a.safetensors",))
+    put(2, ("b.safetensors",))
+    picks = {worker: prompt.prompt_id for worker, prompt in q._pick()}
+    assert picks == {"ray-1": "p1", "ray-0": "p0"}  # ray-1 skips ahead to its models; p0 is first in line
+    assert [p.prompt_id for _, _, p in q.pending] == ["p2"]
+    put(3, ("c.safetensors",))  # both idle again: ray-0 now holds b, and nobody holds c
+    assert [(w, p.prompt_id) for w, p in q._pick()] == [("ray-0", "p2"), ("ray-1", "p3")]

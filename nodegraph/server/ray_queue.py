@@ -177,7 +177,7 @@ class RayPromptQueue(PromptQueue):
                 orphans = [] if self.live else [p for _, _, p in sorted(self.pending)]
                 if orphans:
                     self.pending.clear()
-                picks = self._pick() if self.live else []
+                picks = self._pick() if self.live and free is None else []  # after a /free: next time round
                 for worker, prompt in picks:
                     fresh = prompt.prompt_id not in self.started
                     execution = self.started.pop(prompt.prompt_id, None) or Execution(self, prompt, InterruptFlag())
@@ -187,9 +187,12 @@ class RayPromptQueue(PromptQueue):
                                               name=f"nodegraph-prompt-{worker}", daemon=True)
                     self._threads.append(thread)
                     thread.start()
-            if free is not None:
+            if free is not None:  # waited for, so a prompt picked next runs after it (a busy actor defers it)
                 for worker in list(self.live):
-                    self.pool.actors[worker].free.remote(*free)
+                    try:
+                        self.ray.get(self.pool.actors[worker].free.remote(*free))
+                    except Exception as exc:  # noqa: BLE001 - a dead actor is noticed by its next prompt
+                        log.warning("/free on Ray actor %s: %s", worker, exc)
             for prompt in orphans:
                 execution = self.started.pop(prompt.prompt_id, None)
                 if execution is None:
