@@ -189,3 +189,16 @@ def test_an_idle_actor_takes_the_prompt_whose_models_it_holds_else_the_queue_s_n
     assert [p.prompt_id for _, _, p in q.pending] == ["p2"]
     put(3, ("c.safetensors",))  # both idle again: ray-0 now holds b, and nobody holds c
     assert [(w, p.prompt_id) for w, p in q._pick()] == [("ray-0", "p2"), ("ray-1", "p3")]
+
+
+def test_the_command_line_asks_for_the_pool(monkeypatch):
+    import nodegraph.server.app as app
+    from nodegraph.cli import build_parser
+    from nodegraph.server.options import run
+
+    seen = []
+    monkeypatch.setattr(app, "serve", seen.append)
+    for argv, expected in ((["serve"], (False, None, None)), (["serve", "--ray"], (True, None, None)),
+                           (["serve", "--ray", "auto", "--workers", "3"], (True, "auto", 3))):
+        run(build_parser().parse_args(argv))
+        assert (seen[-1].ray, seen[-1].ray_address, seen[-1].workers) == expected
