@@ -45,10 +45,11 @@ class BatchActor:
 class RayPool:
     """``address``: None starts a local Ray (or uses the one this process already started), "auto" joins the
     running cluster, "ray://host:10001" a remote one. ``workers``: actors (default: one per GPU in the
-    cluster, else one). ``threads``: torch threads per actor."""
+    cluster, else one). ``threads``: torch threads per actor. ``actor_class`` and ``actor_options`` (Ray's, such
+    as ``max_concurrency``): what each actor is (the server's queue runs prompts on its own kind)."""
 
     def __init__(self, engine_options: dict[str, Any], address: str | None = None, workers: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, actor_class: type = BatchActor, **actor_options):
         ray = self.ray = import_ray()
         self._started = False
         if not ray.is_initialized():
@@ -60,7 +61,7 @@ class RayPool:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or gpus or 1
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        actor = ray.remote(**resources)(BatchActor)
+        actor = ray.remote(**resources, **actor_options)(actor_class)
         self.workers = [f"ray-{i}" for i in range(count)]
         self.actors = {name: actor.remote(name, engine_options, threads) for name in self.workers}
         ray.get([a.ready.remote() for a in self.actors.values()])  # a broken engine fails here, once

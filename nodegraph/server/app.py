@@ -58,6 +58,10 @@ class ServerConfig:
     max_history: int = 10_000
     plugin_dirs: list[str] = field(default_factory=list)
     model_paths: Path | None = None  # the model paths file; None: $NODEGRAPH_MODEL_PATHS or the user's one
+    ray: bool = False  # run prompts on Ray actors (ray_queue.py)
+    ray_address: str | None = None  # None: start a local Ray; "auto": the running cluster
+    workers: int | None = None  # actors (default: one per GPU of the cluster, else one)
+    threads: int | None = None  # torch threads per actor
 
 
 class Server:
@@ -72,13 +76,21 @@ class Server:
         models = ModelRoots.gather(config.models, config.model_paths, origin="--models")
         confine = Confinement.for_server(self.folders.input, models, config.allow_download)
         extra = {"memory_budget": config.memory_budget} if config.memory_budget else {}
-        self.engine = engine or Engine(plugin_dirs=config.plugin_dirs or None, cache_dir=config.cache_dir,
-                                       cache_size=config.cache_size, models=models, confine=confine,
-                                       limits=Limits(max_nodes=config.max_nodes, max_pixels=config.max_pixels),
-                                       **extra)
+        options = dict(plugin_dirs=config.plugin_dirs or None, cache_dir=config.cache_dir,
+                       cache_size=config.cache_size, models=models, confine=confine,
+                       limits=Limits(max_nodes=config.max_nodes, max_pixels=config.max_pixels), **extra)
+        self.engine = engine or Engine(**options)  # validates prompts; runs them too without Ray
         self.hub = Hub()
-        self.queue = PromptQueue(self.engine, self.hub.send_sync, self.folders.output, self.folders.temp,
-                                 config.max_queue, config.max_history)
+        queue = (self.folders.output, self.folders.temp, config.max_queue, config.max_history)
+        if config.ray:  # the actors' Engines are made with the same options: same confinement and limits
+            from ..batch.ray_pool import RayPool
+            from .ray_queue import PromptActor, RayPromptQueue
+
+            pool = RayPool(options, config.ray_address, config.workers, config.threads, actor_class=PromptActor,
+                           max_concurrency=2)
+            self.queue = RayPromptQueue(self.engine, self.hub.send_sync, *queue, pool)
+        else:
+            self.queue = PromptQueue(self.engine, self.hub.send_sync, *queue)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_upload, middlewares=[same_origin])
@@ -131,8 +143,8 @@ class Server:
                 await ws.send_str(json.dumps({"type": "status", "data": status}))
             else:
                 self.hub.send_now("status", status, sid)
-                current = self.queue.execution  # a client back while its prompt runs hears where it is
-                if current is not None and current.sid == sid and current.last is not None:
+                current = self.queue.running_for(sid)  # a client back while its prompt runs hears where it is
+                if current is not None and current.last is not None:
                     self.hub.send_now("executing", {"node": current.last, "display_node": current.last,
                                                      "prompt_id": current.prompt.prompt_id}, sid)
             async for _ in ws:  # clients' messages (feature flags) need no answer

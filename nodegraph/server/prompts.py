@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..batch.runner import _models as model_files
 from ..errors import Issue, NodegraphError, WorkflowInvalid
 from ..workflow import read_workflow
 
@@ -36,6 +37,7 @@ class Prompt:
     outputs: list[str]  # ids of the output nodes as the client knows them
     comfy: bool  # submitted in ComfyUI's API format
     class_types: dict[str, str] = field(default_factory=dict)  # client's node id -> its type
+    models: tuple[str, ...] = ()  # the model files it loads (a Ray actor holding them takes it first)
 
     def item(self) -> list:
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
@@ -92,6 +94,7 @@ def prepare(engine, doc: Any, number: float, prompt_id: str, extra_data: dict, i
         raise PromptRejected(error_body("invalid_prompt", str(exc))) from None
     prompt = Prompt(number, prompt_id, doc, extra_data, workflow, targets, [], comfy, class_types)
     prompt.outputs = list(dict.fromkeys(prompt.client_id(n) for n in graph.outputs))
+    prompt.models = model_files(graph)
     return prompt
 
 

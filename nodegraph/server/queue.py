@@ -142,23 +142,7 @@ class PromptQueue:
             self._cond.notify_all()
 
     def _release(self, unload_models: bool, free_memory: bool) -> None:
-        """unload_models: every model off the device (to the CPU); free_memory: the memory cache emptied and the
-        loaded models forgotten (the disk cache stays), so they leave RAM too."""
-        import gc
-
-        from nodegraph.nodes._loading import release_all_loaded
-        from nodegraph.nodes._memory import MANAGER
-
-        if unload_models or free_memory:
-            MANAGER.unload_all()
-        if free_memory:
-            self.engine.memory.clear()
-            release_all_loaded()
-            gc.collect()
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        release(self.engine, unload_models, free_memory)
 
     def _take(self) -> Prompt | None:
         while True:
@@ -179,7 +163,7 @@ class PromptQueue:
             self.status()
             try:
                 self.execution = Execution(self, prompt, self.flag)
-                entry = self.execution.run()
+                entry = self.execution.run(self._run_here)
             except Exception:  # the worker must outlive any one prompt
                 log.exception("prompt %s: the server failed to run it", prompt.prompt_id)
                 entry = {"prompt": prompt.item(), "outputs": {}, "meta": {},
@@ -191,6 +175,49 @@ class PromptQueue:
                 self.running = self.flag = self.execution = None
             self.send("executing", {"node": None, "prompt_id": prompt.prompt_id}, prompt.extra_data.get("client_id"))
             self.status()
+
+    def _run_here(self, execution: "Execution") -> None:
+        prompt = execution.prompt
+        self.engine.run(prompt.workflow, out_dir=self.output_dir, targets=prompt.targets, temp_dir=self.temp_dir,
+                        interrupt=execution.flag, progress=execution.progress, events=execution.events)
+
+    def running_for(self, sid: str) -> "Execution | None":
+        """The running prompt's run if ``sid`` queued it (a client that reconnects hears where it is)."""
+        current = self.execution
+        return current if current is not None and current.sid == sid else None
+
+
+def release(engine, unload_models: bool, free_memory: bool) -> None:
+    """ComfyUI's /free on one Engine. unload_models: every model off the device (to the CPU); free_memory: the
+    memory cache emptied and the loaded models forgotten (the disk cache stays), so they leave RAM too."""
+    import gc
+
+    from nodegraph.nodes._loading import release_all_loaded
+    from nodegraph.nodes._memory import MANAGER
+
+    if unload_models or free_memory:
+        MANAGER.unload_all()
+    if free_memory:
+        engine.memory.clear()
+        release_all_loaded()
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def failure(exc: BaseException) -> dict:
+    """How a run ended, as plain data (it crosses to the server from a Ray actor): ``status`` interrupted or
+    error, with the failed node and the exception's text."""
+    if isinstance(exc, Interrupted):
+        return {"status": "interrupted"}
+    if isinstance(exc, NodeFailed):
+        return {"status": "error", "node_id": exc.node_id, "node_type": exc.node_type, "message": str(exc),
+                "type": f"{type(exc.cause).__module__}.{type(exc.cause).__name__}",
+                "traceback": traceback.format_exception_only(exc.cause)}
+    return {"status": "error", "node_id": None, "node_type": None, "message": str(exc),  # a file changed, say
+            "type": type(exc).__name__, "traceback": []}
 
 
 class Execution:
@@ -244,31 +271,34 @@ class Execution:
                 return {"filename": path.name, "subfolder": "" if sub == "." else sub, "type": kind}
         return None
 
-    def run(self) -> dict:
+    def start(self) -> None:
         self.send("execution_start", {}, keep=True)
-        ok = False
+
+    def run(self, call: Callable[["Execution"], dict | None]) -> dict:
+        """Start, ``call(self)`` (it runs the prompt, feeding ``events`` and ``progress``; returns None or raises
+        for the local Engine, returns ``failure``'s dict from an actor), then the history entry."""
+        self.start()
         try:
-            self.queue.engine.run(self.prompt.workflow, out_dir=self.queue.output_dir, targets=self.prompt.targets,
-                                  temp_dir=self.queue.temp_dir, interrupt=self.flag, progress=self.progress,
-                                  events=self.events)
-            ok = True
+            result = call(self) or {"status": "success"}
+        except (Interrupted, NodegraphError) as exc:
+            result = failure(exc)
+        return self.finish(result)
+
+    def finish(self, result: dict) -> dict:
+        """The last message of the run (success, interrupted or error) and its history entry."""
+        ok = result["status"] == "success"
+        if ok:
             self.send("execution_success", {}, keep=True)
-        except Interrupted:
+        elif result["status"] == "interrupted":
             node = self.last
             self.send("execution_interrupted", {"node_id": node, "node_type": self.prompt.class_types.get(node),
                                                 "executed": self.executed}, keep=True)
-        except NodeFailed as exc:
-            name = self.prompt.client_id(exc.node_id)
+        else:
+            name = self.prompt.client_id(result["node_id"])
             self.send("execution_error", {
-                "node_id": name, "node_type": self.prompt.class_types.get(name, exc.node_type),
-                "executed": self.executed, "exception_message": str(exc),
-                "exception_type": f"{type(exc.cause).__module__}.{type(exc.cause).__name__}",
-                "traceback": traceback.format_exception_only(exc.cause), "current_inputs": {},
-                "current_outputs": {}}, keep=True)
-        except NodegraphError as exc:  # a file changed since validation, say
-            self.send("execution_error", {
-                "node_id": None, "node_type": None, "executed": self.executed, "exception_message": str(exc),
-                "exception_type": type(exc).__name__, "traceback": [], "current_inputs": {},
+                "node_id": name, "node_type": self.prompt.class_types.get(name, result["node_type"]),
+                "executed": self.executed, "exception_message": result["message"],
+                "exception_type": result["type"], "traceback": result["traceback"], "current_inputs": {},
                 "current_outputs": {}}, keep=True)
         meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in self.outputs}
         return {"prompt": self.prompt.item(), "outputs": self.outputs, "meta": meta,
