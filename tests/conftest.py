@@ -90,3 +90,12 @@ def refiner(tiny_xl):
     from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     return load_checkpoint(inspect_checkpoint(str(tiny_xl.refiner)))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for one test module (the Ray tests skip where ray is not installed)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -16,13 +16,6 @@ from .batch_helpers import batch_images, img2img_workflow, one_by_one, photo_fol
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tiny, tmp_path_factory):
     """2 photos x 4 seeds = 8 jobs, and the 8 images of running them one by one."""
     folder = tmp_path_factory.mktemp("ray")
@@ -49,7 +42,7 @@ def records(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-def test_eight_jobs_on_two_actors_match_one_by_one_runs(cluster, setup, tmp_path):
+def test_eight_jobs_on_two_actors_match_one_by_one_runs(ray_cluster, setup, tmp_path):
     actors = pool()
     try:
         summary = run_batch(batch(setup, tmp_path / "out"), pool=actors)  # files sent back to the driver
@@ -64,7 +57,7 @@ def test_eight_jobs_on_two_actors_match_one_by_one_runs(cluster, setup, tmp_path
     assert all(np.array_equal(a, b) for a, b in zip(batch_images(tmp_path / "shared"), reference))
 
 
-def test_killing_an_actor_mid_sweep_still_completes_every_job(cluster, setup, tmp_path):
+def test_killing_an_actor_mid_sweep_still_completes_every_job(ray_cluster, setup, tmp_path):
     actors, killed = pool(), []
 
     def kill_the_other(job, record):
@@ -87,7 +80,7 @@ def test_killing_an_actor_mid_sweep_still_completes_every_job(cluster, setup, tm
     assert all(np.array_equal(a, b) for a, b in zip(batch_images(tmp_path / "out"), setup[3]))
 
 
-def test_resume_after_an_interrupt_runs_only_the_missing_jobs(cluster, setup, tmp_path):
+def test_resume_after_an_interrupt_runs_only_the_missing_jobs(ray_cluster, setup, tmp_path):
     actors, flag = pool(), InterruptFlag()
     out = tmp_path / "out"
     try:

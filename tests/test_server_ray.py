@@ -16,19 +16,12 @@ from tests.test_server import kinds, png, run_prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def folders(tiny, tmp_path_factory):
     return server_folders(tmp_path_factory.mktemp("served-ray"), tiny)
 
 
 @pytest.fixture(scope="module")
-def server(cluster, folders):
+def server(ray_cluster, folders):
     from nodegraph.server.app import Running, ServerConfig
 
     running = Running(ServerConfig(port=0, cache_dir=False, ray=True, workers=2, threads=1, **folders))
