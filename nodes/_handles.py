@@ -38,8 +38,22 @@ def module_lock(module) -> threading.RLock:
         return lock
 
 
+class _OfFamily:
+    """What a handle's ``family`` name tells: its Family object and whether it is SDXL."""
+
+    family: str
+
+    @property
+    def kind(self) -> Family:
+        return family(self.family)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind.text_time
+
+
 @dataclass(eq=False)
-class ModelHandle:
+class ModelHandle(_OfFamily):
     """MODEL: the denoising UNet, the checkpoint's scheduler config and what samplers must know about it."""
 
     unet: Any
@@ -64,14 +78,6 @@ class ModelHandle:
     @property
     def inpainting(self) -> bool:
         return self.in_channels == 9
-
-    @property
-    def kind(self) -> Family:
-        return family(self.family)
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.kind.text_time
 
     @property
     def label(self) -> str:
@@ -99,7 +105,7 @@ class ClipPatch:
 
 
 @dataclass(eq=False)
-class ClipHandle:
+class ClipHandle(_OfFamily):
     """CLIP: tokenizer + text encoder. Remembers the empty prompt's embedding (the default negative).
 
     SDXL has two: ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP bigG with projection,
@@ -132,14 +138,6 @@ class ClipHandle:
             for patch in self.patches:
                 stack.enter_context(patch.applied(self))
             yield self
-
-    @property
-    def kind(self) -> Family:
-        return family(self.family)
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.kind.text_time
 
     @property
     def encoders(self) -> list[tuple[Any, Any]]:
