@@ -111,3 +111,24 @@ def wait_for(check, timeout: float = WAIT, every: float = 0.05):
             return value
         time.sleep(every)
     raise TimeoutError(f"not true within {timeout} s")
+
+
+def until_progress(ws) -> list[dict]:
+    """The messages up to and including the first progress message."""
+    messages = [json.loads(ws.recv())]
+    while messages[-1]["type"] != "progress":
+        messages.append(json.loads(ws.recv()))
+    return messages
+
+
+def kinds(messages, prompt_id):
+    return [m["type"] for m in messages if m["data"].get("prompt_id") == prompt_id]
+
+
+def assert_interrupted_in_the_sampler(messages, prompt_id):
+    """A txt2img prompt (``txt2img``) interrupted during its long sampler: ComfyUI's messages say so."""
+    order = kinds(messages, prompt_id)
+    assert "execution_interrupted" in order and "execution_success" not in order
+    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
+    assert interrupted["node_id"] == "s" and set(interrupted["executed"]) == {"ckpt", "pos", "empty"}
+    assert sum(m["type"] == "progress" for m in messages) < 900

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from nodegraph.api import Engine
-from tests.server_fixtures import (connect, img2img, request, server_folders, txt2img, until_done, wait_for)
+from tests.server_fixtures import (assert_interrupted_in_the_sampler, connect, img2img, kinds, request, server_folders,
+                                   txt2img, until_done, until_progress, wait_for)
 
 MAX_QUEUE = 3
 
@@ -41,10 +42,6 @@ def run_prompt(server, prompt, **extra):
         return answer["prompt_id"], until_done(ws, answer["prompt_id"])
     finally:
         ws.close()
-
-
-def kinds(messages, prompt_id):
-    return [m["type"] for m in messages if m["data"].get("prompt_id") == prompt_id]
 
 
 def png(data: bytes) -> np.ndarray:
@@ -122,19 +119,12 @@ def test_interrupt_stops_the_running_prompt_between_sampler_steps(server):
         status, answer = request(f"{server.url}/prompt", {"prompt": txt2img(seed=31, steps=1000),
                                                           "client_id": client_id})
         prompt_id = answer["prompt_id"]
-        while True:
-            message = json.loads(ws.recv())
-            if message["type"] == "progress":
-                break
+        until_progress(ws)
         assert request(f"{server.url}/interrupt", {})[0] == 200
         messages = until_done(ws, prompt_id)
     finally:
         ws.close()
-    order = kinds(messages, prompt_id)
-    assert "execution_interrupted" in order and "execution_success" not in order
-    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
-    assert interrupted["node_id"] == "s" and set(interrupted["executed"]) == {"ckpt", "pos", "empty"}
-    assert sum(m["type"] == "progress" for m in messages) < 900
+    assert_interrupted_in_the_sampler(messages, prompt_id)
     entry = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
     assert entry["status"] == {**entry["status"], "status_str": "error", "completed": False}
     assert entry["outputs"] == {}

@@ -11,8 +11,9 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from nodegraph.api import Engine  # noqa: E402
-from tests.server_fixtures import connect, img2img, request, server_folders, txt2img, until_done, wait_for  # noqa: E402
-from tests.test_server import kinds, png, run_prompt  # noqa: E402
+from tests.server_fixtures import (assert_interrupted_in_the_sampler, connect, img2img, kinds, request,  # noqa: E402
+                                   server_folders, txt2img, until_done, until_progress, wait_for)
+from tests.test_server import png, run_prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +38,6 @@ def post(server, prompt, client_id):
     status, answer = request(f"{server.url}/prompt", {"prompt": prompt, "client_id": client_id})
     assert status == 200, answer
     return answer["prompt_id"]
-
-
-def until_progress(ws) -> list[dict]:
-    """The messages up to and including the first progress message."""
-    import json
-
-    messages = [json.loads(ws.recv())]
-    while messages[-1]["type"] != "progress":
-        messages.append(json.loads(ws.recv()))
-    return messages
 
 
 def test_comfy_client_flow_on_an_actor_gives_the_in_process_image(server, folders, tmp_path):
@@ -111,11 +102,7 @@ def test_interrupt_reaches_the_actor_running_that_prompt(server):
         messages = until_done(ws, prompt_id)
     finally:
         ws.close()
-    order = kinds(messages, prompt_id)
-    assert "execution_interrupted" in order and "execution_success" not in order
-    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
-    assert interrupted["node_id"] == "s" and set(interrupted["executed"]) == {"ckpt", "pos", "empty"}
-    assert sum(m["type"] == "progress" for m in messages) < 900
+    assert_interrupted_in_the_sampler(messages, prompt_id)
     assert request(f"{server.url}/history/{prompt_id}")[1][prompt_id]["status"]["status_str"] == "error"
 
 
