@@ -91,7 +91,7 @@ def token_rows(tokenizer, text: str, long_prompt: str = "truncate", warn=None) -
     if long_prompt == "chunk":
         ids = tokenizer(text, add_special_tokens=False).input_ids
         window = max_length - 2
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = prompt_weights.pad_token(tokenizer)
         rows, masks = [], []
         for chunk in [ids[i:i + window] for i in range(0, len(ids), window)] or [[]]:
             row = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]

@@ -24,6 +24,11 @@ LONG_PART = 8  # tokens: parts this long may be split across windows
 _OPEN, _CLOSE = "\0\2", "\0\1"  # escaped brackets, out of the parser's way
 
 
+def pad_token(tokenizer) -> int:
+    """The id windows are padded with: the tokenizer's pad token (CLIP-L's is EOS, OpenCLIP's 0), else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _top_level_parts(text: str) -> list[str]:
     """``text`` cut into plain runs and outermost bracketed groups (brackets kept)."""
     parts, current, depth = [], "", 0
@@ -73,7 +78,7 @@ def weighted_parts(text: str) -> list[tuple[str, float]]:
 def token_windows(tokenizer, text: str) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(k, 77) token ids and (k, 77) weights for ``text``, packed as described above."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token(tokenizer)
     if "embedding:" in text:
         raise NodeError("textual inversion embeddings ('embedding:name') are not supported")
     groups = []
@@ -111,7 +116,7 @@ def with_empty_window(tokenizer, text: str) -> tuple["torch.Tensor", "torch.Tens
     may round differently)."""
     ids, weights = token_windows(tokenizer, text)
     if (weights != 1.0).any():
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token(tokenizer)
         empty = torch.tensor([[tokenizer.bos_token_id, tokenizer.eos_token_id] + [pad] * (WINDOW - 2)])
         ids = torch.cat([ids, empty])
     return ids, weights
