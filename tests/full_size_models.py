@@ -64,6 +64,37 @@ def sd15_file(path: Path, other_saver: bool = False) -> tuple[Path, dict]:
     return Path(path), components
 
 
+def sd15_inpaint_file(path: Path) -> tuple[Path, dict]:
+    """SD 1.5 inpainting (a 9-channel UNet) in the LDM layout."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import to_original_layout
+
+    components = random_components("sd1-inpainting", seed=1)
+    save_file({k: v.contiguous() for k, v in to_original_layout(components).items()}, str(path))
+    return Path(path), components
+
+
+def sd15_controlnet_folder(folder: Path, seed: int = 2) -> Path:
+    """A ControlNet shaped like SD 1.5's (4-channel latents, as control_v11p_sd15_inpaint), random float16 weights,
+    saved as a diffusers folder."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet_config = json.loads((CONFIGS_DIR / "sd1" / "unet" / "config.json").read_text())
+    with init_empty_weights():
+        controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_config(unet_config),
+                                               load_weights_from_unet=False)
+    controlnet.to_empty(device="cpu").to(torch.float16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in (*controlnet.parameters(), *controlnet.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator).to(torch.float16) * 0.02)
+    controlnet.save_pretrained(str(folder))
+    return Path(folder)
+
+
 def sdxl_file(path: Path) -> tuple[Path, dict]:
     """SDXL base in the SGM layout."""
     from safetensors.torch import save_file
