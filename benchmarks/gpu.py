@@ -232,7 +232,8 @@ def panorama(path: Path, folder: Path) -> None:
     workflow = {"format": "nodegraph/1", "nodes": {
         "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(path)}},
         "load": {"type": "LoadImage", "params": {"path": str(PHOTO)}},
-        "big": {"type": "ImageResize", "inputs": {"image": "load.image"}, "params": {"width": 1024, "height": 1024}},
+        "big": {"type": "ImageResize", "inputs": {"image": "load.image"},
+                "params": {"width": 1024, "height": 1024, "keep_aspect": False}},
         "grow": {"type": "ExpandCanvas", "inputs": {"image": "big.image"},
                  "params": {"expand_pixels": 256, "max_size": 1024}},
         "enc": {"type": "VAEEncode", "inputs": {"vae": "ckpt.vae", "image": "grow.image"}},

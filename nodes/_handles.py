@@ -18,6 +18,7 @@ from nodegraph.lazy import lazy
 from nodegraph.errors import NodeError
 
 from ._families import Family, family
+from ._memory import compute_device
 
 torch = lazy("torch")
 _UPCAST_LOCK = threading.Lock()
@@ -89,7 +90,7 @@ class ModelHandle(_OfFamily):
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return compute_device(self.unet)
 
     def describe(self) -> str:
         kind = "inpainting UNet (9 input channels)" if self.inpainting else f"UNet ({self.in_channels} input channels)"
@@ -147,7 +148,7 @@ class ClipHandle(_OfFamily):
 
     @property
     def device(self) -> torch.device:
-        return self.encoders[0][1].device
+        return compute_device(self.encoders[0][1])
 
     @property
     def dtype(self) -> torch.dtype:

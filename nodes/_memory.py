@@ -172,6 +172,20 @@ class ModelManager:
 MANAGER = ModelManager()
 
 
+def compute_device(module):
+    """The device ``module`` computes on. Its weights' device, except under sequential offload: there the weights
+    wait on the meta device and accelerate's hooks bring each layer to the execution device for its call, so
+    inputs must go there (as diffusers' pipelines find it through ``_execution_device``)."""
+    if module in MANAGER._sequential:
+        for sub in module.modules():
+            device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                import torch
+
+                return torch.device(device)
+    return module.device
+
+
 def on_device(ctx, *modules: tuple[str, Any]) -> contextlib.AbstractContextManager:
     """The modules a node is about to run, on the run's device for the block (per the process's mode and
     budget); without a run context (a node function called directly) they stay where they are."""

@@ -44,7 +44,7 @@ from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import CONDITIONING, Clip, Conditioning
 
 from . import prompt_weights
-from ._memory import on_device
+from ._memory import compute_device, on_device
 
 
 @disk_cacheable
@@ -77,7 +77,7 @@ def _hidden_states(text_encoder, ids: torch.Tensor, attention_mask, clip_skip: i
 
 def _encode_ids(clip, ids: torch.Tensor, attention: torch.Tensor, clip_skip: int) -> torch.Tensor:
     encoder = clip.text_encoder
-    device = encoder.device
+    device = compute_device(encoder)
     mask = attention.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
     with torch.inference_mode():
         embeds = _hidden_states(encoder, ids.to(device), mask, clip_skip)
@@ -128,7 +128,7 @@ def encode_text(clip, text: str, clip_skip: int = 0, long_prompt: str = "truncat
 def _sdxl_encoder_output(encoder, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """diffusers' SDXL encode_prompt for one encoder: hidden_states[-(clip_skip + 2)] and, for the encoder
     with projection, the pooled (projected) embedding."""
-    device = encoder.device
+    device = compute_device(encoder)
     with torch.inference_mode():
         out = encoder(ids.to(device), output_hidden_states=True)
     pooled = out[0] if out[0].ndim == 2 else None

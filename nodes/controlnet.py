@@ -46,7 +46,7 @@ from nodegraph.sockets import IMAGE, MODEL, Image, InputPath, Mask, Model, socke
 from ._detection import _read_json
 from ._files import files_identity, read_state_dict, safetensors_shapes, weights_file_problem, weights_folder_problem
 from ._loading import LoadedOnce
-from ._memory import MANAGER
+from ._memory import MANAGER, compute_device
 from ._pixels import check_image, check_mask
 from .denoise import Hook, ModelPatch
 
@@ -259,7 +259,7 @@ class ControlNetPatch(ModelPatch):
     @contextlib.contextmanager
     def applied(self, unet):
         # on the UNet's device for the run, within the memory budget like the models nodes run
-        with MANAGER.use(unet.device, ("controlnet", self.entry.module)):
+        with MANAGER.use(compute_device(unet), ("controlnet", self.entry.module)):
             yield unet
 
     def hooks(self, run) -> list:
@@ -269,7 +269,7 @@ class ControlNetPatch(ModelPatch):
         height, width = (s * self.vae_scale_factor for s in run.x0.shape[-2:])
         half = guess or entry.positive_only
         image = prepare_control_image(entry.image, height, width, run.x0.shape[0], run.guide, half,
-                                      run.unet.device, module.dtype)
+                                      compute_device(run.unet), module.dtype)
         return [ControlNetResiduals(module, image, entry.strength, entry.start, entry.end, guess, half)]
 
 

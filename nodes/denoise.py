@@ -46,6 +46,7 @@ from nodegraph.errors import NodeError
 
 from ._families import FAMILY_NAMES, family, micro_conditioning, takes_text_time
 from ._handles import module_lock
+from ._memory import compute_device
 from .schedulers import make_scheduler
 
 Progress = Callable[[int, int], None]
@@ -109,7 +110,7 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
 
     ``pixel_size`` (height, width) is the image size being sampled: SD 1.x/2.x do not need it; SDXL's
     default time ids (original size, crop, target size) are made from it when a conditioning has none."""
-    dtype, device = unet.dtype, unet.device
+    dtype, device = unet.dtype, compute_device(unet)
     width = unet.config.cross_attention_dim
     _check_fits(unet, positive, "positive")
     if negative is not None:
@@ -456,7 +457,7 @@ def prepare(model, positive, negative, latents, *, seed: int | Sequence[int], st
       encodes the masked photo too and ignores it, so only the draw is made, to keep the generator in step."""
     samples = latents.samples
     unet = model.unet
-    device, dtype = unet.device, unet.dtype
+    device, dtype = compute_device(unet), unet.dtype
     if samples.shape[1] != unet.config.out_channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but the model's UNet makes "
                         f"{unet.config.out_channels}; use a latent from this checkpoint's VAE / EmptyLatent")

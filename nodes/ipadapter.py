@@ -57,7 +57,7 @@ from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
 from ._files import files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
 from ._loading import LoadedOnce
 from ._pixels import check_image, to_pil
-from ._memory import MANAGER, on_device
+from ._memory import MANAGER, compute_device, on_device
 from .denoise import Hook, ModelPatch, unet_lock
 
 log = logging.getLogger("nodegraph.ipadapter")
@@ -261,7 +261,7 @@ class IPAdapterHandle:
         encoder = self.image_encoder
         pils = [to_pil(image) for image in images]
         pixels = self.image_processor(pils, return_tensors="pt").pixel_values
-        pixels = pixels.to(device=encoder.device, dtype=encoder.dtype)
+        pixels = pixels.to(device=compute_device(encoder), dtype=encoder.dtype)
         with torch.inference_mode():
             if self.info.uses_hidden_states:
                 positive = encoder(pixels, output_hidden_states=True).hidden_states[-2]
@@ -377,10 +377,10 @@ def adapter_modules(unet, adapters: tuple[IPAdapterHandle, ...]) -> tuple[dict, 
             # self-attention layers keep the UNet's own processors
             processors = {name: proc for name, proc in converted.items() if isinstance(proc, ip_classes)}
             for proc in processors.values():
-                proc.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
+                proc.to(device=compute_device(unet), dtype=unet.dtype).requires_grad_(False)
             layers = [unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=low_memory)
                       for state in states]
-            projection = MultiIPAdapterImageProjection(layers).to(device=unet.device, dtype=unet.dtype)
+            projection = MultiIPAdapterImageProjection(layers).to(device=compute_device(unet), dtype=unet.dtype)
             built[adapters] = (processors, projection.eval().requires_grad_(False))
         return built[adapters]
 
@@ -409,7 +409,7 @@ class IPAdapterPatch(ModelPatch):
         for proc in self.processors.values():
             proc.scale = list(self.scales)  # what set_ip_adapter_scale does, per adapter
             proc.to(unet.device)  # the UNet may have moved since they were built (memory budget)
-        self.projection.to(unet.device)
+        self.projection.to(compute_device(unet))
         # processors first: an IP-Adapter Plus projection has attention layers of its own, which
         # set_attn_processor would otherwise count as the UNet's
         unet.set_attn_processor({**original, **self.processors})

@@ -30,7 +30,7 @@ from nodegraph import node
 from nodegraph.serialize import disk_cacheable
 from nodegraph.sockets import IMAGE, LATENT, MASK, Image, Latent, Mask, Vae
 
-from ._memory import on_device, tiled
+from ._memory import compute_device, on_device, tiled
 from ._params import Seed
 from ._families import family
 
@@ -115,7 +115,7 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> tuple[tor
     """Pixels in [-1, 1] -> scaled latents in the VAE's dtype (computed in float32 when it upcasts), and for mode
     "sampler" the posterior's scaled std in the dtype diffusers draws the sample's noise in."""
     module = _compute_module(vae)
-    pixels = pixels.to(device=module.device, dtype=module.dtype)
+    pixels = pixels.to(device=compute_device(module), dtype=module.dtype)
     with torch.inference_mode(), tiled(module, pixels.shape[0] * pixels.shape[-1] * pixels.shape[-2]):
         dist = module.encode(pixels).latent_dist
         if mode == "sample":
@@ -141,7 +141,7 @@ def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
 
     A float16 VAE whose config says force_upcast (SDXL's, which overflows in float16) decodes in float32."""
     module = _compute_module(vae)
-    z = samples.to(device=module.device, dtype=module.dtype) / vae.scaling_factor
+    z = samples.to(device=compute_device(module), dtype=module.dtype) / vae.scaling_factor
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
     with torch.inference_mode(), tiled(module, z.shape[0] * z.shape[-1] * z.shape[-2] * vae.scale_factor**2):

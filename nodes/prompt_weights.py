@@ -17,6 +17,8 @@ from __future__ import annotations
 from nodegraph.errors import NodeError
 from nodegraph.lazy import lazy
 
+from ._memory import compute_device
+
 torch = lazy("torch")
 
 WINDOW = 77
@@ -172,7 +174,7 @@ def compel_embeds(clip, text: str, clip_skip: int, long_prompt: str) -> tuple["t
             tokenizer=[t for t, _ in pairs] if sdxl else pairs[0][0],
             text_encoder=[e for _, e in pairs] if sdxl else pairs[0][1],
             returned_embeddings_type=kind, requires_pooled=[i == len(pairs) - 1 for i in range(len(pairs))] if sdxl
-            else False, truncate_long_prompts=long_prompt == "truncate", device=str(encoder.device),
+            else False, truncate_long_prompts=long_prompt == "truncate", device=str(compute_device(encoder)),
             dtype_for_device_getter=lambda device: encoder.dtype)
     problem = unbalanced_bracket(text)
     if problem:

@@ -108,3 +108,34 @@ def test_unload_all_sends_away_what_is_not_in_use_and_deleted_modules_free_their
     gc.collect()
     with manager.use("cpu", ("c", layer(16))):
         assert manager.accounting.on_device == module_bytes(a)  # b's bytes were freed with it
+
+
+def test_sequentially_offloaded_models_compute_on_their_hook_s_device(tiny):
+    """Under sequential offload the weights wait on the meta device between calls: inputs must go to the device
+    accelerate's hooks bring each layer to, not to the weights' device. (On a GPU that is CUDA; here the hooks
+    are told to compute on the CPU, which exercises the same path.)"""
+    from accelerate import cpu_offload
+
+    from nodegraph.nodes import denoise
+    from nodegraph.nodes._detection import inspect_checkpoint
+    from nodegraph.nodes._loading import load_checkpoint
+    from nodegraph.nodes.conditioning import encode_prompt
+    from nodegraph.nodes.latent import decode_latents, empty_latent
+    from nodegraph.nodes.models import clear_loaded_models
+
+    def generate(model, clip, vae):
+        latents = denoise.sample(model, encode_prompt(clip, "a red house"), None, empty_latent(64, 64), seed=3,
+                                 steps=2, guidance_scale=5.0, scheduler="euler", strength=1.0)
+        return decode_latents(vae, latents)
+
+    reference = generate(*load_checkpoint(inspect_checkpoint(str(tiny.sd15))))
+    clear_loaded_models()  # fresh modules: the offload hooks stay on them
+    try:
+        model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
+        for module in (model.unet, clip.text_encoder, vae.vae):
+            cpu_offload(module, execution_device="cpu")
+            MANAGER._sequential.add(module)
+        assert model.unet.device.type == "meta"
+        assert torch.allclose(generate(model, clip, vae), reference, atol=1e-5)
+    finally:
+        clear_loaded_models()
