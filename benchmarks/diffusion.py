@@ -1,6 +1,7 @@
 """Diffusion nodes against diffusers on the same model and settings, on CPU.
 
-    PYTHONPATH=. python benchmarks/diffusion.py [--repeat 9] [--steps 20] [--sd15-dir DIR] [--skip-tiny] [--skip-sd15] [--skip-sdxl]
+    PYTHONPATH=. python benchmarks/diffusion.py [--repeat 9] [--steps 20] [--sd15-dir DIR] [--skip-tiny] [--skip-sd15]
+                                                [--skip-sdxl] [--skip-controlnet]
 
 Every comparison runs in interleaved pairs: each repetition times ours and the reference back to back,
 alternating which goes first, and keeps the ratio of that pair. A burst of load from another process then
@@ -25,7 +26,13 @@ Part 3, the tiny random SDXL model (tests/tiny_sdxl.py), 64x64, DPM++ 2M Karras:
   - the base -> refiner hand-off (denoising_end / denoising_start 0.8) vs StableDiffusionXLPipeline +
     the refiner's StableDiffusionXLImg2ImgPipeline, latents handed on; the refiner encodes "" as its
     negative on both sides.
-CPU only (no GPU here).
+Part 4, ControlNet and Compel on the tiny SD 1.x models (a tiny random ControlNet made from the UNet), each
+through a fresh engine, target <= 1.03x:
+  - ControlNet text2img (LoadControlNet + ApplyControlNet + Sampler) vs StableDiffusionControlNetPipeline;
+  - an inpainting checkpoint with an inpaint ControlNet (InpaintControlImage) vs
+    StableDiffusionControlNetInpaintPipeline;
+  - CLIPEncode syntax "compel" + Sampler vs Compel's recipe: its embeddings given to StableDiffusionPipeline.
+CPU only: benchmarks/gpu.py measures on a GPU.
 """
 from __future__ import annotations
 
@@ -292,6 +299,111 @@ def sdxl_part(repeat: int, steps: int) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------- part 4
+
+def controlnet_part(repeat: int, steps: int) -> list[str]:
+    """ControlNet and Compel stages on the tiny SD 1.x models, each through a fresh engine against the
+    diffusers pipeline doing the same job on the same modules."""
+    import PIL.Image
+    import torch
+    from compel import Compel
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionControlNetInpaintPipeline,
+                           StableDiffusionControlNetPipeline, StableDiffusionPipeline)
+
+    from nodegraph.api import Engine
+    from nodegraph.nodes.controlnet import inpaint_control_image, load_controlnet
+    from nodegraph.nodes.io import load_image_file
+    from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
+    from tests.tiny_controlnet import random_controlnet
+    from tests.tiny_models import build_tiny_models
+
+    tiny = build_tiny_models()
+    model, clip, vae = load_checkpoint(inspect_checkpoint(str(tiny.sd15)))
+    i_model, i_clip, i_vae = load_checkpoint(inspect_checkpoint(str(tiny.sd15_inpaint)))
+    folder = Path(tempfile.mkdtemp(prefix="nodegraph-bench-cn-"))
+    random_controlnet(model.unet, 1).save_pretrained(folder / "cn")
+    controlnet = load_controlnet(folder / "cn").module  # the module LoadControlNet gets too (one load per process)
+    size, tmp = 64, tempfile.gettempdir()
+    photo = folder / "photo.png"  # the shipped photo at the benchmark's size, read by both sides
+    PIL.Image.open(REPO / "workflows" / "images" / "coffee_256.jpg").convert("RGB").resize((size, size)).save(photo)
+    image, _ = load_image_file(photo)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+
+    def pipe(cls, m, c, v, **extra):
+        made = cls(vae=v.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=m.unet,
+                   scheduler=EulerDiscreteScheduler.from_config(m.scheduler_config), safety_checker=None,
+                   feature_extractor=None, requires_safety_checker=False, **extra)
+        made.set_progress_bar_config(disable=True)
+        return made
+
+    t2i_cn = pipe(StableDiffusionControlNetPipeline, model, clip, vae, controlnet=controlnet)
+    inpaint_cn = pipe(StableDiffusionControlNetInpaintPipeline, i_model, i_clip, i_vae, controlnet=controlnet)
+    t2i = pipe(StableDiffusionPipeline, model, clip, vae)
+    compel = Compel(tokenizer=clip.tokenizer, text_encoder=clip.text_encoder)
+    weighted = "a (stone castle)1.3 on a hill++, the sea--"
+    common = {"seed": 7, "steps": steps, "scheduler": "euler"}
+
+    def graph(ckpt, extra: dict, sampler_inputs: dict, sampler_params: dict, text=PROMPT, syntax="plain") -> dict:
+        nodes = {
+            "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(ckpt)}},
+            "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": text, "syntax": syntax}},
+            "neg": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": "", "syntax": syntax}},
+            **extra,
+            "s": {"type": "Sampler", "inputs": {"model": "ckpt.model", "positive": "pos.conditioning",
+                                                 "negative": "neg.conditioning", **sampler_inputs},
+                  "params": {**common, **sampler_params}}}
+        return {"format": "nodegraph/1", "nodes": nodes}
+
+    controlled = {"cn": {"type": "LoadControlNet", "params": {"path": str(folder / "cn")}},
+                  "photo": {"type": "LoadImage", "params": {"path": str(photo)}}}
+    text2img_cn = graph(tiny.sd15, {
+        **controlled,
+        "apply": {"type": "ApplyControlNet", "inputs": {"model": "ckpt.model", "control_net": "cn.control_net",
+                                                        "image": "photo.image"}},
+        "empty": {"type": "EmptyLatent", "params": {"width": size, "height": size}}},
+        {"model": "apply.model", "latent": "empty.latent"}, {})
+    inpaint = graph(tiny.sd15_inpaint, {
+        **controlled,
+        "mask": {"type": "MaskShape", "params": {"width": size, "height": size, "x": size // 4, "y": size // 4,
+                                                 "w": size // 2, "h": size // 2}},
+        "control": {"type": "InpaintControlImage", "inputs": {"image": "photo.image", "mask": "mask.mask"}},
+        "apply": {"type": "ApplyControlNet", "inputs": {"model": "ckpt.model", "control_net": "cn.control_net",
+                                                        "image": "control.image"}},
+        "cond": {"type": "InpaintModelConditioning", "inputs": {"vae": "ckpt.vae", "image": "photo.image",
+                                                                "mask": "mask.mask"}, "params": {"mode": "sampler"}}},
+        {"model": "apply.model", "latent": "cond.latent"}, {"strength": 1.0})
+    compel_stage = graph(tiny.sd15, {"empty": {"type": "EmptyLatent", "params": {"width": size, "height": size}}},
+                         {"latent": "empty.latent"}, {}, text=weighted, syntax="compel")
+    control_image = inpaint_control_image(image, mask)
+
+    def ours(workflow):
+        return lambda: Engine(cache_dir=False).run(workflow, targets=["s"], out_dir=tmp)
+
+    def diffusers_text2img_cn():
+        t2i_cn(PROMPT, negative_prompt="", image=image, num_inference_steps=steps, height=size, width=size,
+               generator=torch.Generator().manual_seed(7), output_type="latent")
+
+    def diffusers_inpaint_cn():
+        inpaint_cn(PROMPT, negative_prompt="", image=image, mask_image=mask, control_image=control_image,
+                   strength=1.0, num_inference_steps=steps, height=size, width=size,
+                   generator=torch.Generator().manual_seed(7), output_type="latent")
+
+    def diffusers_compel():  # Compel's own recipe: weighted embeddings handed to the pipeline
+        pe, ne = compel.pad_conditioning_tensors_to_same_length([compel(weighted), compel("")])
+        t2i(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, height=size, width=size,
+            generator=torch.Generator().manual_seed(7), output_type="latent")
+
+    cases = [("ControlNet text2img (StableDiffusionControlNetPipeline)", ours(text2img_cn), diffusers_text2img_cn),
+             ("ControlNet inpaint (...ControlNetInpaintPipeline)", ours(inpaint), diffusers_inpaint_cn),
+             ("Compel-weighted prompt + Sampler (compel + pipeline)", ours(compel_stage), diffusers_compel)]
+    for _, a, b in cases:
+        a(), b()  # warm-up
+    return [f"tiny SD 1.x + tiny ControlNet, CPU, {size}x{size}, {steps} Euler steps, each through a fresh engine; "
+            f"median of {repeat} interleaved pairs (min-max of the per-pair ratio)",
+            *(row(title, pairs(a, b, repeat), 1.03) for title, a, b in cases)]
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -305,6 +417,7 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--skip-sdxl", action="store_true")
+    parser.add_argument("--skip-controlnet", action="store_true")
     args = parser.parse_args()
     quiet()
     started, load = time.perf_counter(), os.getloadavg()[0]
@@ -312,6 +425,8 @@ def main() -> None:
         print("\n".join(tiny_part(args.repeat, args.steps)), flush=True)
     if not args.skip_sdxl:
         print("\n".join(sdxl_part(args.repeat, args.steps)), flush=True)
+    if not args.skip_controlnet:
+        print("\n".join(controlnet_part(args.repeat, args.steps)), flush=True)
     if not args.skip_sd15:
         print(loading.report(loading.measure(Path(args.sd15_dir), args.sd15_repeat, args.sd15_steps)), flush=True)
     print(f"No GPU was available: CPU figures. Took {time.perf_counter() - started:.0f} s; {machine(load)}.")
