@@ -120,12 +120,13 @@ def read_tensor_values(path: Path, name: str) -> list[float]:
     return []
 
 
-def read_state_dict(path: Path, dtype=None) -> dict:
+def read_state_dict(path: Path, dtype=None, readers: int | None = None) -> dict:
     """The tensors of a .safetensors file, read one at a time with plain reads (no memory map, whose pages
     would count as the process's memory) and each converted to ``dtype`` (floating point ones) as soon as it
     is read: a float16 file loaded as float32 never has both copies of the model alive, so the peak is the
-    model in ``dtype`` and one tensor. Reads go through one reused buffer (a fresh one per tensor would be
-    zeroed first, which costs as much as the read)."""
+    model in ``dtype`` and a tensor per reader. Reads go through a reused buffer per reader (a fresh one per
+    tensor would be zeroed first, which costs as much as the read). ``readers`` threads (default: 2 where
+    there are 2 cores) each read one half of the file in order, so one reads while the other converts."""
     import json
     import struct
 
@@ -133,20 +134,11 @@ def read_state_dict(path: Path, dtype=None) -> dict:
 
     from nodegraph.files import open_regular
 
-    state = {}
-    try:
+    def read_part(part: list) -> dict:
+        state = {}
         with open_regular(path) as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > MAX_HEADER:
-                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
-            header = json.loads(handle.read(size))
-            end_of_file = os.fstat(handle.fileno()).st_size
-            entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
-            spans = [(8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1]) for _, info in entries]
-            scratch = bytearray(max((end - start for start, end in spans), default=0))
-            for (name, info), (start, end) in sorted(zip(entries, spans), key=lambda item: item[1][0]):
-                if not start <= end <= end_of_file:
-                    raise ValueError(f"tensor {name} lies outside the file")
+            scratch = bytearray(max((end - start for _, _, start, end in part), default=0))
+            for name, info, start, end in part:
                 kind = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
                 view = memoryview(scratch)[:end - start]
                 handle.seek(start)
@@ -155,6 +147,39 @@ def read_state_dict(path: Path, dtype=None) -> dict:
                 raw = torch.frombuffer(view, dtype=kind) if len(view) else torch.empty(0, dtype=kind)
                 target = dtype if dtype is not None and raw.is_floating_point() else raw.dtype
                 state[name] = raw.to(target, copy=True).reshape(info["shape"])  # a copy: the buffer is reused
+        return state
+
+    try:
+        with open_regular(path) as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
+            header = json.loads(handle.read(size))
+            end_of_file = os.fstat(handle.fileno()).st_size
+        items = sorted(((name, info, 8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1])
+                        for name, info in header.items() if name != "__metadata__"), key=lambda item: item[2])
+        for name, _, start, end in items:
+            if not start <= end <= end_of_file:
+                raise ValueError(f"tensor {name} lies outside the file")
+        parts = _split_by_bytes(items, readers or min(2, os.cpu_count() or 1))
+        if len(parts) == 1:
+            return read_part(parts[0])
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="read-state-dict") as pool:
+            return {name: tensor for part in pool.map(read_part, parts) for name, tensor in part.items()}
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
-    return state
+
+
+def _split_by_bytes(items: list, count: int) -> list[list]:
+    """``items`` (in file order) cut into at most ``count`` runs of about equal bytes."""
+    total = sum(end - start for *_, start, end in items)
+    parts, current, done = [], [], 0
+    for item in items:
+        current.append(item)
+        done += item[3] - item[2]
+        if len(parts) < count - 1 and done >= total * (len(parts) + 1) / count:
+            parts.append(current)
+            current = []
+    return [part for part in parts + [current] if part] or [[]]

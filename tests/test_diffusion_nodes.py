@@ -269,6 +269,30 @@ def test_family_mismatch_errors(tiny, sd):
         denoise.sample(model, encode_prompt(clip, "x"), None, plain, **{**kwargs, "steps": 2, "strength": 0.3})
 
 
+@pytest.mark.parametrize("readers", [1, 2, 3])
+def test_parallel_readers_give_the_file_s_tensors(tmp_path, readers):
+    """Readers that each take a part of the file give every tensor once, converted, in the file's order; a
+    broken file is still a clear error whichever reader meets it."""
+    from safetensors.torch import load_file, save_file
+
+    from nodegraph.nodes._files import read_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": torch.randn(i * 7 + 1, 5, generator=g).half() for i in range(9)}
+    tensors |= {"ids": torch.arange(77)[None], "empty": torch.zeros(0), "scalar": torch.tensor(2.5)}
+    file = tmp_path / "t.safetensors"
+    save_file(tensors, str(file))
+    ours, theirs = read_state_dict(file, torch.float32, readers=readers), load_file(str(file))
+    assert list(ours) == list(theirs)  # safetensors gives them in file order too
+    for name, tensor in theirs.items():
+        expected = tensor.float() if tensor.is_floating_point() else tensor
+        assert ours[name].dtype == expected.dtype and torch.equal(ours[name], expected)
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) - 8])  # the last tensor is cut short
+    with pytest.raises(NodeError, match="as safetensors"):
+        read_state_dict(file, torch.float32, readers=readers)
+
+
 @pytest.mark.parametrize("stored, loaded", [(torch.float32, torch.float32), (torch.float16, torch.float32),
                                             (torch.float32, torch.float16)])
 def test_single_files_load_tensor_by_tensor_to_diffusers_weights(tiny, tmp_path, stored, loaded):
