@@ -50,6 +50,11 @@ def safetensors_header(path: Path) -> dict:
     """The JSON header of a .safetensors file, without reading the weights (or importing torch): 8 bytes of
     little-endian header length, then the JSON header (tensor name -> dtype, shape, offsets; and the
     optional ``__metadata__``, a str -> str dict)."""
+    return _header_and_layout(path)[0]
+
+
+def _header_and_layout(path: Path) -> tuple[dict, int, int]:
+    """The header, the offset where the tensors' data starts, and the file's size."""
     import json
     import struct
 
@@ -61,9 +66,10 @@ def safetensors_header(path: Path) -> dict:
             if size > MAX_HEADER:
                 raise ValueError(f"a header of {size} bytes is more than safetensors allows")
             header = json.loads(handle.read(size))
+            end_of_file = os.fstat(handle.fileno()).st_size
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        return header
+        return header, 8 + size, end_of_file
     except (OSError, ValueError, struct.error) as exc:  # a damaged or foreign header
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
 
@@ -127,12 +133,11 @@ def read_state_dict(path: Path, dtype=None, readers: int | None = None) -> dict:
     model in ``dtype`` and a tensor per reader. Reads go through a reused buffer per reader (a fresh one per
     tensor would be zeroed first, which costs as much as the read). ``readers`` threads (default: 2 where
     there are 2 cores) each read one half of the file in order, so one reads while the other converts."""
-    import json
-    import struct
-
     import torch
 
     from nodegraph.files import open_regular
+
+    header, data_start, end_of_file = _header_and_layout(path)
 
     def read_part(part: list) -> dict:
         state = {}
@@ -150,13 +155,7 @@ def read_state_dict(path: Path, dtype=None, readers: int | None = None) -> dict:
         return state
 
     try:
-        with open_regular(path) as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > MAX_HEADER:
-                raise ValueError(f"a header of {size} bytes is more than safetensors allows")
-            header = json.loads(handle.read(size))
-            end_of_file = os.fstat(handle.fileno()).st_size
-        items = sorted(((name, info, 8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1])
+        items = sorted(((name, info, data_start + info["data_offsets"][0], data_start + info["data_offsets"][1])
                         for name, info in header.items() if name != "__metadata__"), key=lambda item: item[2])
         for name, _, start, end in items:
             if not start <= end <= end_of_file:
@@ -168,7 +167,7 @@ def read_state_dict(path: Path, dtype=None, readers: int | None = None) -> dict:
 
         with ThreadPoolExecutor(len(parts), thread_name_prefix="read-state-dict") as pool:
             return {name: tensor for part in pool.map(read_part, parts) for name, tensor in part.items()}
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise NodeError(f"cannot read '{path}' as safetensors: {exc}") from None
 
 
