@@ -119,7 +119,7 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
     _check_fits(unet, positive, "positive")
     if negative is not None:
         _check_fits(unet, negative, "negative")
-    embeds_as = family(positive.family).embeds_as
+    embeds_as = family(positive.family).embeds_as if positive.family in FAMILY_NAMES else None
     if embeds_as is not None:
         return _added_conditioning(unet, positive, negative, batch, guide, embeds_as)
     width = unet.config.cross_attention_dim
