@@ -325,3 +325,34 @@ def test_prior_without_image_encoder_and_missing_folders_are_reported_at_validat
                                                "kandinsky.params.decoder": "someone/not-cached"}), tmp_path)
     assert "looks like a decoder folder" in found[("kandinsky", "prior")]
     assert "not in the local Hugging Face cache" in found[("kandinsky", "decoder")]
+
+
+def test_sampler_with_the_inpainting_decoder_concatenates_without_blending(k_inpaint):
+    """Sampler (no blending) on an InpaintModelConditioning latent: the UNet gets the masked image and keep mask
+    too, so the result differs from LatentBlendSampler's only by the blending outside the mask."""
+    model, vae = k_inpaint
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    latent = inpaint_conditioning(vae, photo(64, seed=5), mask)
+    cond = conditioning(*embeds(3))
+    plain = denoise.sample(model, *cond, latent, seed=1, steps=2, guidance_scale=4.0, scheduler="ddim", strength=1.0)
+    blended = denoise.blend_inpaint(model, *cond, latent, mask, seed=1, steps=2, guidance_scale=4.0,
+                                    scheduler="ddim", strength=1.0)
+    outside = latent.inpaint_mask == 0
+    assert torch.equal(blended.expand_as(latent.samples)[outside.expand_as(latent.samples)],
+                       latent.samples[outside.expand_as(latent.samples)])  # the photo's latents, exactly
+    assert (plain - blended).abs().max() > 1e-3
+
+
+def test_validating_a_kandinsky_workflow_does_not_import_torch(tiny_k):
+    import subprocess
+    import sys
+
+    from tests.test_diffusion_workflows import WORKFLOWS
+
+    code = ("import sys\nfrom nodegraph.api import Engine\n"
+            f"issues = Engine(cache_dir=False).validate({str(WORKFLOWS / 'kandinsky_inpaint.json')!r}, overrides="
+            f"{{'kandinsky.prior': {str(tiny_k.prior)!r}, 'kandinsky.decoder': {str(tiny_k.decoder_inpaint)!r}}})\n"
+            "assert not issues, issues\nassert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
