@@ -153,7 +153,7 @@ def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
     with torch.inference_mode(), tiled(module, z.shape[0] * z.shape[-1] * z.shape[-2] * vae.scale_factor**2):
-        pixels = module.decode(z, return_dict=False, **vae.decode_kwargs)[0]
+        pixels = module.decode(z, return_dict=False, **getattr(vae, "decode_kwargs", {}))[0]
     return (pixels * 0.5 + 0.5).clamp(0, 1).float()
 
 
