@@ -356,3 +356,15 @@ def test_validating_a_kandinsky_workflow_does_not_import_torch(tiny_k):
             "assert not issues, issues\nassert 'torch' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_latent_space_follows_links_through_latent_nodes(tiny, tiny_k, tmp_path):
+    """A MoVQ latent scaled by LatentScaleBy is still a MoVQ latent: SD's VAEDecode after it is refused, and the
+    message names where the space came from."""
+    data = _workflow(tiny, tiny_k, **{"decode.inputs.latent": "scaled.latent"})
+    data["nodes"]["scaled"] = {"type": "LatentScaleBy", "inputs": {"latent": "inpaint.latent"},
+                               "params": {"scale_by": 2.0}}
+    found = _issues(data, tmp_path)
+    assert list(found) == [("decode", "latent")]
+    assert "'scaled.latent' is in the Kandinsky 2.2 MoVQ latent space (from 'kandinsky' (LoadKandinsky))" in \
+        found[("decode", "latent")]
