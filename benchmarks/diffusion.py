@@ -1,7 +1,7 @@
 """Diffusion nodes against diffusers on the same model and settings, on CPU.
 
     PYTHONPATH=. python benchmarks/diffusion.py [--repeat 9] [--steps 20] [--sd15-dir DIR] [--skip-tiny] [--skip-sd15]
-                                                [--skip-sdxl] [--skip-controlnet]
+                                                [--skip-sdxl] [--skip-controlnet] [--skip-kandinsky]
 
 Every comparison runs in interleaved pairs: each repetition times ours and the reference back to back,
 alternating which goes first, and keeps the ratio of that pair. A burst of load from another process then
@@ -32,6 +32,11 @@ through a fresh engine, target <= 1.03x:
   - an inpainting checkpoint with an inpaint ControlNet (InpaintControlImage) vs
     StableDiffusionControlNetInpaintPipeline;
   - CLIPEncode syntax "compel" + Sampler vs Compel's recipe: its embeddings given to StableDiffusionPipeline.
+Part 5, Kandinsky 2.2 on tiny components (tests/tiny_kandinsky.py), DDIM: the prior stage, text2img (prior +
+  Sampler) and inpainting (prior + InpaintModelConditioning + LatentBlendSampler) through a fresh engine vs
+  KandinskyV22PriorPipeline, + KandinskyV22Pipeline, + KandinskyV22InpaintPipeline (target <= 1.03x); the
+  prior alone and the sampler loop alone (given embeddings) without the engine. The tiny prior runs in
+  ~20 ms, so a fresh engine's fixed cost (registry, validation, keys: a few ms) shows in its row.
 CPU only: benchmarks/gpu.py measures on a GPU.
 """
 from __future__ import annotations
@@ -404,6 +409,116 @@ def controlnet_part(repeat: int, steps: int) -> list[str]:
             *(row(title, pairs(a, b, repeat), 1.03) for title, a, b in cases)]
 
 
+# ---------------------------------------------------------------------------------------------- part 5
+
+def kandinsky_part(repeat: int, steps: int) -> list[str]:
+    """Kandinsky 2.2 on the tiny components of tests/tiny_kandinsky.py (diffusers' test configs): each stage
+    through a fresh engine vs the diffusers pipelines doing the same job on the same modules, DDIM."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline
+    from diffusers.utils import load_image
+
+    from nodegraph.api import Engine
+    from nodegraph.nodes import denoise
+    from nodegraph.nodes.conditioning import PromptEmbeds
+    from nodegraph.nodes.kandinsky import load_decoder, load_prior, prior_embeddings
+    from nodegraph.nodes.latent import empty_latent
+    from tests.tiny_kandinsky import build_tiny_kandinsky
+
+    tiny = build_tiny_kandinsky()
+    # the handles the engine's LoadKandinsky gets too (one load per process, dtype and device)
+    prior = load_prior(tiny.prior, str(tiny.prior))
+    (model, vae), (i_model, i_vae) = (load_decoder(p, str(p)) for p in (tiny.decoder, tiny.decoder_inpaint))
+    prior_pipe = prior.pipeline()
+    t2i = KandinskyV22Pipeline(unet=model.unet, scheduler=_ddim(model.scheduler_config), movq=vae.vae)
+    inpaint = KandinskyV22InpaintPipeline(unet=i_model.unet, scheduler=_ddim(i_model.scheduler_config), movq=i_vae.vae)
+    for pipe in (t2i, inpaint):
+        pipe.set_progress_bar_config(disable=True)
+    tmp = tempfile.mkdtemp(prefix="kandinsky-bench-")
+    size, picture, mask_file = 128, Path(tmp) / "photo.png", Path(tmp) / "mask.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(picture)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:32, :32] = 255
+    Image.fromarray(mask).save(mask_file)
+    prior_params = {"prompt": PROMPT, "seed": 3, "steps": steps, "guidance_scale": 4.0}
+    nodes = {
+        "k": {"type": "LoadKandinsky", "params": {"prior": str(tiny.prior), "decoder": str(tiny.decoder)}},
+        "prior": {"type": "KandinskyPrior", "inputs": {"prior": "k.prior"}, "params": prior_params},
+        "empty": {"type": "EmptyLatent", "params": {"width": size, "height": size}},
+        "t2i": {"type": "Sampler", "inputs": {"model": "k.model", "positive": "prior.positive",
+                                               "negative": "prior.negative", "latent": "empty.latent"},
+                "params": {"seed": 7, "steps": steps, "scheduler": "ddim", "guidance_scale": 4.0}},
+    }
+    inpaint_nodes = {
+        "k": {"type": "LoadKandinsky", "params": {"prior": str(tiny.prior), "decoder": str(tiny.decoder_inpaint)}},
+        "prior": nodes["prior"],
+        "photo": {"type": "LoadImage", "params": {"path": str(picture)}},
+        "mask": {"type": "LoadMask", "params": {"path": str(mask_file)}},
+        "cond": {"type": "InpaintModelConditioning", "inputs": {"vae": "k.vae", "image": "photo.image",
+                                                                 "mask": "mask.mask"}},
+        "inpaint": {"type": "LatentBlendSampler", "inputs": {"model": "k.model", "positive": "prior.positive",
+                                                              "negative": "prior.negative", "latent": "cond.latent",
+                                                              "mask": "mask.mask"},
+                    "params": {"seed": 7, "steps": steps, "scheduler": "ddim", "guidance_scale": 4.0}},
+    }
+
+    def run(graph, target):
+        return lambda: Engine(cache_dir=False).run({"format": "nodegraph/1", "nodes": graph}, targets=[target],
+                                                   out_dir=tmp)
+
+    def diffusers_prior():
+        return prior.pipeline()(PROMPT, num_inference_steps=steps, guidance_scale=4.0,
+                                generator=torch.Generator().manual_seed(3), output_type="pt")
+
+    emb = diffusers_prior()
+    neg = PromptEmbeds(emb.negative_image_embeds, family="kandinsky22")
+    pos = PromptEmbeds(emb.image_embeds, family="kandinsky22", uncond=neg)
+
+    def diffusers_t2i(embeds=None):
+        embeds = embeds or diffusers_prior()
+        t2i(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,
+            height=size // 4, width=size // 4,  # the tiny MoVQ's factor is 2: this gives EmptyLatent(128)'s 16x16
+            num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(7),
+            output_type="latent")
+
+    def ours_loop():
+        denoise.sample(model, pos, neg, empty_latent(size, size), seed=7, steps=steps, guidance_scale=4.0,
+                       scheduler="ddim", strength=1.0)
+
+    def diffusers_inpaint():
+        embeds = diffusers_prior()
+        image = load_image(str(picture))
+        repaint = np.asarray(Image.open(mask_file), dtype=np.float32) / 255.0  # white = repaint, as ours
+        inpaint(image=image, mask_image=repaint, image_embeds=embeds.image_embeds,
+                negative_image_embeds=embeds.negative_image_embeds, height=64, width=64, num_inference_steps=steps,
+                guidance_scale=4.0, generator=torch.Generator().manual_seed(7), output_type="latent")
+
+    def ours_prior():
+        prior_embeddings(prior, PROMPT, None, None, 1.0, 3, steps, 4.0)
+
+    comparisons = [
+        ("prior stage (KandinskyPrior, fresh engine)", run(nodes, "prior"), diffusers_prior),
+        ("prior alone (the node's function, no engine)", ours_prior, diffusers_prior),
+        ("text2img (prior + Sampler, fresh engine)", run(nodes, "t2i"), diffusers_t2i),
+        ("text2img sampler loop alone (given embeddings)", ours_loop, lambda: diffusers_t2i(emb)),
+        ("inpaint (prior + conditioning + LatentBlendSampler)", run(inpaint_nodes, "inpaint"), diffusers_inpaint),
+    ]
+    for _, ours, ref in comparisons:
+        ours(), ref()  # warm-up
+    return [f"tiny Kandinsky 2.2, CPU, 128x128 text2img / 64x64 inpaint, {steps} DDIM steps (prior {steps} "
+            f"UnCLIP steps); median of {repeat} interleaved pairs (min-max of the per-pair ratio)",
+            *(row(title, pairs(ours, ref, repeat), 1.03) for title, ours, ref in comparisons)]
+
+
+def _ddim(config):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -418,6 +533,7 @@ def main() -> None:
     parser.add_argument("--skip-sd15", action="store_true")
     parser.add_argument("--skip-sdxl", action="store_true")
     parser.add_argument("--skip-controlnet", action="store_true")
+    parser.add_argument("--skip-kandinsky", action="store_true")
     args = parser.parse_args()
     quiet()
     started, load = time.perf_counter(), os.getloadavg()[0]
@@ -427,6 +543,8 @@ def main() -> None:
         print("\n".join(sdxl_part(args.repeat, args.steps)), flush=True)
     if not args.skip_controlnet:
         print("\n".join(controlnet_part(args.repeat, args.steps)), flush=True)
+    if not args.skip_kandinsky:
+        print("\n".join(kandinsky_part(args.repeat, args.steps)), flush=True)
     if not args.skip_sd15:
         print(loading.report(loading.measure(Path(args.sd15_dir), args.sd15_repeat, args.sd15_steps)), flush=True)
     print(f"No GPU was available: CPU figures. Took {time.perf_counter() - started:.0f} s; {machine(load)}.")

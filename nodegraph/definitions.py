@@ -27,7 +27,8 @@ from pydantic.fields import FieldInfo
 
 from .context import RunContext
 from .errors import NodeDefinitionError, short_repr
-from .sockets import ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Randomizable, Socket, output_problem
+from .sockets import (ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Randomizable, Socket, SpaceRule,  # noqa: F401
+                      output_problem)
 
 INT64 = (-(2**63), 2**63 - 1)
 MAX_PARAM_DEPTH = 32
@@ -109,6 +110,7 @@ class NodeDef:
     ctx_arg: str | None = None
     origin: str = "builtin"
     reference: str | None = None
+    space: "SpaceRule | None" = None  # which of its sockets share one latent space (followed at validation)
     code: str = ""  # fingerprint of the code that computes its results (keys.code_fingerprint)
 
     def call(self, kwargs: dict[str, Any], ctx: RunContext | None) -> dict[str, Any]:
@@ -210,6 +212,7 @@ def node(
     output: bool = False,
     check: CheckFn | None = None,
     reference: str | None = None,
+    space: "SpaceRule | None" = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a function as node type ``type_name`` (CamelCase, stable forever).
 
@@ -221,12 +224,15 @@ def node(
     gets every param known before the run (literals and defaults): a param fed by a
     link is absent, so a check that needs it must skip.
     ``reference`` names the independent implementation the node matches.
+    ``space`` (a ``SpaceRule``) names the sockets that share one latent space, so that validation can
+    report a latent linked into a model of another space before anything runs.
     """
     if not type_name[:1].isupper() or not type_name.replace("_", "").isalnum():
         raise NodeDefinitionError(f"node type names are CamelCase identifiers, got {type_name!r}")
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        definition = build_node_def(fn, type_name, version, category, outputs or {}, cacheable, output, check, reference)
+        definition = build_node_def(fn, type_name, version, category, outputs or {}, cacheable, output, check, reference,
+                                    space)
         DEFINED.setdefault(fn.__module__, []).append(definition)
         fn.node_def = definition  # type: ignore[attr-defined]
         return fn
@@ -234,7 +240,8 @@ def node(
     return decorate
 
 
-def build_node_def(fn, type_name, version, category, outputs, cacheable, output, check, reference) -> NodeDef:
+def build_node_def(fn, type_name, version, category, outputs, cacheable, output, check, reference,
+                   space=None) -> NodeDef:
     doc = inspect.getdoc(fn) or ""
     description = doc.strip().splitlines()[0] if doc.strip() else ""
     if not description:
@@ -265,6 +272,7 @@ def build_node_def(fn, type_name, version, category, outputs, cacheable, output,
         check=check,
         ctx_arg=ctx_arg,
         reference=reference,
+        space=space,
     )
 
 

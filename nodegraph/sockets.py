@@ -43,6 +43,19 @@ class InputPath:
 
 
 @dataclass(frozen=True)
+class SpaceRule:
+    """Which of a node's sockets (inputs and outputs, by name) live in one latent space, for validation.
+
+    Latents of different model families (a Stable Diffusion VAE's, Kandinsky's MoVQ) look alike (4 channels)
+    but mean different things. Validation follows the space along links: a node with ``fixed`` makes that
+    space (a loader); otherwise its space is that of its linked ``sockets``, which must agree, and its
+    outputs named in ``sockets`` carry it on. Spaces are plain names that read well in a message."""
+
+    sockets: tuple[str, ...] = ()
+    fixed: str | None = None
+
+
+@dataclass(frozen=True)
 class Randomizable:
     """Marker for an int param that also accepts "random": the engine draws a value once per run, uses it
     in the cache key and records it in the run's manifest (like ComfyUI's "randomize")."""

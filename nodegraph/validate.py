@@ -99,11 +99,45 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
     if order is None:
         order = []
         issues.extend(_cycle_issues(nodes, flat))
+    issues.extend(_space_issues(nodes, order))
     left_out = bool(workflow.broken) or any(i.code in ("too_many_nodes", "bad_structure") for i in issues)
     outputs = _output_nodes(flat, nodes, targets, issues, left_out, workflow.broken)
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
     return Graph(workflow=workflow, nodes=nodes, origins=origins, order=order, outputs=outputs)
+
+
+def _space_issues(nodes: dict[str, GraphNode], order: list[str]) -> list[Issue]:
+    """Latents linked across latent spaces (definitions' ``space`` rules, followed along links in order): a
+    Kandinsky MoVQ latent into a Stable Diffusion sampler or VAE, or the reverse. Unmarked nodes pass no space
+    on, so only links whose spaces are both known are judged."""
+    made: dict[tuple[str, str], tuple[str, str]] = {}  # (node id, output) -> (space, the node that set it)
+    issues: list[Issue] = []
+    for node_id in order:
+        node = nodes[node_id]
+        rule = node.definition.space
+        if rule is None:
+            continue
+        here = f"'{node_id}' ({node.definition.type_name})"
+        found = (rule.fixed, here, "this node") if rule.fixed else None  # (space, set by, which socket)
+        for name in rule.sockets:
+            link = node.links.get(name)
+            if link is None or link not in made:
+                continue
+            space, setter = made[link]
+            if found is None:
+                found = (space, setter, f"'{name}'")
+            elif space != found[0]:
+                issues.append(Issue(
+                    "latent_space", f"'{link[0]}.{link[1]}' is in the {space} latent space (from {setter}) but "
+                    f"{found[2]} is in the {found[0]} latent space (from {found[1]}): decode to pixels (VAEDecode "
+                    "with the latent's own VAE) and re-encode with the other model's VAE",
+                    node_id=node_id, node_type=node.definition.type_name, field=name, kind="input"))
+        if found is not None:
+            for output in node.definition.outputs:
+                if output in rule.sockets:
+                    made[(node_id, output)] = (found[0], found[1])
+    return issues
 
 
 def _once_per_group_node(issues: list[Issue]) -> list[Issue]:

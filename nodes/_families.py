@@ -27,6 +27,17 @@ class Family:
     configs: tuple[str | None, str | None]  # shipped config folders (nodes/configs/): (normal, inpainting)
     text_time: bool = False  # SDXL: the UNet also takes the pooled text embedding and micro-conditioning time ids
     time_ids: int = 0  # 6 (original size, crop, target size) or 5 (original size, crop, aesthetic score)
+    # Where a CONDITIONING's embeddings go: None, the UNet's encoder_hidden_states (cross-attention on the prompt);
+    # a name, that key of added_cond_kwargs, with no encoder_hidden_states (Kandinsky 2.2's "image_embeds")
+    embeds_as: str | None = None
+    space: str = "Stable Diffusion"  # the latent space its VAE makes (SD 1.x/2.x and SDXL's VAEs share one)
+    scaled_latents: bool = True  # latents are multiplied by the VAE's scaling_factor (MoVQ latents are not)
+    # an inpainting UNet's extra input channels after the latents, in order: "mask" (1 = repaint), "keep_mask"
+    # (1 = keep, Kandinsky 2.2's), "masked_image" (the masked image's latents)
+    inpaint_channels: tuple[str, str] = ("mask", "masked_image")
+    # Kandinsky 2.2's inpainting: the image is masked in latent space (latents * keep) and the latent mask's
+    # repaint area grows by one latent pixel (diffusers' prepare_mask); SD masks the pixels before the encode
+    latent_space_masking: bool = False
 
     def label_for(self, inpainting: bool) -> str:
         """Short name of a checkpoint kind: "SD 1.x", "SDXL", "SDXL inpainting", ..."""
@@ -62,9 +73,15 @@ SDXL_REFINER = Family("sdxl_refiner", "Stable Diffusion XL refiner", "SDXL refin
                       _has("conditioner.embedders.0.model."), ("sdxl-refiner", None),
                       text_time=True, time_ids=5)
 
+# Kandinsky 2.2: a prior turns text (or images) into CLIP image embeddings, which condition the decoder UNet
+# through added_cond_kwargs; the decoder's latents are MoVQ's, unscaled. Diffusers folders only (no single file).
+KANDINSKY22 = Family("kandinsky22", "Kandinsky 2.2", "Kandinsky 2.2", (), lambda keys: False, (None, None),
+                     embeds_as="image_embeds", space="Kandinsky 2.2 MoVQ", scaled_latents=False,
+                     inpaint_channels=("masked_image", "keep_mask"), latent_space_masking=True)
+
 # in the order single files are tested: an SDXL base file also has conditioner.embedders.0.* keys
 FAMILIES: tuple[Family, ...] = (SDXL, SDXL_REFINER, SD2, SD1)
-_BY_NAME = {f.name: f for f in FAMILIES}
+_BY_NAME = {f.name: f for f in (*FAMILIES, KANDINSKY22)}
 FAMILY_NAMES = tuple(_BY_NAME)
 
 
@@ -93,6 +110,23 @@ def family_of_file(keys: set[str], file_name: str) -> Family:
         raise NodeError(f"{file_name} looks like SDXL but lacks the first text encoder "
                         "(conditioner.embedders.0.transformer.*); it is not a full SDXL checkpoint")
     return found
+
+
+SD_SPACE = "Stable Diffusion"
+
+
+def space_mismatch(given: str | None, wanted: str, what: str) -> str | None:
+    """The message for a latent of space ``given`` where ``wanted`` is needed (None: they match, or the latent is
+    empty and fits any). ``what`` names where the latent goes ("the model", "this VAE")."""
+    if given is None or given == wanted:
+        return None
+    return (f"the latent is in the {given} latent space but {what} works in the {wanted} latent space: decode to "
+            "pixels and re-encode with the matching VAE")
+
+
+def takes_image_embeds(unet) -> bool:
+    """Whether a UNet is conditioned on image embeddings instead of text (``addition_embed_type="image"``)."""
+    return getattr(unet.config, "addition_embed_type", None) == "image"
 
 
 def time_id_count(unet_config: dict, pooled_dim: int) -> int:

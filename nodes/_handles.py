@@ -177,7 +177,16 @@ class VaeHandle:
 
     @property
     def scaling_factor(self) -> float:
+        """What latents are multiplied by (1 for a family whose pipelines use them unscaled, like MoVQ's)."""
+        if not family(self.family).scaled_latents:
+            return 1.0
         return float(self.config.scaling_factor)
+
+    @property
+    def decode_kwargs(self) -> dict:
+        """Extra arguments of ``decode``: a VQ autoencoder decodes the latents as they are, unquantised, as
+        diffusers' Kandinsky pipelines do (``force_not_quantize``)."""
+        return {"force_not_quantize": True} if hasattr(self.vae, "quantize") else {}
 
     @property
     def shift_factor(self) -> float | None:

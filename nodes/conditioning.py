@@ -41,7 +41,7 @@ from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
-from nodegraph.sockets import CONDITIONING, Clip, Conditioning
+from nodegraph.sockets import CONDITIONING, Clip, Conditioning, SpaceRule
 
 from . import prompt_weights
 from ._memory import compute_device, on_device
@@ -258,7 +258,7 @@ def _check_brackets(params: dict):
             yield "text", f"Compel's brackets do not balance: {problem} (write \\( for a literal bracket)"
 
 
-@node("CLIPEncode", version=1, category="conditioning", outputs={"conditioning": CONDITIONING},
+@node("CLIPEncode", version=1, space=SpaceRule(("clip", "conditioning")), category="conditioning", outputs={"conditioning": CONDITIONING},
       check=_check_brackets, reference="diffusers StableDiffusionPipeline.encode_prompt / StableDiffusionXLPipeline.encode_prompt")
 def clip_encode(
     clip: Clip,
@@ -302,7 +302,7 @@ def _check_size_params(params: dict):
                                                               "both 0 for the sampled size")
 
 
-@node("SDXLSizeConditioning", version=1, category="conditioning", outputs={"conditioning": CONDITIONING},
+@node("SDXLSizeConditioning", version=1, space=SpaceRule(("conditioning",)), category="conditioning", outputs={"conditioning": CONDITIONING},
       check=_check_size_params,
       reference="diffusers StableDiffusionXLPipeline original_size / crops_coords_top_left / target_size / "
                 "aesthetic_score (SDXL micro-conditioning, add_time_ids)")

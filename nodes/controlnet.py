@@ -41,7 +41,7 @@ from nodegraph import node
 from nodegraph.context import RunContext
 from nodegraph.devices import resolve_dtype
 from nodegraph.errors import NodeError
-from nodegraph.sockets import IMAGE, MODEL, Image, InputPath, Mask, Model, socket
+from nodegraph.sockets import IMAGE, MODEL, Image, InputPath, Mask, Model, SpaceRule, socket
 
 from ._detection import _read_json
 from ._files import files_identity, read_state_dict, safetensors_shapes, weights_file_problem, weights_folder_problem
@@ -382,7 +382,7 @@ def _check_apply(params: dict):
         yield "start", f"start {start} is after end {end}: the ControlNet would act at no step"
 
 
-@node("ApplyControlNet", version=1, category="conditioning", outputs={"model": MODEL}, check=_check_apply,
+@node("ApplyControlNet", version=1, space=SpaceRule(("model",)), category="conditioning", outputs={"model": MODEL}, check=_check_apply,
       reference="diffusers StableDiffusion(XL)ControlNet(Inpaint)Pipeline, MultiControlNetModel")
 def apply_controlnet_node(
     model: Model,

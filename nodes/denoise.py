@@ -44,7 +44,7 @@ torch = lazy("torch")
 
 from nodegraph.errors import NodeError
 
-from ._families import FAMILY_NAMES, family, micro_conditioning, takes_text_time
+from ._families import FAMILY_NAMES, family, micro_conditioning, space_mismatch, takes_image_embeds, takes_text_time
 from ._handles import module_lock
 from ._memory import compute_device
 from .schedulers import make_scheduler
@@ -93,8 +93,14 @@ def _batched(value, batch: int, device, dtype, what: str):
 
 
 def _check_fits(unet, conditioning, side: str) -> None:
-    """SD 1.x/2.x conditioning on an SDXL model (or the reverse) fails with a clear message."""
+    """SD 1.x/2.x conditioning on an SDXL model (or the reverse), or prompt embeddings on a model conditioned on
+    image embeddings (Kandinsky 2.2, or the reverse), fail with a clear message."""
     label = family(conditioning.family).label if conditioning.family in FAMILY_NAMES else conditioning.family
+    as_image = conditioning.family in FAMILY_NAMES and family(conditioning.family).embeds_as == "image_embeds"
+    if takes_image_embeds(unet) != as_image:
+        want = "image embeddings (KandinskyPrior)" if takes_image_embeds(unet) else "prompt embeddings (CLIPEncode)"
+        raise NodeError(f"the {side} conditioning comes from {label} but the model takes {want}: link conditioning "
+                        "made for this model")
     if takes_text_time(unet) and conditioning.pooled is None:
         raise NodeError(f"the {side} conditioning comes from an {label} CLIP but the model is SDXL, which needs both "
                         "text encoders' embeddings and the pooled embedding: encode the prompt with the SDXL "
@@ -111,10 +117,13 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
     ``pixel_size`` (height, width) is the image size being sampled: SD 1.x/2.x do not need it; SDXL's
     default time ids (original size, crop, target size) are made from it when a conditioning has none."""
     dtype, device = unet.dtype, compute_device(unet)
-    width = unet.config.cross_attention_dim
     _check_fits(unet, positive, "positive")
     if negative is not None:
         _check_fits(unet, negative, "negative")
+    embeds_as = family(positive.family).embeds_as if positive.family in FAMILY_NAMES else None
+    if embeds_as is not None:
+        return _added_conditioning(unet, positive, negative, batch, guide, embeds_as)
+    width = unet.config.cross_attention_dim
     time_ids = None
     if takes_text_time(unet) and "time_ids" not in positive.added:
         time_ids = micro_conditioning(unet.config, positive.pooled.shape[-1], pixel_size, positive.size,
@@ -153,6 +162,27 @@ def unet_conditioning(unet, positive, negative, batch: int, guide: bool,
         merged[key] = ([torch.cat([o, v]) for o, v in zip(other, value)] if isinstance(value, list)
                        else torch.cat([other, value]))
     return UNetConditioning(torch.cat([neg, pos]), merged or None)
+
+
+def _added_conditioning(unet, positive, negative, batch: int, guide: bool, key: str) -> UNetConditioning:
+    """A family whose embeddings go into ``added_cond_kwargs[key]`` and not to cross-attention (Kandinsky 2.2's
+    image embeddings): no encoder_hidden_states, [negative, positive] under guidance, as its pipelines batch them."""
+    dtype, device = unet.dtype, compute_device(unet)
+    width = unet.config.encoder_hid_dim
+    sides = [positive]
+    if guide:
+        negative = negative if negative is not None else positive.uncond
+        if negative is None:
+            raise NodeError("no negative conditioning linked and the positive one carries none; link the prior's "
+                            "negative output")
+        sides.insert(0, negative)
+    embeds = []
+    for name, side in zip(("negative", "positive")[-len(sides):], sides):
+        if width is not None and side.embeds.shape[-1] != width:
+            raise NodeError(f"the {name} conditioning is {side.embeds.shape[-1]} wide but this model expects {width}: "
+                            "make it with this model's prior")
+        embeds.append(_repeat_to(side.embeds.to(device=device, dtype=dtype), batch, f"{name} conditioning"))
+    return UNetConditioning(None, {key: torch.cat(embeds)})
 
 
 def guidance_enabled(unet, guidance_scale: float) -> bool:
@@ -256,6 +286,30 @@ class DifferentialThreshold(Hook):
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+def learns_variance(scheduler) -> bool:
+    """Whether a scheduler uses a UNet's predicted variance (``variance_type`` learned / learned_range)."""
+    return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+
+def for_scheduler(noise_pred: torch.Tensor, channels: int, scheduler) -> torch.Tensor:
+    """A UNet that predicts its variance too (2 x the latent channels, Kandinsky 2.2's) keeps it only for a
+    scheduler that uses it; the others get the noise alone."""
+    if noise_pred.shape[1] == channels or learns_variance(scheduler):
+        return noise_pred
+    return noise_pred[:, :channels]
+
+
+def guided(noise_pred: torch.Tensor, guidance_scale: float, channels: int, scheduler) -> torch.Tensor:
+    """Classifier-free guidance on an [uncond, cond] batch: ``uncond + g * (cond - uncond)`` on the noise; a
+    predicted variance (channels beyond the latent's) is taken from the conditioned half, as diffusers'
+    Kandinsky and UnCLIP pipelines do."""
+    uncond, cond = noise_pred.chunk(2)
+    noise = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    if noise_pred.shape[1] > channels:
+        noise = torch.cat([noise, cond[:, channels:]], dim=1)
+    return for_scheduler(noise, channels, scheduler)
+
+
 def step_kwargs(scheduler, generator: Optional[torch.Generator], eta: float = 0.0) -> dict:
     """diffusers' prepare_extra_step_kwargs: eta for DDIM, the generator for stochastic schedulers."""
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -293,9 +347,8 @@ def denoise(unet, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, con
             noise_pred = unet(step.model_input, t, **step.kwargs, return_dict=False)[0]
             for hook in hooks:
                 noise_pred = hook.after_unet(step, noise_pred)
-            if guide:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            noise_pred = guided(noise_pred, guidance_scale, latents.shape[1], scheduler) if guide else \
+                for_scheduler(noise_pred, latents.shape[1], scheduler)
             latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             for hook in hooks:
                 latents = hook.after_step(latents, i, t)
@@ -458,7 +511,10 @@ def prepare(model, positive, negative, latents, *, seed: int | Sequence[int], st
     samples = latents.samples
     unet = model.unet
     device, dtype = compute_device(unet), unet.dtype
-    if samples.shape[1] != unet.config.out_channels:
+    mismatch = space_mismatch(getattr(latents, "space", None), model.kind.space, "the model")
+    if mismatch:
+        raise NodeError(mismatch)
+    if unet.config.out_channels not in (samples.shape[1], 2 * samples.shape[1]):  # 2x: noise and variance
         raise NodeError(f"the latent has {samples.shape[1]} channels but the model's UNet makes "
                         f"{unet.config.out_channels}; use a latent from this checkpoint's VAE / EmptyLatent")
     if 0 < denoising_start < 1 and 0 < denoising_end < 1 and denoising_start >= denoising_end:
@@ -558,10 +614,13 @@ def sample(model, positive, negative, latents, *, seed: int, steps: int, guidanc
 
 
 def _channel_concat(run: Run, latents, model, guidance_scale: float) -> ChannelConcat:
-    """The inpainting UNet's extra channels: the mask and the masked image's latents (doubled when guiding)."""
-    extra = torch.cat([_latent_size_mask(latents.inpaint_mask, run.x0),
-                       _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
-                                  "masked image latents")], dim=1)
+    """The inpainting UNet's extra channels: the mask and the masked image's latents, in the order the model's
+    family feeds them (doubled when guiding)."""
+    mask = _latent_size_mask(latents.inpaint_mask, run.x0)
+    parts = {"mask": mask, "keep_mask": 1 - mask,
+             "masked_image": _repeat_to(run.masked_image_latents.to(run.x0.device, run.x0.dtype), run.x0.shape[0],
+                                        "masked image latents")}
+    extra = torch.cat([parts[name] for name in model.kind.inpaint_channels], dim=1)
     return ChannelConcat(torch.cat([extra] * 2) if guidance_enabled(model.unet, guidance_scale) else extra)
 
 
@@ -591,7 +650,8 @@ def blend_inpaint(model, positive, negative, latents, mask: torch.Tensor, *, see
     run = prepare(model, positive, negative, latents, seed=seed, steps=steps, guidance_scale=guidance_scale,
                   scheduler=scheduler, strength=strength, partial=True, draws=INPAINT, denoising_start=denoising_start,
                   denoising_end=denoising_end)
-    m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor), run.x0)
+    grow = model.kind.latent_space_masking  # Kandinsky 2.2 blends with its grown latent mask
+    m = _latent_size_mask(latent_mask(mask, tuple(run.x0.shape[-2:]), latents.vae_scale_factor, grow), run.x0)
     hooks = [LatentBlend(run.scheduler, run.timesteps, run.x0, run.noise, m)]
     if model.inpainting:
         hooks.insert(0, _channel_concat(run, latents, model, guidance_scale))

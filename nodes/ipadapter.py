@@ -52,7 +52,7 @@ from nodegraph.devices import resolve_dtype
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
 from nodegraph import node
-from nodegraph.sockets import MODEL, Image, InputPath, Model, socket
+from nodegraph.sockets import MODEL, Image, InputPath, Model, SpaceRule, socket
 
 from ._files import files_identity, safetensors_shapes, weights_file_problem, weights_folder_problem
 from ._loading import LoadedOnce
@@ -519,7 +519,7 @@ def load_ip_adapter_node(
     return handle
 
 
-@node("ApplyIPAdapter", version=1, category="conditioning", outputs={"model": MODEL},
+@node("ApplyIPAdapter", version=1, space=SpaceRule(("model",)), category="conditioning", outputs={"model": MODEL},
       reference="diffusers load_ip_adapter + set_ip_adapter_scale + pipeline(ip_adapter_image=[images])")
 def apply_ip_adapter_node(
     model: Model,

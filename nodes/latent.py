@@ -28,11 +28,11 @@ from nodegraph.errors import NodeError
 from nodegraph.limits import current_limits
 from nodegraph import node
 from nodegraph.serialize import disk_cacheable
-from nodegraph.sockets import IMAGE, LATENT, MASK, Image, Latent, Mask, Vae
+from nodegraph.sockets import IMAGE, LATENT, MASK, Image, Latent, Mask, SpaceRule, Vae
 
 from ._memory import compute_device, on_device, tiled
 from ._params import Seed
-from ._families import family
+from ._families import family, space_mismatch
 
 LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
 LATENT_CHANNELS = 4
@@ -53,6 +53,9 @@ class Latents:
     # draws mean + std * eps from its own seeded generator, where the diffusers pipeline draws it.
     sample_std: Optional[torch.Tensor] = None
     masked_image_std: Optional[torch.Tensor] = None
+    # The latent space (a Family's ``space``: "Stable Diffusion", "Kandinsky 2.2 MoVQ"); None for an EmptyLatent,
+    # which fits any. Samplers and VAEDecode refuse a latent of another space.
+    space: Optional[str] = None
 
     @property
     def pixel_size(self) -> tuple[int, int]:
@@ -63,11 +66,12 @@ class Latents:
     def has_inpaint_conditioning(self) -> bool:
         return self.inpaint_mask is not None and self.masked_image_latents is not None
 
-    def with_samples(self, samples: torch.Tensor, keep_inpaint: bool = False) -> "Latents":
-        """A plain latent holding ``samples``; ``keep_inpaint`` keeps the inpainting-model conditioning (a
-        partly denoised result that an inpainting model continues with denoising_start), its masked-image
-        latents fixed at the posterior's mean."""
-        plain = replace(self, samples=samples, empty=False, sample_std=None, masked_image_std=None)
+    def with_samples(self, samples: torch.Tensor, keep_inpaint: bool = False, space: Optional[str] = None) -> "Latents":
+        """A plain latent holding ``samples`` (in ``space``, default this latent's); ``keep_inpaint`` keeps the
+        inpainting-model conditioning (a partly denoised result that an inpainting model continues with
+        denoising_start), its masked-image latents fixed at the posterior's mean."""
+        plain = replace(self, samples=samples, empty=False, sample_std=None, masked_image_std=None,
+                        space=space or self.space)
         return plain if keep_inpaint else replace(plain, inpaint_mask=None, masked_image_latents=None)
 
 
@@ -103,7 +107,7 @@ def encode_image(vae, image: torch.Tensor, mode: str = "mean", seed: int = 0) ->
     """IMAGE in [0, 1] -> LATENT; mode "sampler" also carries the posterior's std (``Latents.sample_std``)."""
     _check_image(image, vae.scale_factor)
     samples, std = _encode_signed(vae, image * 2.0 - 1.0, mode, seed)
-    return Latents(samples, vae.scale_factor, sample_std=std)
+    return Latents(samples, vae.scale_factor, sample_std=std, space=family(vae.family).space)
 
 
 def _compute_module(vae):
@@ -117,12 +121,16 @@ def _encode_signed(vae, pixels: torch.Tensor, mode: str, seed: int) -> tuple[tor
     module = _compute_module(vae)
     pixels = pixels.to(device=compute_device(module), dtype=module.dtype)
     with torch.inference_mode(), tiled(module, pixels.shape[0] * pixels.shape[-1] * pixels.shape[-2]):
-        dist = module.encode(pixels).latent_dist
-        if mode == "sample":
+        encoded = module.encode(pixels)
+        dist = getattr(encoded, "latent_dist", None)
+        if dist is None:  # a VQ autoencoder (MoVQ): its encoding is deterministic, every mode gives it
+            latents, std = encoded.latents, None
+        elif mode == "sample":
             latents = dist.sample(generator=torch.Generator("cpu").manual_seed(seed))
         else:
             latents = dist.mode()
-        std = (dist.std * vae.scaling_factor).to(_draw_dtype(vae, module)) if mode == "sampler" else None
+        if dist is not None:
+            std = (dist.std * vae.scaling_factor).to(_draw_dtype(vae, module)) if mode == "sampler" else None
     latents = latents.to(vae.vae.dtype).clone()  # clone: a normal tensor again, outside inference mode
     if vae.shift_factor is not None:
         latents = latents - vae.shift_factor
@@ -145,7 +153,7 @@ def decode_latents(vae, samples: torch.Tensor) -> torch.Tensor:
     if vae.shift_factor is not None:
         z = z + vae.shift_factor
     with torch.inference_mode(), tiled(module, z.shape[0] * z.shape[-1] * z.shape[-2] * vae.scale_factor**2):
-        pixels = module.decode(z, return_dict=False)[0]
+        pixels = module.decode(z, return_dict=False, **getattr(vae, "decode_kwargs", {}))[0]
     return (pixels * 0.5 + 0.5).clamp(0, 1).float()
 
 
@@ -159,10 +167,26 @@ def binary_mask(mask: torch.Tensor, pixel_size: tuple[int, int]) -> torch.Tensor
     return (mask >= 0.5).to(mask.dtype)
 
 
-def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], factor: int = LATENT_FACTOR) -> torch.Tensor:
-    """MASK (1 = repaint) -> binary mask at latent size, as StableDiffusionInpaintPipeline.prepare_mask_latents."""
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int], factor: int = LATENT_FACTOR,
+                grow: bool = False) -> torch.Tensor:
+    """MASK (1 = repaint) -> binary mask at latent size, as StableDiffusionInpaintPipeline.prepare_mask_latents;
+    ``grow``: then grown by one latent pixel as Kandinsky 2.2's inpaint pipeline does (``grow_repaint``)."""
     pixel_size = (latent_size[0] * factor, latent_size[1] * factor)
-    return F.interpolate(binary_mask(mask, pixel_size), size=tuple(latent_size))
+    small = F.interpolate(binary_mask(mask, pixel_size), size=tuple(latent_size))
+    return grow_repaint(small) if grow else small
+
+
+def grow_repaint(repaint: torch.Tensor) -> torch.Tensor:
+    """Grow a binary repaint mask (B, 1, h, w) by one pixel towards six of its eight neighbours, as diffusers'
+    Kandinsky ``prepare_mask`` does: every repaint pixel also marks the pixels above, left, above-left, below,
+    right and below-right of it (not above-right or below-left)."""
+    padded = F.pad(repaint, (1, 1, 1, 1))
+    h, w = repaint.shape[-2:]
+    grown = repaint.clone()
+    # the six offsets are their own mirror image, so "marked by a neighbour at (dy, dx)" is the same set
+    for dy, dx in ((1, 0), (0, 1), (1, 1), (-1, 0), (0, -1), (-1, -1)):
+        grown = torch.maximum(grown, padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+    return grown
 
 
 def inpaint_conditioning(vae, image: torch.Tensor, mask: torch.Tensor, mode: str = "mean", seed: int = 0) -> Latents:
@@ -177,12 +201,16 @@ def inpaint_conditioning(vae, image: torch.Tensor, mask: torch.Tensor, mode: str
     if keep.shape[0] not in (1, image.shape[0]):
         raise NodeError(f"mask batch {keep.shape[0]} does not match image batch {image.shape[0]}")
     signed = image * 2.0 - 1.0
+    kind = family(vae.family)
     x0, x0_std = _encode_signed(vae, signed, mode, seed)
-    masked, masked_std = _encode_signed(vae, signed * keep.to(signed.device), mode, seed)  # masked pixels: 0 (grey)
     latent_size = (pixel_size[0] // factor, pixel_size[1] // factor)
-    small = F.interpolate(binary_mask(mask, pixel_size), size=latent_size)
-    return Latents(x0, factor, inpaint_mask=small.to(x0.device, x0.dtype), masked_image_latents=masked,
-                   sample_std=x0_std, masked_image_std=masked_std)
+    small = latent_mask(mask, latent_size, factor, grow=kind.latent_space_masking).to(x0.device, x0.dtype)
+    if kind.latent_space_masking:  # Kandinsky 2.2: the image's latents with the (grown) mask area zeroed
+        masked, masked_std = x0 * (1 - small), None
+    else:
+        masked, masked_std = _encode_signed(vae, signed * keep.to(signed.device), mode, seed)  # masked pixels: 0 (grey)
+    return Latents(x0, factor, inpaint_mask=small, masked_image_latents=masked,
+                   sample_std=x0_std, masked_image_std=masked_std, space=kind.space)
 
 
 # ---------------------------------------------------------------------------------------------- nodes
@@ -212,7 +240,7 @@ def empty_latent_node(
     return empty_latent(width, height, batch)
 
 
-@node("VAEEncode", version=1, category="latent", outputs={"latent": LATENT},
+@node("VAEEncode", version=1, space=SpaceRule(("vae", "latent")), category="latent", outputs={"latent": LATENT},
       reference="diffusers AutoencoderKL.encode * scaling_factor (float32 when force_upcast, as the SDXL pipelines)")
 def vae_encode_node(
     vae: Vae,
@@ -230,7 +258,7 @@ def vae_encode_node(
         return encode_image(vae, image, mode, seed)
 
 
-@node("VAEDecode", version=1, category="latent", outputs={"image": IMAGE},
+@node("VAEDecode", version=1, space=SpaceRule(("vae", "latent")), category="latent", outputs={"image": IMAGE},
       reference="diffusers AutoencoderKL.decode(latents / scaling_factor) + VaeImageProcessor.postprocess "
                 "(float32 when force_upcast, as the SDXL pipelines)")
 def vae_decode_node(vae: Vae, latent: Latent, ctx: RunContext = None):
@@ -238,13 +266,16 @@ def vae_decode_node(vae: Vae, latent: Latent, ctx: RunContext = None):
 
     A float16 VAE whose config says force_upcast (SDXL's, which overflows in float16) runs in float32."""
     samples = latent.samples
+    mismatch = space_mismatch(latent.space, family(vae.family).space, "this VAE")
+    if mismatch:
+        raise NodeError(mismatch)
     if samples.shape[1] != vae.latent_channels:
         raise NodeError(f"latent has {samples.shape[1]} channels but this VAE expects {vae.latent_channels}")
     with on_device(ctx, ("vae", vae.compute_module())):
         return decode_latents(vae, samples)
 
 
-@node("InpaintModelConditioning", version=1, category="latent", outputs={"latent": LATENT},
+@node("InpaintModelConditioning", version=1, space=SpaceRule(("vae", "latent")), category="latent", outputs={"latent": LATENT},
       reference="diffusers StableDiffusionInpaintPipeline.prepare_mask_latents (9-channel UNet)")
 def inpaint_model_conditioning_node(
     vae: Vae,
@@ -283,7 +314,7 @@ def grey_masked(image: torch.Tensor, mask: torch.Tensor, grow_by: int) -> tuple[
     return grey, grown.round()
 
 
-@node("VAEEncodeForInpaint", version=1, category="latent", outputs={"latent": LATENT, "mask": MASK},
+@node("VAEEncodeForInpaint", version=1, space=SpaceRule(("vae", "latent")), category="latent", outputs={"latent": LATENT, "mask": MASK},
       reference="ComfyUI VAEEncodeForInpaint (grey masked pixels, noise mask grown by a box)")
 def vae_encode_for_inpaint_node(
     vae: Vae,

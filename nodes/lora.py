@@ -61,7 +61,7 @@ from pydantic import Field
 from nodegraph import node
 from nodegraph.context import RunContext
 from nodegraph.errors import NodeError
-from nodegraph.sockets import CLIP, MODEL, Clip, InputPath, Model, socket
+from nodegraph.sockets import CLIP, MODEL, Clip, InputPath, Model, SpaceRule, socket
 
 from ._files import files_identity, read_state_dict, safetensors_metadata, safetensors_shapes, weights_file_problem
 from ._handles import ClipPatch, module_lock
@@ -453,7 +453,7 @@ def load_lora_node(
     return handle
 
 
-@node("ApplyLoRA", version=1, category="loaders", outputs={"model": MODEL, "clip": CLIP},
+@node("ApplyLoRA", version=1, space=SpaceRule(("model", "clip")), category="loaders", outputs={"model": MODEL, "clip": CLIP},
       reference="diffusers load_lora_weights + set_adapters(adapter_weights) (ComfyUI LoraLoader's two strengths)")
 def apply_lora_node(
     model: Model,

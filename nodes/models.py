@@ -38,7 +38,9 @@ from nodegraph import node
 from nodegraph.context import RunContext
 from nodegraph.devices import resolve_dtype
 from nodegraph.errors import NodeError
-from nodegraph.sockets import CLIP, MODEL, VAE, InputPath
+from nodegraph.sockets import CLIP, MODEL, VAE, InputPath, SpaceRule
+
+from ._families import SD_SPACE
 
 from ._detection import (CheckpointInfo, _cached_snapshot, inspect_checkpoint, inspect_file,  # noqa: F401
                          looks_like_hub_id, path_problem)
@@ -91,7 +93,7 @@ def _check_load(params: dict):
         yield "config", f"no such config folder '{config}' and not a hub id 'owner/name'"
 
 
-@node("LoadCheckpoint", version=1, category="loaders", outputs={"model": MODEL, "clip": CLIP, "vae": VAE},
+@node("LoadCheckpoint", version=1, space=SpaceRule(("model", "clip", "vae"), SD_SPACE), category="loaders", outputs={"model": MODEL, "clip": CLIP, "vae": VAE},
       check=_check_load, reference="diffusers from_pretrained / from_single_file")
 def load_checkpoint_node(
     path: Annotated[str, InputPath(kind="any", must_exist=False, folder="checkpoints", remote=looks_like_hub_id,
@@ -136,7 +138,7 @@ def _check_vae(params: dict):
             yield "path", problem
 
 
-@node("LoadVAE", version=1, category="loaders", outputs={"vae": VAE}, check=_check_vae,
+@node("LoadVAE", version=1, space=SpaceRule(("vae",), SD_SPACE), category="loaders", outputs={"vae": VAE}, check=_check_vae,
       reference="diffusers AutoencoderKL.from_single_file / from_pretrained")
 def load_vae_node(
     path: Annotated[str, InputPath(kind="any", folder="vae"),

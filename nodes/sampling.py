@@ -17,7 +17,7 @@ from pydantic import Field
 
 from nodegraph.context import RunContext
 from nodegraph import node
-from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model
+from nodegraph.sockets import LATENT, Conditioning, Latent, Mask, Model, SpaceRule
 
 from . import denoise
 from ._memory import on_device
@@ -26,6 +26,10 @@ from .schedulers import SchedulerName
 
 SCHEDULER_HELP = ("diffusers scheduler by its usual UI name; a suffix picks the sigmas (_karras, _exponential) or "
                   "the timestep spacing (_linspace, _trailing); docs/comfy.md")
+
+
+# the model, its conditioning and the latent must share one latent space; the result stays in it
+SAMPLER_SPACE = SpaceRule(("model", "positive", "negative", "latent"))
 
 
 def _check_fractions(params: dict):
@@ -47,7 +51,7 @@ def _record(ctx: RunContext, **facts) -> None:
     ctx.record("samplers", facts)
 
 
-@node("Sampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
+@node("Sampler", version=1, space=SAMPLER_SPACE, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
       reference="diffusers StableDiffusion(XL)Pipeline / StableDiffusion(XL)Img2ImgPipeline / "
                 "StableDiffusion(XL)InpaintPipeline (9-channel UNet)")
 def sampler_node(
@@ -86,10 +90,10 @@ def sampler_node(
                                  denoising_end=denoising_end, start_step=start_step, end_step=end_step,
                                  add_noise=add_noise, progress=ctx.progress)
     stopped = denoising_end < 1 or 0 < end_step < steps
-    return latent.with_samples(samples.float(), keep_inpaint=stopped and model.inpainting)
+    return latent.with_samples(samples.float(), keep_inpaint=stopped and model.inpainting, space=model.kind.space)
 
 
-@node("LatentBlendSampler", version=1, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
+@node("LatentBlendSampler", version=1, space=SAMPLER_SPACE, category="sampling", outputs={"latent": LATENT}, check=_check_fractions,
       reference="diffusers StableDiffusion(XL)InpaintPipeline with a 4-channel UNet (the latent-blending article)")
 def latent_blend_sampler_node(
     model: Model,
@@ -123,10 +127,10 @@ def latent_blend_sampler_node(
                                         guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
                                         denoising_start=denoising_start, denoising_end=denoising_end,
                                         progress=ctx.progress)
-    return latent.with_samples(samples.float())
+    return latent.with_samples(samples.float(), space=model.kind.space)
 
 
-@node("DifferentialSampler", version=1, category="sampling", outputs={"latent": LATENT},
+@node("DifferentialSampler", version=1, space=SAMPLER_SPACE, category="sampling", outputs={"latent": LATENT},
       reference="differential diffusion (the outpainting article; diffusers community "
                 "pipeline_stable_diffusion_xl_differential_img2img, whose map is 1 - change_map)")
 def differential_sampler_node(
@@ -155,4 +159,4 @@ def differential_sampler_node(
         samples = denoise.differential(model, positive, negative, latent, change_map, seed=seed, steps=steps,
                                        guidance_scale=guidance_scale, scheduler=scheduler, strength=strength,
                                        denoising_end=denoising_end, progress=ctx.progress)
-    return latent.with_samples(samples.float())
+    return latent.with_samples(samples.float(), space=model.kind.space)

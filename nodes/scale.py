@@ -20,7 +20,7 @@ from pydantic import Field
 from nodegraph import node
 from nodegraph.errors import NodeError
 from nodegraph.limits import current_limits
-from nodegraph.sockets import IMAGE, LATENT, Image, Latent
+from nodegraph.sockets import IMAGE, LATENT, Image, Latent, SpaceRule
 
 from ._pixels import check_image
 
@@ -206,7 +206,7 @@ def image_scale_by(
     return _scale_image(image, width, height, method, "disabled")
 
 
-@node("LatentScale", version=1, category="latent", outputs={"latent": LATENT},
+@node("LatentScale", version=1, space=SpaceRule(("latent",)), category="latent", outputs={"latent": LATENT},
       reference="ComfyUI LatentUpscale (comfy.utils.common_upscale, bislerp)")
 def latent_scale(
     latent: Latent,
@@ -229,7 +229,7 @@ def latent_scale(
     return _scale_latent(latent, w, h, method, crop)
 
 
-@node("LatentScaleBy", version=1, category="latent", outputs={"latent": LATENT},
+@node("LatentScaleBy", version=1, space=SpaceRule(("latent",)), category="latent", outputs={"latent": LATENT},
       reference="ComfyUI LatentUpscaleBy (comfy.utils.common_upscale, bislerp)")
 def latent_scale_by(
     latent: Latent,

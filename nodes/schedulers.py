@@ -21,6 +21,7 @@ _SAMPLERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "dpm_2": ("KDPM2DiscreteScheduler", {}, True),
     "lms": ("LMSDiscreteScheduler", {}, True),
     "ddim": ("DDIMScheduler", {}, False),
+    "ddpm": ("DDPMScheduler", {}, False),  # Kandinsky 2.2's decoders ship it (with a learned variance)
     "pndm": ("PNDMScheduler", {}, False),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, True),
