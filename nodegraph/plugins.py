@@ -49,10 +49,34 @@ class PluginInterrupted(KeyboardInterrupt):
     """Ctrl-C (or a plugin raising KeyboardInterrupt) while a plugin was loading; names the plugin."""
 
 
+_FOUND: dict[tuple, tuple] = {}
+
+
+def _path_state() -> tuple:
+    """sys.path with each folder's modification time: installing or removing a distribution in a folder changes it."""
+    state = []
+    for entry in sys.path:
+        try:
+            state.append((entry, os.stat(entry or ".").st_mtime_ns))
+        except OSError:
+            state.append((entry, None))
+    return tuple(state)
+
+
+def _group_entry_points() -> tuple:
+    """The group's entry points, looked up again only when sys.path or a folder on it changed: the lookup reads
+    every installed distribution's metadata, milliseconds that each new Engine would otherwise pay."""
+    state = _path_state()
+    if state not in _FOUND:
+        _FOUND.clear()
+        _FOUND[state] = tuple(entry_points(group=ENTRY_POINT_GROUP))
+    return _FOUND[state]
+
+
 def load_entry_point_plugins(registry: Registry) -> None:
     """Each entry point names a module (imported; its @node functions register) or a
     callable taking the registry."""
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in _group_entry_points():
         origin = f"plugin '{ep.name}' ({ep.value}, distribution {ep.dist.name if ep.dist else '?'})"
         try:
             module_name, _, attr = ep.value.partition(":")

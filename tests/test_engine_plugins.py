@@ -142,3 +142,24 @@ def test_same_file_name_in_two_folders_loads_both(tmp_path):
     registry = Registry()
     load_plugin_dirs(registry, [first, second])
     assert "FromFolderA" in registry and "FromFolderB" in registry and not registry.problems
+
+
+def test_entry_points_are_looked_up_again_only_when_a_folder_on_sys_path_changes(tmp_path, monkeypatch):
+    import nodegraph.plugins as plugins
+
+    lookups = []
+    real = plugins.entry_points
+    monkeypatch.setattr(plugins, "entry_points", lambda **kw: lookups.append(kw) or real(**kw))
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    plugins._FOUND.clear()
+    assert "DemoShout" not in plugins.default_registry().types
+    plugins.default_registry()
+    assert len(lookups) == 1  # the second registry reused the first lookup
+    with zipfile.ZipFile(build_wheel(tmp_path)) as wheel:  # "installed" into a folder already on sys.path
+        wheel.extractall(site)
+    try:
+        assert "DemoShout" in plugins.default_registry().types and len(lookups) == 2
+    finally:
+        sys.modules.pop("nodegraph_demo_plugin", None)
