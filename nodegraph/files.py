@@ -54,8 +54,9 @@ def _stat_problem(path: Path, exc: OSError, kind: str = "any") -> FileProblem:
     return FileProblem("bad_file", f"'{path}' cannot be read: {exc.strerror or exc}")
 
 
-def _special(path: Path) -> str | None:
-    real = os.path.realpath(path)
+def _special(path: Path, real: str | None = None) -> str | None:
+    """Whether ``path`` (whose resolved path is ``real``, found when not given) is on a special file system."""
+    real = real or os.path.realpath(path)
     for root in SPECIAL_ROOTS:
         if real == root or real.startswith(root + "/"):
             via = "" if str(path) == real else f" (through a link to '{real}')"
@@ -94,10 +95,12 @@ def check_path(path: str | Path, kind: str = "file") -> FileProblem | None:
 def folder_files(folder: Path) -> list[Path]:
     """Every file below ``folder`` (symlinks followed, loops skipped), sorted; raises UnsafeFile for an entry
     that is not a regular file or folder, or past MAX_FOLDER_ENTRIES."""
-    files, seen, stack = [], set(), [Path(folder)]
+    # each folder travels with its resolved path: an entry that is not a link resolves to that path plus its
+    # name, so only links need resolving (a realpath per file would cost most of the walk)
+    files, seen, stack = [], set(), [(Path(folder), os.path.realpath(folder))]
     count = 0
     while stack:
-        current = stack.pop()
+        current, current_real = stack.pop()
         info = os.stat(current)
         if (info.st_dev, info.st_ino) in seen:
             continue
@@ -113,11 +116,12 @@ def folder_files(folder: Path) -> list[Path]:
                     mode = os.stat(child).st_mode
                 except OSError as exc:
                     raise UnsafeFile(_stat_problem(child, exc).message) from None
-                special = _special(child)
+                real = os.path.realpath(child) if entry.is_symlink() else os.path.join(current_real, entry.name)
+                special = _special(child, real)
                 if special:
                     raise UnsafeFile(special)
                 if stat.S_ISDIR(mode):
-                    stack.append(child)
+                    stack.append((child, real))
                 elif stat.S_ISREG(mode):
                     files.append(child)
                 else:

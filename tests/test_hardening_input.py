@@ -95,7 +95,8 @@ def test_a_structural_error_does_not_hide_the_others(stub_registry):
                      ("bad_structure", "x", "parms"), ("invalid_param", "s", "value")}
 
 
-@pytest.mark.parametrize("make", ["fifo", "device", "proc", "link_to_proc", "fifo_in_folder"])
+@pytest.mark.parametrize("make", ["fifo", "device", "proc", "link_to_proc", "fifo_in_folder", "link_to_proc_in_folder",
+                                  "link_to_sys_folder_in_folder"])
 def test_special_files_are_refused_at_validation_never_opened(tmp_path, stub_registry, make):
     target = tmp_path / "thing"
     param, kind = "path", "StubReadFile"
@@ -110,7 +111,12 @@ def test_special_files_are_refused_at_validation_never_opened(tmp_path, stub_reg
     else:
         folder = tmp_path / "model"
         folder.mkdir()
-        os.mkfifo(folder / "weights.safetensors")
+        if make == "fifo_in_folder":
+            os.mkfifo(folder / "weights.safetensors")
+        elif make == "link_to_proc_in_folder":
+            (folder / "weights.safetensors").symlink_to("/proc/self/status")
+        else:  # a sub-folder that is a link to a special file system: its files resolve there too
+            (folder / "unet").symlink_to("/sys/kernel")
         target, param, kind = folder, "folder", "StubReadFolder"
     wf = {"format": "nodegraph/1", "nodes": {"s": {"type": kind, "params": {param: str(target)}}, **SINK_OF}}
     issues = Engine(registry=stub_registry, cache_dir=False).validate(wf)  # a FIFO read would block here
