@@ -78,6 +78,22 @@ def test_text2img_matches_controlnet_pipeline(sd, controlnets, strength, start, 
     assert (plain - ours).abs().max() > 1e-3  # the ControlNet changed the result
 
 
+def test_img2img_matches_controlnet_img2img_pipeline(sd, controlnets):
+    model, clip, vae = sd
+    cn = load_controlnet(controlnets["sd_a"])
+    init, image = photo(seed=3), control(seed=7)
+    patched = apply_controlnet(model, cn, image, 0.8)
+    latent = encode_image(vae, init, mode="sampler")  # the pipeline draws the VAE sample from its generator
+    ours = denoise.sample(patched, encode_prompt(clip, PROMPT), None, latent, seed=6, steps=5, guidance_scale=7.5,
+                          scheduler="euler", strength=0.6)
+    pipe = cn_pipeline("StableDiffusionControlNetImg2ImgPipeline", sd, cn.module)
+    pe, ne = embeds(pipe)
+    ref = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, image=init, control_image=image, strength=0.6,
+               generator=gen(6), num_inference_steps=5, guidance_scale=7.5, controlnet_conditioning_scale=0.8,
+               output_type="latent").images
+    assert_close(ours, ref)
+
+
 def test_two_stacked_controlnets_match_multi_controlnet_model(sd, controlnets):
     from diffusers.models import MultiControlNetModel
 
