@@ -213,10 +213,14 @@ def _digest(source, raw: bytes | None, overrides, targets) -> str | None:
 
 
 def _workflow_digest(workflow: Workflow, targets) -> str:
-    """The content of a loaded workflow (repr keeps NaN, inf and -inf apart), its folder and targets."""
-    content = repr((workflow.model_dump(mode="python", by_alias=True), str(workflow.base_dir), targets,
-                    [str(i) for i in workflow.problems]))
-    return hashlib.sha256(content.encode()).hexdigest()
+    """The content of a loaded workflow (repr keeps NaN, inf and -inf apart), its folder and targets. The
+    nodes are hashed one by one: a copy of a large workflow would be fresh memory, which the system hands
+    out page by page at a cost that outweighs the hashing."""
+    digest = hashlib.sha256(repr((workflow.model_dump(mode="python", by_alias=True, exclude={"nodes"}),
+                                  str(workflow.base_dir), targets, [str(i) for i in workflow.problems])).encode())
+    for node_id, spec in workflow.nodes.items():
+        digest.update(repr((node_id, spec.__dict__)).encode())  # every field of the node, by name
+    return digest.hexdigest()
 
 
 def workflow_as_run(graph: Graph, drawn: dict[str, dict] | None = None) -> dict:

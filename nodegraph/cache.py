@@ -99,7 +99,11 @@ class MemoryCache:
 
     def __init__(self, budget_bytes: int = DEFAULT_MEMORY_BUDGET):
         self.budget_bytes = budget_bytes
-        self._items: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        # outputs and their sizes apart: a (dict, int) tuple per entry would stay tracked by the collector, and
+        # full collections would rescan every entry of a large cache; most outputs hold no tensor (size 0) and
+        # are not in _sizes at all
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self.used_bytes = 0
 
@@ -111,29 +115,30 @@ class MemoryCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
-            entry = self._items.get(key)
-            if entry is None:
-                return None
-            self._items.move_to_end(key)
-            return entry[0]
+            outputs = self._items.get(key)
+            if outputs is not None:
+                self._items.move_to_end(key)
+            return outputs
 
     def put(self, key: str, outputs: dict[str, Any]) -> None:
         size = value_nbytes(outputs)
         if size > self.budget_bytes:
             return
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.used_bytes -= old[1]
-            self._items[key] = (outputs, size)
-            self.used_bytes += size
+            if self._items.pop(key, None) is not None:
+                self.used_bytes -= self._sizes.pop(key, 0)
+            self._items[key] = outputs
+            if size:
+                self._sizes[key] = size
+                self.used_bytes += size
             while self.used_bytes > self.budget_bytes and self._items:
-                _, (_, evicted) = self._items.popitem(last=False)
-                self.used_bytes -= evicted
+                evicted, _ = self._items.popitem(last=False)
+                self.used_bytes -= self._sizes.pop(evicted, 0)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._sizes.clear()
             self.used_bytes = 0
 
 

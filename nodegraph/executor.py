@@ -16,7 +16,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -35,8 +35,11 @@ RAN, CACHED, SKIPPED, FAILED, INTERRUPTED = "ran", "cached", "skipped", "failed"
 RANDOM_SEEDS = "random"  # manifest section for params drawn at random
 
 
-@dataclass(frozen=True)
-class NodeStatus:
+class NodeStatus(NamedTuple):
+    """What happened to one node. During the node loop a run keeps each status as a plain tuple (which the
+    collector stops tracking at its first look, so full collections do not rescan a million of them) and
+    makes the NodeStatus objects at the end, with the collector paused."""
+
     status: str
     seconds: float = 0.0
     error: str | None = None
@@ -156,8 +159,16 @@ def execute(graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCach
     finally:
         run.result.seconds = time.perf_counter() - start
         # dependency order; cut-off nodes are "skipped", nodes a failure kept from running are left out
-        run.result.nodes = {node_id: run.statuses.get(node_id, _SKIPPED) for node_id in _needed_in_order(graph)
-                            if node_id in run.statuses or node_id not in run.to_run}
+        with gc_paused():
+            nodes = dict.fromkeys(_needed_in_order(graph), _SKIPPED)  # in C: a cached rerun loops over nothing
+            nodes.update(run.statuses)
+            for node_id in run.to_run:  # only these have plain-tuple statuses (see NodeStatus)
+                status = run.statuses.get(node_id)
+                if status is None:
+                    del nodes[node_id]
+                elif type(status) is tuple:
+                    nodes[node_id] = NodeStatus._make(status)
+            run.result.nodes = nodes
     return run.result
 
 
@@ -431,16 +442,16 @@ def _run_node(node: GraphNode, params: dict, values: dict[str, dict], config: Ru
         ctx = RunContext(config, record, node.node_id, definition.type_name) if definition.ctx_arg else None
         outputs = definition.call(kwargs, ctx)
     except Interrupted:
-        statuses[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
+        statuses[node.node_id] = (INTERRUPTED, time.perf_counter() - started, None)
         raise
     except KeyboardInterrupt:
-        statuses[node.node_id] = NodeStatus(INTERRUPTED, time.perf_counter() - started)
+        statuses[node.node_id] = (INTERRUPTED, time.perf_counter() - started, None)
         raise Interrupted(f"interrupted in node '{node.node_id}' ({definition.type_name})", result) from None
     except BaseException as exc:  # any failure of a node, sys.exit() included, is reported with its id and type
         failure = NodeFailed(node.node_id, definition.type_name, exc, result)
-        statuses[node.node_id] = NodeStatus(FAILED, time.perf_counter() - started, str(failure))
+        statuses[node.node_id] = (FAILED, time.perf_counter() - started, str(failure))
         raise failure from exc
-    statuses[node.node_id] = NodeStatus(RAN, time.perf_counter() - started)
+    statuses[node.node_id] = (RAN, time.perf_counter() - started, None)  # plain: see NodeStatus
     return outputs
 
 
