@@ -17,6 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from .allocator import keep_freed_memory
 from .cache import (DEFAULT_MEMORY_BUDGET, DiskCache, Facts, MemoryCache, default_cache_dir, default_cache_size,
                     parse_size)
 from .confine import Confinement
@@ -65,6 +66,7 @@ class Engine:
         channels_last: bool = False,
         confine: Confinement | None = None,
     ):
+        keep_freed_memory()  # before any model loads: it applies to what is allocated after it
         if registry is None:
             from .plugins import default_registry
 

@@ -52,8 +52,16 @@ def code_fingerprint(module_name: str) -> str:
     module = sys.modules.get(module_name)
     if module is None or not getattr(module, "__file__", None):
         return f"unknown:{module_name}"
+    return _source_digest(*_source_location(module))
+
+
+@functools.cache
+def _source_digest(location: Path, whole_folder: bool) -> str:
+    """The digest of a package's folder (hashed once for all of its modules) or of one file."""
     digest = hashlib.sha256()
-    for path, shown in _source_files(module):
+    files = ([(p, str(p.relative_to(location))) for p in sorted(location.rglob("*.py")) if "__pycache__" not in p.parts]
+             if whole_folder else [(location, location.name)])
+    for path, shown in files:
         digest.update(shown.encode() + b"\0")
         try:
             digest.update(path.read_bytes())
@@ -62,16 +70,13 @@ def code_fingerprint(module_name: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _source_files(module) -> list[tuple[Path, str]]:
+def _source_location(module) -> tuple[Path, bool]:
+    """The module's package folder (True), or its own file when it is not part of a package (False)."""
     file = Path(module.__file__).resolve()
-    root = None
     if getattr(module, "__path__", None):
-        root = file.parent
-    else:
-        parent = sys.modules.get(module.__name__.rpartition(".")[0])
-        parent_file = getattr(parent, "__file__", None)
-        if parent_file and getattr(parent, "__path__", None) and Path(parent_file).resolve().parent == file.parent:
-            root = file.parent
-    if root is None:
-        return [(file, file.name)]
-    return [(p, str(p.relative_to(root))) for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts]
+        return file.parent, True
+    parent = sys.modules.get(module.__name__.rpartition(".")[0])
+    parent_file = getattr(parent, "__file__", None)
+    if parent_file and getattr(parent, "__path__", None) and Path(parent_file).resolve().parent == file.parent:
+        return file.parent, True
+    return file, False
