@@ -105,17 +105,18 @@ class Steps:
 
 def child_ours(path: str, steps: int, spawned: float) -> dict:
     quiet()
-    import torch
-    # what LoadCheckpoint imports on first use, imported here as `from diffusers import StableDiffusionPipeline`
-    # is on the other side, so that "load" is reading the file and building the models on both sides
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-    from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: F401
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
-
+    # in the order `nodegraph run` imports: the engine first, then what LoadCheckpoint imports on first use
     from nodegraph.api import Engine
     from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     engine = Engine(cache_dir=False)  # a disk cache would serve the sampler's result from an earlier process
+    import torch
+    # imported here as `from diffusers import StableDiffusionPipeline` is on the other side, so that "load" is
+    # reading the file and building the models on both sides
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
     imported, baseline = time.time(), rss_now()
     workflow = {"format": "nodegraph/1", "nodes": {
         "ckpt": {"type": "LoadCheckpoint", "params": {"path": path, "dtype": "float32"}},
