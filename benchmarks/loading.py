@@ -9,14 +9,17 @@ beside it. It is built once into --sd15-dir and reused by later runs.
 Each side runs in its own fresh process and loads the file as float32 on CPU, then encodes the prompt and
 the empty negative and samples a 64x64 latent with Euler:
   - ours: the workflow LoadCheckpoint -> CLIPEncode -> EmptyLatent -> Sampler through the Engine (disk
-    cache off), as `nodegraph run` would;
+    cache off), with what LoadCheckpoint needs imported first (as the other side imports its pipeline), so
+    that the imports and the load compare side by side;
+  - ours as `nodegraph run` does it (a third process in each round): LoadCheckpoint imports diffusers
+    itself while the file is being read; only its time to the first step is reported;
   - diffusers: StableDiffusionPipeline.from_single_file(path, config=..., torch_dtype=torch.float32,
     local_files_only=True), then the pipeline with output_type="latent".
 Per process: the whole time from spawning it to the end of the first sampler step (interpreter start,
 imports, load, prompt encoding, one step), the load alone, the step time after the first, the RSS after
-imports and the peak RSS (ru_maxrss). The processes run in interleaved pairs (which side goes first
-alternates) after one warm-up pair that is not counted; each figure is the median ratio ours/diffusers
-over the pairs, with its min-max. Also the float32 model size (the sum of its parameters' bytes) and the
+imports and the peak RSS (ru_maxrss). The processes run in interleaved rounds (which side goes first
+rotates) after one warm-up round that is not counted; each figure is the median ratio ours/diffusers
+over the rounds, with its min-max. Also the float32 model size (the sum of its parameters' bytes) and the
 peak RSS over it: targets (peak - RSS after imports) / model <= 1.10 and fresh process ours/diffusers
 <= 1.0x. CPU only (no GPU here).
 """
@@ -103,19 +106,20 @@ class Steps:
         return statistics.median(b - a for a, b in zip(self.ends, self.ends[1:]))
 
 
-def child_ours(path: str, steps: int, spawned: float) -> dict:
+def child_ours(path: str, steps: int, spawned: float, preimport: bool = True) -> dict:
+    """``preimport``: import what LoadCheckpoint needs before the run, as the other side imports its pipeline,
+    so that "load" is reading the file and building the models on both sides. Without it the process does
+    what `nodegraph run` does: LoadCheckpoint imports diffusers itself while the file is being read."""
     quiet()
-    # in the order `nodegraph run` imports: the engine first, then what LoadCheckpoint imports on first use
     from nodegraph.api import Engine
     from nodegraph.nodes.models import inspect_checkpoint, load_checkpoint
 
     engine = Engine(cache_dir=False)  # a disk cache would serve the sampler's result from an earlier process
     import torch
-    # imported here as `from diffusers import StableDiffusionPipeline` is on the other side, so that "load" is
-    # reading the file and building the models on both sides
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-    from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: F401
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    if preimport:
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+        from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: F401
+        from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     imported, baseline = time.time(), rss_now()
     workflow = {"format": "nodegraph/1", "nodes": {
@@ -185,10 +189,12 @@ def measure(folder: Path, repeat: int, steps: int) -> dict:
     with open(path, "rb") as f:  # both sides find the file in the OS page cache, none pays the disk first
         while f.read(64 * 1024**2):
             pass
-    spawn("ours", path, steps), spawn("diffusers", path, steps)  # warm-up pair: imports' files cached too
-    runs = {"ours": [], "diffusers": []}
-    for i in range(repeat):
-        for side in ("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours"):
+    sides = ("ours", "diffusers", "ours-cli")
+    for side in sides:  # warm-up: imports' files cached too
+        spawn(side, path, steps)
+    runs = {side: [] for side in sides}
+    for i in range(repeat):  # each side goes first, second and third in turn
+        for side in sides[i % 3:] + sides[:i % 3]:
             runs[side].append(spawn(side, path, steps))
     return {"file_gib": path.stat().st_size / GIB, "build_s": build_s, "steps": steps, "runs": runs}
 
@@ -216,7 +222,7 @@ def report(data: dict) -> str:
     assert all(r["model_bytes"] == model for r in ours + ref), "the two sides built different models"
     lines = [f"SD 1.5-sized random checkpoint, one fp16 single file ({data['file_gib']:.2f} GiB) loaded as float32, "
              f"CPU, 64x64, {data['steps']} Euler steps, each run a fresh process; median over "
-             f"{len(ours)} interleaved pairs (min-max of the per-pair ratio), after one warm-up pair",
+             f"{len(ours)} interleaved rounds (min-max of the per-round ratio), after one warm-up round",
              f"  {'':34s} {'ours':>9s} {'diffusers':>10s}   ratio ours/diffusers"]
 
     def row(title, key, unit, scale=1.0, target=None, fmt=".2f"):
@@ -225,6 +231,9 @@ def report(data: dict) -> str:
                      f"({s['min']:.3f}-{s['max']:.3f}){verdict(s['ratio'], target)}")
 
     row("spawn to end of first step", "to_first_step_s", "s", target=1.0)
+    cli = summary([r["to_first_step_s"] for r in data["runs"]["ours-cli"]], [r["to_first_step_s"] for r in ref])
+    lines.append(f"  {'  the same, as `nodegraph run` does':34s} {cli['ours']:9.2f} {cli['ref']:10.2f} s    "
+                 f"{cli['ratio']:.3f}x ({cli['min']:.3f}-{cli['max']:.3f}){verdict(cli['ratio'], 1.0)}")
     row("  of which imports (+ start-up)", "imports_s", "s")
     row("  of which load", "load_s", "s")
     row("step after the first", "step_s", "s", fmt=".3f")
@@ -258,7 +267,9 @@ def main() -> None:
         build(Path(args.build))
     elif args.child:
         side, path = args.child
-        print(json.dumps((child_ours if side == "ours" else child_diffusers)(path, args.steps, args.spawned)))
+        child = {"ours": child_ours, "diffusers": child_diffusers,
+                 "ours-cli": lambda *a: child_ours(*a, preimport=False)}[side]
+        print(json.dumps(child(path, args.steps, args.spawned)))
     else:
         load = os.getloadavg()[0]
         data = measure(Path(args.sd15_dir), args.repeat, args.steps)

@@ -110,10 +110,16 @@ def _pipeline_config(folder: Path) -> dict:
 def _load_file(info: CheckpointInfo, dtype: torch.dtype) -> dict:
     """The components of a single file, through the same diffusers converters the pipelines' ``from_single_file``
     uses, from a state dict converted to ``dtype`` tensor by tensor as it is read (``read_state_dict``): the
-    models take over its tensors, so the peak memory is the model in ``dtype`` and not the file's copy too."""
-    from diffusers import pipelines
-    from diffusers.loaders.single_file import load_single_file_sub_model
-    checkpoint = read_state_dict(info.path, dtype)
+    models take over its tensors, so the peak memory is the model in ``dtype`` and not the file's copy too.
+    The file is read while diffusers is imported (the first load of a process: seconds of imports that hold
+    the other core idle otherwise)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read-checkpoint") as pool:
+        reading = pool.submit(read_state_dict, info.path, dtype)
+        from diffusers import pipelines
+        from diffusers.loaders.single_file import load_single_file_sub_model
+        checkpoint = reading.result()
     index = _pipeline_config(info.config_dir)
     components = {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
