@@ -103,6 +103,27 @@ def until_done(ws, prompt_id: str, timeout: float = WAIT) -> list[dict]:
     raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
 
+def run_prompt(url: str, prompt: dict, **extra) -> tuple[str, list[dict]]:
+    """ComfyUI's example client: connect, queue, read until our prompt is done; (prompt id, messages)."""
+    ws, client_id = connect(url)
+    try:
+        status, answer = request(f"{url}/prompt", {"prompt": prompt, "client_id": client_id, **extra})
+        assert status == 200, answer
+        return answer["prompt_id"], until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+
+
+def ran_nodes(messages) -> list[str]:
+    """The nodes the messages say were executed, in order."""
+    return [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
+
+
+def cached_nodes(messages) -> list[str]:
+    """The nodes of the (first) execution_cached message."""
+    return next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
+
+
 def wait_for(check, timeout: float = WAIT, every: float = 0.05):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

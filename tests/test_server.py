@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from nodegraph.api import Engine
-from tests.server_fixtures import (assert_interrupted_in_the_sampler, connect, img2img, kinds, request, server_folders,
-                                   txt2img, until_done, until_progress, wait_for)
+from tests.server_fixtures import (assert_interrupted_in_the_sampler, cached_nodes, connect, img2img, kinds, ran_nodes,
+                                   request, run_prompt, server_folders, txt2img, until_done, until_progress, wait_for)
 
 MAX_QUEUE = 3
 
@@ -33,29 +33,17 @@ def server(folders):
     running.stop()
 
 
-def run_prompt(server, prompt, **extra):
-    """ComfyUI's example client: connect, queue, read until our prompt is done; (prompt id, messages)."""
-    ws, client_id = connect(server.url)
-    try:
-        status, answer = request(f"{server.url}/prompt", {"prompt": prompt, "client_id": client_id, **extra})
-        assert status == 200, answer
-        return answer["prompt_id"], until_done(ws, answer["prompt_id"])
-    finally:
-        ws.close()
-
-
 def png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def test_comfy_example_client_flow_gives_the_engines_image(server, folders, tmp_path):
-    prompt_id, messages = run_prompt(server, img2img(seed=11, steps=4, prefix="flow"))
+    prompt_id, messages = run_prompt(server.url, img2img(seed=11, steps=4, prefix="flow"))
     assert messages[0]["type"] == "status" and "sid" in messages[0]["data"]
     order = kinds(messages, prompt_id)
     assert order[:2] == ["execution_start", "execution_cached"]
     assert order[-2:] == ["execution_success", "executing"]
-    executing = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
-    assert executing == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
+    assert ran_nodes(messages) == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
     steps = [(m["data"]["value"], m["data"]["max"]) for m in messages if m["type"] == "progress"]
     assert steps == [(1, 2), (2, 2)] and all(m["data"]["node"] == "s" for m in messages if m["type"] == "progress")
     executed = [m["data"] for m in messages if m["type"] == "executed"]
@@ -80,11 +68,10 @@ def test_comfy_example_client_flow_gives_the_engines_image(server, folders, tmp_
 
 
 def test_a_repeated_prompt_reports_its_nodes_cached_and_runs_only_the_saver(server):
-    run_prompt(server, img2img(seed=12, prefix="again"))
-    prompt_id, messages = run_prompt(server, img2img(seed=12, prefix="again"))
-    cached = next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
-    assert set(cached) == {"ckpt", "load", "enc", "pos", "s", "dec"}
-    assert [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]] == ["save"]
+    run_prompt(server.url, img2img(seed=12, prefix="again"))
+    prompt_id, messages = run_prompt(server.url, img2img(seed=12, prefix="again"))
+    assert set(cached_nodes(messages)) == {"ckpt", "load", "enc", "pos", "s", "dec"}
+    assert ran_nodes(messages) == ["save"]
     assert not [m for m in messages if m["type"] == "progress"]
 
 
@@ -332,9 +319,9 @@ def test_info_routes(server):
 
 
 def test_history_delete_and_clear(server):
-    first, _ = run_prompt(server, img2img(seed=71, prefix="h"))
-    second, _ = run_prompt(server, img2img(seed=72, prefix="h"))
-    third, _ = run_prompt(server, img2img(seed=73, prefix="h"))
+    first, _ = run_prompt(server.url, img2img(seed=71, prefix="h"))
+    second, _ = run_prompt(server.url, img2img(seed=72, prefix="h"))
+    third, _ = run_prompt(server.url, img2img(seed=73, prefix="h"))
     everything = list(request(f"{server.url}/history")[1])
     assert everything[-3:] == [first, second, third]
     assert list(request(f"{server.url}/history?max_items=2")[1]) == [second, third]
@@ -372,18 +359,10 @@ def test_limits_on_request_size_nodes_and_pixels(folders, tmp_path):
 
 
 def test_partial_execution_targets_and_front(server):
-    ws, client_id = connect(server.url)
-    try:
-        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=91), "client_id": client_id,
-                                                          "partial_execution_targets": ["enc"]})
-        assert status == 200
-        messages = until_done(ws, answer["prompt_id"])
-    finally:
-        ws.close()
-    ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
-    cached = next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
-    assert set(ran) | set(cached) == {"ckpt", "load", "enc"}  # enc and what it needs; no sampler, no saver
-    assert request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]["prompt"][4] == ["enc"]
+    prompt_id, messages = run_prompt(server.url, img2img(seed=91), partial_execution_targets=["enc"])
+    # enc and what it needs; no sampler, no saver
+    assert set(ran_nodes(messages)) | set(cached_nodes(messages)) == {"ckpt", "load", "enc"}
+    assert request(f"{server.url}/history/{prompt_id}")[1][prompt_id]["prompt"][4] == ["enc"]
     assert request(f"{server.url}/prompt", {"prompt": img2img(seed=92), "front": True})[1]["number"] < 0
 
 
@@ -404,7 +383,7 @@ def test_a_node_failing_at_run_time_is_an_execution_error_and_the_server_goes_on
     Image.new("RGB", (60, 60), "gray").save(folders["input"] / "odd.png")  # not a multiple of 8: VAEEncode refuses
     prompt = img2img(seed=97)
     prompt["nodes"]["load"]["params"]["path"] = "odd.png"
-    prompt_id, messages = run_prompt(server, prompt)
+    prompt_id, messages = run_prompt(server.url, prompt)
     order = kinds(messages, prompt_id)
     assert "execution_error" in order and "execution_success" not in order and order[-1] == "executing"
     error = next(m["data"] for m in messages if m["type"] == "execution_error")
@@ -415,7 +394,7 @@ def test_a_node_failing_at_run_time_is_an_execution_error_and_the_server_goes_on
                           "traceback", "current_inputs", "current_outputs"}
     entry = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
     assert entry["status"]["status_str"] == "error" and entry["status"]["messages"][-1][0] == "execution_error"
-    prompt_id, messages = run_prompt(server, img2img(seed=98, prefix="after"))
+    prompt_id, messages = run_prompt(server.url, img2img(seed=98, prefix="after"))
     assert "execution_success" in kinds(messages, prompt_id)
 
 
@@ -462,13 +441,13 @@ def test_cross_site_requests_are_refused_and_annotated_names_are_viewed(server):
 def test_free_forgets_the_cached_results_and_loaded_models_between_prompts(server):
     """ComfyUI's POST /free: unload_models and free_memory, done by the worker between prompts."""
     prompt = img2img(seed=81, prefix="free")
-    run_prompt(server, prompt)
-    _, again = run_prompt(server, prompt)
+    run_prompt(server.url, prompt)
+    _, again = run_prompt(server.url, prompt)
     cached = [m["data"]["nodes"] for m in again if m["type"] == "execution_cached"]
     assert cached and "ckpt" in cached[0]  # warm: nothing but the saver runs
     engine = server.server.engine
     assert request(f"{server.url}/free", {"unload_models": True, "free_memory": True})[0] == 200
     wait_for(lambda: len(engine.memory) == 0)
-    _, cold = run_prompt(server, prompt)
+    _, cold = run_prompt(server.url, prompt)
     cached = [m["data"]["nodes"] for m in cold if m["type"] == "execution_cached"]
     assert not cached or "ckpt" not in cached[0]  # the checkpoint is loaded again

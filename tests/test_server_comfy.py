@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server_fixtures import connect, img2img, request, server_folders, until_done
+from tests.server_fixtures import img2img, ran_nodes, request, run_prompt, server_folders
 
 comfy_api = pytest.importorskip("comfy_api_simplified")
 
@@ -93,16 +93,9 @@ def test_comfy_api_simplified_queues_waits_and_fetches_the_image(server):
 
 @needs_importer
 def test_comfys_default_prompt_runs_through_the_example_client_flow(server):
-    ws, client_id = connect(server.url)
-    try:
-        status, answer = request(f"{server.url}/prompt", {"prompt": DEFAULT_PROMPT, "client_id": client_id})
-        assert status == 200, answer
-        messages = until_done(ws, answer["prompt_id"])
-    finally:
-        ws.close()
-    nodes = {m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]}
-    assert nodes == set(DEFAULT_PROMPT)
-    history = request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]
+    prompt_id, messages = run_prompt(server.url, DEFAULT_PROMPT)
+    assert set(ran_nodes(messages)) == set(DEFAULT_PROMPT)
+    history = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
     assert history["status"]["status_str"] == "success"
     image = history["outputs"]["9"]["images"][0]
     assert image["type"] == "output" and image["filename"].startswith("ComfyUI")
@@ -122,19 +115,12 @@ def test_comfy_api_simplified_runs_comfys_prompt_by_node_title(server):
 
 @pytest.mark.skipif(_pending(PIXEL_PROMPT) is not None, reason=str(_pending(PIXEL_PROMPT)))
 def test_a_comfy_image_prompt_reports_comfy_ids_and_its_output_and_temp_images(server):
-    ws, client_id = connect(server.url)
-    try:
-        status, answer = request(f"{server.url}/prompt", {"prompt": PIXEL_PROMPT, "client_id": client_id})
-        assert status == 200, answer
-        messages = until_done(ws, answer["prompt_id"])
-    finally:
-        ws.close()
-    ran = {m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]}
-    assert ran == set(PIXEL_PROMPT)
+    prompt_id, messages = run_prompt(server.url, PIXEL_PROMPT)
+    assert set(ran_nodes(messages)) == set(PIXEL_PROMPT)
     executed = {m["data"]["node"]: m["data"]["output"]["images"] for m in messages if m["type"] == "executed"}
     assert set(executed) == {"3", "4"}
     assert executed["3"][0]["type"] == "output" and executed["4"][0]["type"] == "temp"
-    history = request(f"{server.url}/history/{answer['prompt_id']}")[1][answer["prompt_id"]]
+    history = request(f"{server.url}/history/{prompt_id}")[1][prompt_id]
     assert history["outputs"] == {"3": {"images": executed["3"]}, "4": {"images": executed["4"]}}
     assert sorted(history["prompt"][4]) == ["3", "4"]
     for node, size in (("3", (32, 32)), ("4", (64, 64))):

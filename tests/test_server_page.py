@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.server_fixtures import connect, img2img, request, server_folders, until_done
+from tests.server_fixtures import img2img, run_prompt, server_folders
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
                 None)
@@ -33,15 +33,9 @@ def dump_dom(url: str, profile) -> str:
 
 
 def test_the_page_shows_prompts_graphs_and_images(server, tmp_path):
-    ws, client_id = connect(server.url)
-    try:
-        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=3, prefix="page"),
-                                                          "client_id": client_id})
-        until_done(ws, answer["prompt_id"])
-    finally:
-        ws.close()
+    prompt_id, _ = run_prompt(server.url, img2img(seed=3, prefix="page"))
     dom = dump_dom(server.url + "/", tmp_path / "profile")
-    card = re.search(rf'<div class="card state-success" id="prompt-{answer["prompt_id"]}">(.*?)</div></div>',
+    card = re.search(rf'<div class="card state-success" id="prompt-{prompt_id}">(.*?)</div></div>',
                      dom, re.S)
     assert card, dom[:3000]
     html = card.group(1)

@@ -11,9 +11,10 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from nodegraph.api import Engine  # noqa: E402
-from tests.server_fixtures import (assert_interrupted_in_the_sampler, connect, img2img, kinds, request,  # noqa: E402
-                                   server_folders, txt2img, until_done, until_progress, wait_for)
-from tests.test_server import png, run_prompt  # noqa: E402
+from tests.server_fixtures import (assert_interrupted_in_the_sampler, cached_nodes, connect, img2img, kinds,  # noqa: E402
+                                   ran_nodes, request, run_prompt, server_folders, txt2img, until_done,
+                                   until_progress, wait_for)
+from tests.test_server import png  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,10 @@ def post(server, prompt, client_id):
 
 
 def test_comfy_client_flow_on_an_actor_gives_the_in_process_image(server, folders, tmp_path):
-    prompt_id, messages = run_prompt(server, img2img(seed=11, steps=4, prefix="flow"))
+    prompt_id, messages = run_prompt(server.url, img2img(seed=11, steps=4, prefix="flow"))
     order = kinds(messages, prompt_id)
     assert order[:2] == ["execution_start", "execution_cached"] and order[-2:] == ["execution_success", "executing"]
-    executing = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
-    assert executing == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
+    assert ran_nodes(messages) == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
     steps = [(m["data"]["value"], m["data"]["max"]) for m in messages if m["type"] == "progress"]
     assert steps == [(1, 2), (2, 2)]
     image = next(m["data"] for m in messages if m["type"] == "executed")["output"]["images"][0]
@@ -107,12 +107,11 @@ def test_interrupt_reaches_the_actor_running_that_prompt(server):
 
 
 def test_free_memory_empties_the_actors_caches_between_prompts(server):
-    cached = lambda messages: next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")  # noqa
-    run_prompt(server, img2img(seed=12, prefix="freed"))
-    assert set(cached(run_prompt(server, img2img(seed=12, prefix="freed"))[1])) >= {"ckpt", "s", "dec"}
+    run_prompt(server.url, img2img(seed=12, prefix="freed"))
+    assert set(cached_nodes(run_prompt(server.url, img2img(seed=12, prefix="freed"))[1])) >= {"ckpt", "s", "dec"}
     assert request(f"{server.url}/free", {"unload_models": True, "free_memory": True})[0] == 200
-    prompt_id, messages = run_prompt(server, img2img(seed=12, prefix="freed"))
-    assert cached(messages) == [] and "execution_success" in kinds(messages, prompt_id)
+    prompt_id, messages = run_prompt(server.url, img2img(seed=12, prefix="freed"))
+    assert cached_nodes(messages) == [] and "execution_success" in kinds(messages, prompt_id)
     assert sum(m["type"] == "progress" for m in messages) == 2  # sampled again
 
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tests.server_fixtures import connect, free_port, img2img, request, server_folders, until_done, wait_for
+from tests.server_fixtures import (cached_nodes, free_port, img2img, ran_nodes, request, run_prompt, server_folders,
+                                   wait_for)
 
 
 def start(folders, cache, log):
@@ -40,33 +41,21 @@ def stop(process):
         pytest.fail("the server did not stop within 60 s of SIGTERM")
 
 
-def run(url, prompt):
-    ws, client_id = connect(url)
-    try:
-        status, answer = request(f"{url}/prompt", {"prompt": prompt, "client_id": client_id})
-        assert status == 200, answer
-        return until_done(ws, answer["prompt_id"])
-    finally:
-        ws.close()
-
-
 def test_a_restarted_server_reports_nodes_from_the_disk_cache_as_cached(tiny, tmp_path):
     folders = server_folders(tmp_path, tiny)
     cache = tmp_path / "cache"
     with open(tmp_path / "server.log", "wb") as log:
         process, url = start(folders, cache, log)
         try:
-            first = run(url, img2img(seed=5, prefix="restart"))
+            first = run_prompt(url, img2img(seed=5, prefix="restart"))[1]
         finally:
             stop(process)
         process, url = start(folders, cache, log)
         try:
-            second = run(url, img2img(seed=5, prefix="restart"))
+            second = run_prompt(url, img2img(seed=5, prefix="restart"))[1]
         finally:
             stop(process)
-    cached = lambda messages: next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
-    ran = lambda messages: [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"]]
-    assert cached(first) == [] and ran(first) == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
-    assert set(cached(second)) == {"ckpt", "load", "enc", "pos", "s", "dec"} and ran(second) == ["save"]
+    assert cached_nodes(first) == [] and ran_nodes(first) == ["ckpt", "load", "enc", "pos", "s", "dec", "save"]
+    assert set(cached_nodes(second)) == {"ckpt", "load", "enc", "pos", "s", "dec"} and ran_nodes(second) == ["save"]
     assert sorted(p.name for p in folders["output"].iterdir()) == ["restart_00001.png", "restart_00002.png"]
     assert (folders["output"] / "restart_00001.png").stat().st_size > 0
