@@ -335,17 +335,23 @@ def test_inpaint_model_conditioning_and_differential_diffusion():
         convert_with_mask(prompt)
 
 
-def test_ksampler_advanced_steps():
-    prompt = txt2img()
+def split_at_step_2(prompt: dict, seed: int) -> dict:
+    """The prompt's KSampler ("3") as two KSamplerAdvanced: steps 0-2 with leftover noise ("3"), then 2-end
+    without adding noise ("10"), ComfyUI's base/refiner hand-off with one model."""
+    prompt = copy.deepcopy(prompt)
     inputs = prompt["3"]["inputs"]
     shared = {k: inputs[k] for k in ("model", "positive", "negative", "steps", "cfg", "sampler_name", "scheduler")}
     prompt["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **shared, "latent_image": ["5", 0], "noise_seed": 5, "add_noise": "enable", "start_at_step": 0,
+        **shared, "latent_image": ["5", 0], "noise_seed": seed, "add_noise": "enable", "start_at_step": 0,
         "end_at_step": 2, "return_with_leftover_noise": "enable"}}
     prompt["10"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **shared, "latent_image": ["3", 0], "noise_seed": 5, "add_noise": "disable", "start_at_step": 2,
+        **shared, "latent_image": ["3", 0], "noise_seed": seed, "add_noise": "disable", "start_at_step": 2,
         "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
-    nodes = import_api(prompt)["nodes"]
+    return prompt
+
+
+def test_ksampler_advanced_steps():
+    nodes = import_api(split_at_step_2(txt2img(), seed=5))["nodes"]
     assert nodes["3"]["params"] == {"seed": 5, "guidance_scale": 8, "steps": 3, "scheduler": "euler_linspace",
                                     "end_step": 2}
     assert nodes["10"]["params"] == {"seed": 5, "guidance_scale": 8, "steps": 3, "scheduler": "euler_linspace",
@@ -491,15 +497,7 @@ def test_ksampler_advanced_split_equals_one_run(engine):
 
     full = txt2img(steps=4, seed=9)
     whole = run_latent(engine, full)
-    split = copy.deepcopy(full)
-    inputs = split["3"]["inputs"]
-    shared = {k: inputs[k] for k in ("model", "positive", "negative", "steps", "cfg", "sampler_name", "scheduler")}
-    split["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **shared, "latent_image": ["5", 0], "noise_seed": 9, "add_noise": "enable", "start_at_step": 0,
-        "end_at_step": 2, "return_with_leftover_noise": "enable"}}
-    split["10"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **shared, "latent_image": ["3", 0], "noise_seed": 9, "add_noise": "disable", "start_at_step": 2,
-        "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    split = split_at_step_2(full, seed=9)
     first = run_latent(engine, split, "3")
     second = run_latent(engine, split, "10")
     assert (second - whole).abs().max() <= 1e-5
