@@ -18,6 +18,7 @@ from nodegraph.nodes.conditioning import encode_prompt
 from nodegraph.nodes.controlnet import (apply_controlnet, controlnet_path_problem, inpaint_control_image,
                                         load_controlnet)
 from nodegraph.nodes.latent import empty_latent, encode_image, inpaint_conditioning
+from tests.test_loop_hooks import Patch
 from tests.tiny_controlnet import random_controlnet
 from tests.test_diffusion_parity import assert_close, centre_mask, diffusers_scheduler, embeds, photo
 
@@ -192,11 +193,7 @@ def test_the_residuals_reach_the_unet_once_per_step(sd, controlnets):
         def unet_kwargs(self, step):
             seen.append((step.index, step.kwargs.get("mid_block_additional_residual")))
 
-    class SpyPatch(denoise.ModelPatch):
-        def hooks(self, run):
-            return [Spy()]
-
-    patched = apply_controlnet(model, cn, control(), 1.0, 0.0, 0.5).with_patch(SpyPatch())
+    patched = apply_controlnet(model, cn, control(), 1.0, 0.0, 0.5).with_patch(Patch(Spy()))
     denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=4,
                    guidance_scale=4.0, scheduler="euler", strength=1.0)
     assert [i for i, _ in seen] == [0, 1, 2, 3]
@@ -388,13 +385,9 @@ def test_sides_positive_leaves_the_unconditional_half_alone(sd, controlnets):
         def unet_kwargs(self, step):
             seen.append(step.kwargs["mid_block_additional_residual"])
 
-    class SpyPatch(denoise.ModelPatch):
-        def hooks(self, run):
-            return [Spy()]
-
     def run(sides, guidance, spy=False):
         patched = apply_controlnet(model, cn, control(), 1.0, sides=sides)
-        patched = patched.with_patch(SpyPatch()) if spy else patched
+        patched = patched.with_patch(Patch(Spy())) if spy else patched
         return denoise.sample(patched, encode_prompt(clip, PROMPT), None, empty_latent(64, 64), seed=1, steps=2,
                               guidance_scale=guidance, scheduler="euler", strength=1.0)
 
