@@ -104,6 +104,17 @@ def theirs(path: Path, size: int, steps: int, compile: bool) -> tuple[float, int
 PHOTO = REPO / "workflows" / "images" / "coffee_256.jpg"
 
 
+def inpaint_inputs(size: int) -> dict:
+    """The nodes that make the photo (resize), the mask (a centred box) and the control image: both sides use them."""
+    box = {"x": size // 4, "y": size // 4, "w": size // 2, "h": size // 2}
+    return {
+        "photo": {"type": "LoadImage", "params": {"path": str(PHOTO)}},
+        "resize": {"type": "ImageResize", "inputs": {"image": "photo.image"},
+                   "params": {"width": size, "height": size, "keep_aspect": False}},
+        "mask": {"type": "MaskShape", "params": {"width": size, "height": size, **box}},
+        "control": {"type": "InpaintControlImage", "inputs": {"image": "resize.image", "mask": "mask.mask"}}}
+
+
 def ours_controlnet(paths: tuple[Path, Path], size: int, steps: int, compile: bool) -> tuple[float, int]:
     import torch
 
@@ -111,15 +122,10 @@ def ours_controlnet(paths: tuple[Path, Path], size: int, steps: int, compile: bo
 
     checkpoint, controlnet = paths
     step_times, tick = step_timer()
-    box = {"x": size // 4, "y": size // 4, "w": size // 2, "h": size // 2}
     workflow = {"format": "nodegraph/1", "nodes": {
         "ckpt": {"type": "LoadCheckpoint", "params": {"path": str(checkpoint)}},
         "cn": {"type": "LoadControlNet", "params": {"path": str(controlnet)}},
-        "photo": {"type": "LoadImage", "params": {"path": str(PHOTO)}},
-        "resize": {"type": "ImageResize", "inputs": {"image": "photo.image"},
-                   "params": {"width": size, "height": size, "keep_aspect": False}},
-        "mask": {"type": "MaskShape", "params": {"width": size, "height": size, **box}},
-        "control": {"type": "InpaintControlImage", "inputs": {"image": "resize.image", "mask": "mask.mask"}},
+        **inpaint_inputs(size),
         "apply": {"type": "ApplyControlNet", "inputs": {"model": "ckpt.model", "control_net": "cn.control_net",
                                                         "image": "control.image"}},
         "pos": {"type": "CLIPEncode", "inputs": {"clip": "ckpt.clip"}, "params": {"text": "a potted plant"}},
@@ -144,14 +150,8 @@ def theirs_controlnet(paths: tuple[Path, Path], size: int, steps: int, compile: 
 
     checkpoint, controlnet = paths
     # the same image, mask and control image as ours, made by our nodes (their arithmetic is tested elsewhere)
-    box = {"x": size // 4, "y": size // 4, "w": size // 2, "h": size // 2}
-    made = Engine(cache_dir=False).run({"format": "nodegraph/1", "nodes": {
-        "photo": {"type": "LoadImage", "params": {"path": str(PHOTO)}},
-        "resize": {"type": "ImageResize", "inputs": {"image": "photo.image"},
-                   "params": {"width": size, "height": size, "keep_aspect": False}},
-        "mask": {"type": "MaskShape", "params": {"width": size, "height": size, **box}},
-        "control": {"type": "InpaintControlImage", "inputs": {"image": "resize.image", "mask": "mask.mask"}}}},
-        targets=["resize", "mask", "control"]).outputs
+    made = Engine(cache_dir=False).run({"format": "nodegraph/1", "nodes": inpaint_inputs(size)},
+                                       targets=["resize", "mask", "control"]).outputs
     pipe = StableDiffusionControlNetInpaintPipeline.from_single_file(
         str(checkpoint), config=str(CONFIGS_DIR / "sd1-inpainting"), torch_dtype=torch.float16,
         local_files_only=True, tokenizer=load_clip_tokenizer(CONFIGS_DIR / "sd1", "tokenizer"),
