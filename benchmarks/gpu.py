@@ -180,6 +180,8 @@ def pairs(path, size: int, steps: int, compile: bool, repeat: int, ours=ours, th
     for i in range(repeat + 1):  # the first pair warms up (and compiles): not counted
         order = [("ours", ours), ("diffusers", theirs)][:: 1 if i % 2 else -1]
         for name, fn in order:
+            if compile:  # each side compiles afresh: in one code cache, ours (inference_mode) and diffusers' (no_grad)
+                torch._dynamo.reset()  # fail each other's guards, and the recompiles run into dynamo's limit
             result = fn(path, size, steps, compile)
             clear_loaded_models()
             torch.cuda.empty_cache()
