@@ -44,7 +44,7 @@ class Engine:
     False turns the disk cache off. ``cache_size``: its limit in bytes (or "10GiB"); least recently used
     results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels). ``vram``: how loaded
     models share the GPU ("auto", "high", "normal", "low", "sequential"; docs/models.md), ``vram_budget``: the
-    bytes (or "12GiB") they may take there; ``compile`` / ``channels_last``: UNets compiled with torch.compile
+    bytes (or "12GiB") they may take there; ``compile`` / ``channels_last``: UNets and ControlNets compiled with torch.compile
     (once per model per process) / in the channels-last format on the GPU; all apply to the whole process. ``models``: models
     roots searched for names in file params, before $NODEGRAPH_MODELS and the model paths file
     (``model_paths``: a file, None for $NODEGRAPH_MODEL_PATHS or the user's one, False for none); a

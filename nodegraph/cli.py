@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "GPU: auto (default: normal within 90%% of it), high (all stay), normal (least recently used "
                      "leave past the budget), low (only the one in use), sequential (layer by layer)")
     run.add_argument("--vram-budget", metavar="SIZE", help="GPU memory the models may take, e.g. 12GiB")
-    run.add_argument("--compile", action="store_true", help="torch.compile each UNet once (GPU)")
-    run.add_argument("--channels-last", action="store_true", help="UNets in the channels-last format (GPU)")
+    run.add_argument("--compile", action="store_true", help="torch.compile each UNet and ControlNet once (GPU)")
+    run.add_argument("--channels-last", action="store_true", help="UNets and ControlNets in the channels-last format (GPU)")
     limits(run)
     models(run)
     plugins(run)

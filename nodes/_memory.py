@@ -27,6 +27,7 @@ from nodegraph.errors import NodegraphError
 
 MODES = ("auto", "high", "normal", "low", "sequential")
 AUTO_SHARE = 0.9  # "auto" on a GPU: "normal" within this share of its memory
+DENOISERS = ("unet", "controlnet")  # what --compile and --channels-last apply to
 
 
 def module_bytes(module) -> int:
@@ -49,7 +50,7 @@ class ModelManager:
         self.mode = "auto"
         self.budget: int | None = None
         self.compile = self.channels_last = False
-        self._prepared: "weakref.WeakSet[Any]" = weakref.WeakSet()  # UNets already compiled / reformatted
+        self._prepared: "weakref.WeakSet[Any]" = weakref.WeakSet()  # denoisers already compiled / reformatted
         self._lock = threading.RLock()
         self._resident: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # module -> bytes
         self._order: list[weakref.ref] = []  # least recently used first
@@ -60,8 +61,9 @@ class ModelManager:
 
     def configure(self, mode: str = "auto", budget: int | None = None, compile: bool = False,
                   channels_last: bool = False) -> None:
-        """``compile``: torch.compile each UNet once, the first time it comes to a GPU; ``channels_last``: UNets in
-        the channels-last memory format there (often faster convolutions on tensor cores)."""
+        """``compile``: torch.compile each denoiser (UNet, ControlNet) once, the first time it comes to a GPU;
+        ``channels_last``: denoisers in the channels-last memory format there (often faster convolutions on tensor
+        cores)."""
         if mode not in MODES:
             raise NodegraphError(f"--vram {mode}: choose one of {', '.join(MODES)}")
         with self._lock:
@@ -123,15 +125,16 @@ class ModelManager:
             if self.accounting.on_device + size > self.budget:
                 self.accounting.over_budget += 1
         module.to(device)
-        self._prepare_unet(module, device)
+        self._prepare_denoiser(module, device)
         self._resident[module] = size
         self._order.append(weakref.ref(module))
         self.accounting.on_device += size
         self.accounting.peak = max(self.accounting.peak, self.accounting.on_device)
         self.accounting.moves.append((self._names.get(module, "?"), "in", size))
 
-    def _prepare_unet(self, module, device) -> None:
-        if str(device) == "cpu" or module in self._prepared or self._names.get(module) != "unet":
+    def _prepare_denoiser(self, module, device) -> None:
+        # the ControlNet runs beside the UNet at every step: left eager, it would cost a compiled run its gain
+        if str(device) == "cpu" or module in self._prepared or self._names.get(module) not in DENOISERS:
             return
         if self.channels_last:
             import torch

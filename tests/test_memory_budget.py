@@ -139,3 +139,20 @@ def test_sequentially_offloaded_models_compute_on_their_hook_s_device(tiny):
         assert torch.allclose(generate(model, clip, vae), reference, atol=1e-5)
     finally:
         clear_loaded_models()
+
+
+def test_compile_and_channels_last_reach_unet_and_controlnet_once(manager):
+    """What --compile / --channels-last prepare when a module first comes to a GPU. The CPU is never prepared,
+    so the GPU device is named directly, and a spy stands in for torch.compile (tests/test_gpu.py runs it)."""
+    manager.configure("high", compile=True, channels_last=True)
+    modules = {name: torch.nn.Conv2d(4, 4, 3) for name in ("unet", "controlnet", "vae")}
+    compiled = []
+    for name, module in modules.items():
+        module.compile = lambda name=name: compiled.append(name)  # spy in place of a GPU compile
+        manager._names[module] = name
+    for _ in range(2):
+        for module in modules.values():
+            manager._prepare_denoiser(module, "cuda:0")
+    manager._prepare_denoiser(torch.nn.Conv2d(4, 4, 3), "cpu")
+    assert compiled == ["unet", "controlnet"]
+    assert [m.weight.is_contiguous(memory_format=torch.channels_last) for m in modules.values()] == [True, True, False]
