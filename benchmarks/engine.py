@@ -1,6 +1,6 @@
 """Executor overhead per node, in microseconds, for chains and fan-outs of trivial nodes.
 
-    python benchmarks/engine.py [--sizes 1000 10000 100000 1000000] [--repeat 3] [--memory]
+    python benchmarks/engine.py [--sizes 1000 10000 100000 1000000] [--repeat 3] [--memory] [--floor]
 
 Each workflow is a JSON file, as the CLI and the server get them. For each shape and size:
 validation alone (a fresh engine: read + checks + order), the first run (a fresh engine:
@@ -10,6 +10,11 @@ validated before and its keys made) and a rerun after changing the param of the 
 µs/node at the largest size over the smallest (1.0 = linear) and, with --memory, the peak
 memory the engine allocates per node for a first run of 100,000 nodes (tracemalloc, in a
 fresh process).
+
+With --floor, the same ratio for three steps that involve no engine code, on the same files: the
+standard library's json.loads, a copy of each node's dict, and a dict lookup by node id. They show how
+much of the growth from the smallest size to the largest this machine's memory gives any Python
+program that holds one object per node (more than 1.3 on a virtual machine with 4 KiB pages).
 
 Shapes: a chain (source -> n-2 adders -> sink) and a fan-out (one source feeding n-1 adders
 that are all output nodes with different amounts: every node is needed and no two share a
@@ -132,11 +137,30 @@ def peak_bytes_per_node(shape: str, n: int, folder: Path) -> float:
     return int(done.stdout.split()[-1]) / n
 
 
+def floor(sizes: list[int], repeat: int) -> None:
+    """µs per node, at the smallest and the largest size, of steps that involve no engine code."""
+    print("\nsteps without the engine, µs/node (ratio of the largest size to the smallest):")
+    for shape, (make, _) in SHAPES.items():
+        rows = []
+        for n in (min(sizes), max(sizes)):
+            text = json.dumps(make(n))
+            nodes = json.loads(text)["nodes"]
+            ids = list(nodes)
+            index = {node_id: i for i, node_id in enumerate(ids)}
+            steps = (lambda: json.loads(text), lambda: [dict(v) for v in nodes.values()],
+                     lambda: [index[node_id] for node_id in ids])
+            rows.append([timed(step, repeat) / n * 1e6 for step in steps])
+        names = ("json.loads", "copy each node's dict", "dict lookup by id")
+        print(f"  {shape:<7} " + "  ".join(f"{name}: {a:.3f} -> {b:.3f} ({b / a:.2f})"
+                                           for name, a, b in zip(names, *rows)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="also the peak memory per node at 100,000 nodes")
+    parser.add_argument("--floor", action="store_true", help="also the growth of steps that involve no engine code")
     args = parser.parse_args()
     columns = ["validate", "first run", "cached rerun", "last changed"]
     Engine(registry=registry(), cache_dir=False).run(chain(10))  # imports and first-use costs out of the way
@@ -160,6 +184,8 @@ def main() -> None:
                 per_node = peak_bytes_per_node(shape, 100_000, Path(folder))
                 print(f"peak memory of a first run, {shape}, 100,000 nodes: {per_node:,.0f} bytes/node "
                       "(target <= 3,000)")
+    if args.floor:
+        floor(args.sizes, args.repeat)
 
 
 if __name__ == "__main__":
