@@ -160,14 +160,21 @@ def execute(graph: Graph, config: RunConfig, memory: MemoryCache, disk: DiskCach
         run.result.seconds = time.perf_counter() - start
         # dependency order; cut-off nodes are "skipped", nodes a failure kept from running are left out
         with gc_paused():
-            nodes = dict.fromkeys(_needed_in_order(graph), _SKIPPED)  # in C: a cached rerun loops over nothing
-            nodes.update(run.statuses)
-            for node_id in run.to_run:  # only these have plain-tuple statuses (see NodeStatus)
-                status = run.statuses.get(node_id)
-                if status is None:
-                    del nodes[node_id]
-                elif type(status) is tuple:
-                    nodes[node_id] = NodeStatus._make(status)
+            order = _needed_in_order(graph)
+            if len(run.statuses) == len(run.to_run) == len(order):  # every needed node ran: already in order
+                nodes = run.statuses
+                for node_id, status in nodes.items():
+                    if type(status) is tuple:  # plain tuples during the loop (see NodeStatus)
+                        nodes[node_id] = NodeStatus._make(status)
+            else:
+                nodes = dict.fromkeys(order, _SKIPPED)  # in C: a cached rerun loops over nothing
+                nodes.update(run.statuses)
+                for node_id in run.to_run:  # only these have plain-tuple statuses
+                    status = run.statuses.get(node_id)
+                    if status is None:
+                        del nodes[node_id]
+                    elif type(status) is tuple:
+                        nodes[node_id] = NodeStatus._make(status)
             run.result.nodes = nodes
     return run.result
 
@@ -207,8 +214,9 @@ class _Run:
     def run_nodes(self) -> None:
         try:
             with gc_frozen():
+                everything = len(self.to_run) == len(self.keys.order)  # then no lookup per node
                 for node_id in self.keys.order:
-                    if node_id in self.to_run:
+                    if everything or node_id in self.to_run:
                         self.run_one(node_id)
                 _check_interrupt(self.config, None, self.graph)  # a stop during the last node is still a stop
         except Interrupted as exc:
