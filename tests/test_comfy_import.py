@@ -692,3 +692,82 @@ def test_junk_values_in_every_type_are_problems_never_crashes(junk):
             assert all(i.node_id for i in exc.issues)
         else:
             assert "format" in workflow
+
+
+def test_a_second_ksampler_on_a_masked_latent_keeps_the_mask():
+    """ComfyUI's KSampler returns its latent with the noise mask it was given (``out = latent.copy()``), so a
+    refining pass after an inpainting pass repaints only the mask too."""
+    for latent_type, mask in (("VAEEncodeForInpaint", "13.mask"), ("SetLatentNoiseMask", "12.mask")):
+        prompt = inpaint_prompt(latent_type)
+        prompt["30"] = {"class_type": "KSampler", "inputs": {**prompt["3"]["inputs"], "latent_image": ["3", 0],
+                                                             "denoise": 0.5}}
+        nodes = convert_with_mask(prompt)
+        assert nodes["30"]["type"] == "LatentBlendSampler"
+        assert nodes["30"]["inputs"]["latent"] == "3.latent" and nodes["30"]["inputs"]["mask"] == mask
+    prompt = txt2img()  # without a mask the second pass stays a plain Sampler
+    prompt["30"] = {"class_type": "KSampler", "inputs": {**prompt["3"]["inputs"], "latent_image": ["3", 0]}}
+    assert to_nodegraph(prompt)["nodes"]["30"]["type"] == "Sampler"
+
+
+@pytest.mark.parametrize("inputs", [{"denoise": 5e-324}, {"denoise": 1e-310}, {"denoise": 0.001, "steps": 10**400}])
+def test_a_denoise_whose_schedule_cannot_be_run_names_ksampler_and_denoise(inputs):
+    issues = problems(txt2img(**inputs))
+    assert [(i.node_id, i.node_type, i.field) for i in issues] == [("3", "KSampler", "denoise")]
+    assert "steps" in issues[0].message
+
+
+def test_a_denoise_beyond_nodegraph_s_step_bound_is_reported_on_denoise():
+    """20 steps at denoise 0.01 is ComfyUI's 2000-step schedule: more than nodegraph's samplers take, which the
+    user is told about denoise, the value they set, not about a steps param they never wrote."""
+    issues = problems(txt2img(steps=20, denoise=0.01))
+    assert [(i.node_id, i.node_type, i.field) for i in issues] == [("3", "KSampler", "denoise")]
+    assert "2000" in issues[0].message
+
+
+@pytest.mark.parametrize("as_text", ["links", "nodes"])
+def test_editor_node_ids_match_whether_written_as_numbers_or_strings(as_text):
+    """The editor looks nodes up by id as object keys, so 4 and "4" are the same node; files written by other
+    tools mix them."""
+    editor = load("txt2img_editor.json")
+    expected = editor_to_api(copy.deepcopy(editor))
+    if as_text == "links":
+        for link in editor["links"]:
+            link[1], link[3] = str(link[1]), str(link[3])
+    else:
+        for node in editor["nodes"]:
+            node["id"] = str(node["id"])
+    assert editor_to_api(editor) == expected
+
+
+@pytest.mark.parametrize("same_id", [7, "7"])
+def test_editor_duplicate_node_ids_are_a_problem_not_a_silent_pick(same_id):
+    """Two nodes with one id: which one the links meant cannot be told, so neither prompt is taken silently."""
+    editor = load("txt2img_editor.json")
+    copy_of_7 = copy.deepcopy(next(n for n in editor["nodes"] if n["id"] == 7))
+    copy_of_7["id"] = same_id
+    copy_of_7["widgets_values"] = ["a different prompt"]
+    editor["nodes"].append(copy_of_7)
+    with pytest.raises(WorkflowInvalid) as caught:
+        editor_to_api(editor)
+    assert [(i.node_id, "more than one node" in i.message) for i in caught.value.issues] == [("7", True)]
+
+
+@PIXEL_TYPES
+def test_a_refining_pass_after_inpainting_changes_only_the_mask(tmp_path, engine):
+    """The inpainting example with a second KSampler (denoise 0.5) on the first one's latent: as in ComfyUI, the
+    latent still carries its noise mask, so outside the mask the second pass returns its input unchanged."""
+    import torch
+    import torch.nn.functional as F
+
+    prompt = editor_to_api(json.loads(prepare(tmp_path, "inpaint_editor.json").read_text()))
+    prompt["20"] = {"class_type": "KSampler", "inputs": {**prompt["9"]["inputs"], "latent_image": ["9", 0],
+                                                         "seed": 7, "denoise": 0.5}}
+    prompt["11"]["inputs"]["samples"] = ["20", 0]
+    source = tmp_path / "refine_api.json"
+    source.write_text(json.dumps(prompt))
+    outputs = engine.run(source, targets=["8", "9", "20"], out_dir=tmp_path / "out", device="cpu").outputs
+    first, second = outputs["9"]["latent"].samples, outputs["20"]["latent"].samples
+    keep = F.interpolate(outputs["8"]["mask"], size=first.shape[-2:], mode="nearest") < 0.5
+    assert keep.any() and (~keep).any()
+    assert torch.equal(torch.where(keep, second, 0), torch.where(keep, first, 0))
+    assert not torch.allclose(second, first)

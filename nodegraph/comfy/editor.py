@@ -70,10 +70,13 @@ def editor_to_api(doc: dict) -> dict:
     converters()  # the specs say the widget order
     problems: list[Issue] = []
     links = _links(doc["links"], problems)
-    nodes = {}
+    nodes = {}  # by the id as text: the editor keeps nodes in an object keyed by id, where 4 and "4" are one key
     for raw in doc["nodes"]:
         if isinstance(raw, dict) and _is_id(raw.get("id")) and isinstance(raw.get("type"), str):
-            nodes[raw["id"]] = raw
+            if str(raw["id"]) in nodes:
+                problems.append(Issue("comfy_import", f"nodes: more than one node has id {raw['id']!r} "
+                                                      "(give each node its own id)", node_id=str(raw["id"])))
+            nodes[str(raw["id"])] = raw
         else:
             problems.append(Issue("comfy_import", f"nodes: {str(raw)[:80]} is not a node (it needs id and type)"))
 
@@ -86,7 +89,7 @@ def editor_to_api(doc: dict) -> dict:
         link = links.get(link_id) if _is_id(link_id) else None
         if link is None or link_id in seen:
             return None
-        origin = nodes.get(link["origin_id"])
+        origin = nodes.get(str(link["origin_id"]))
         if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
             return None
         if origin["type"] == "Reroute" or origin.get("mode") == BYPASSED:
