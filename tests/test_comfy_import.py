@@ -771,3 +771,20 @@ def test_a_refining_pass_after_inpainting_changes_only_the_mask(tmp_path, engine
     assert keep.any() and (~keep).any()
     assert torch.equal(torch.where(keep, second, 0), torch.where(keep, first, 0))
     assert not torch.allclose(second, first)
+
+
+@PIXEL_TYPES
+def test_editor_upload_button_value_follows_the_required_widgets():
+    """ComfyUI's editor appends the upload button to the required inputs, so LoadImageMask saves the channel
+    before the button's value; files saved before the button was stored lack it."""
+    for values in (["m.png", "red", "image"], ["m.png", "red"]):
+        doc = {"nodes": [{"id": 2, "type": "LoadImageMask", "mode": 0, "widgets_values": values,
+                          "outputs": [{"name": "MASK", "type": "MASK", "links": [1]}]},
+                         {"id": 3, "type": "InvertMask", "mode": 0, "inputs": [{"name": "mask", "type": "MASK",
+                                                                                 "link": 1}]}],
+               "links": [[1, 2, 0, 3, 0, "MASK"]]}
+        assert editor_to_api(doc)["2"]["inputs"] == {"image": "m.png", "channel": "red"}
+        assert to_nodegraph(doc)["nodes"]["2_channel"]["params"] == {"channel": "red"}
+    load_image = {"nodes": [{"id": 6, "type": "LoadImage", "mode": 0, "widgets_values": ["photo.png", "image"]}],
+                  "links": []}
+    assert editor_to_api(load_image)["6"]["inputs"] == {"image": "photo.png"}

@@ -2,7 +2,8 @@
 
 The editor keeps a node's values positionally in ``widgets_values``, in the order of the type's widget
 inputs (``ComfyType``: INT, FLOAT, STRING, BOOLEAN and choice lists), with one extra value after a seed
-(``control_after_generate``) and after an image upload widget. Links are ``[id, origin id, origin slot,
+(``control_after_generate``) and, for an image upload widget, one after the required widgets (the upload
+button, which the editor appends to them: LoadImageMask saves ["m.png", "red", "image"]). Links are ``[id, origin id, origin slot,
 target id, target slot, type]`` (or objects with those names). As ComfyUI's own export does: muted nodes
 (mode 2) are left out, bypassed ones (mode 4) pass their input of the output's type through, Reroute nodes
 are followed to their source, and a PrimitiveNode's value is already in its targets' widgets_values.
@@ -56,13 +57,17 @@ def _is_widget(spec: tuple) -> bool:
 
 def _widget_names(spec) -> list[tuple[str, int]]:
     """(input name, extra values after it) for each widget input, in ComfyUI's order."""
-    names = []
-    for name, entry in {**spec.required, **spec.optional}.items():
-        if _is_widget(entry):
-            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            extra = int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
-            names.append((name, extra))
-    return names
+    names: list[list] = []
+    for inputs in (spec.required, spec.optional):
+        upload = 0
+        for name, entry in inputs.items():
+            if _is_widget(entry):
+                options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                names.append([name, int(bool(options.get("control_after_generate")))])
+                upload += int(bool(options.get("image_upload")))
+        if inputs is spec.required and upload and names:
+            names[-1][1] += upload  # the editor adds the upload button as one more required input, after the others
+    return [(name, extra) for name, extra in names]
 
 
 def editor_to_api(doc: dict) -> dict:
