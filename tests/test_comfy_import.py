@@ -788,3 +788,31 @@ def test_editor_upload_button_value_follows_the_required_widgets():
     load_image = {"nodes": [{"id": 6, "type": "LoadImage", "mode": 0, "widgets_values": ["photo.png", "image"]}],
                   "links": []}
     assert editor_to_api(load_image)["6"]["inputs"] == {"image": "photo.png"}
+
+
+def test_cli_import_into_a_folder_or_a_pipe_never_replaces_it(tmp_path):
+    """-o naming a folder is a usage error; a pipe or a device (/dev/stdout, /dev/null) is written to, never
+    replaced by a file (as root, replacing /dev/null would break the whole system)."""
+    import os
+    import stat
+
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(txt2img()))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    done = cli("import", api, "-o", folder)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "folder" in done.stderr
+    assert folder.is_dir() and not any(folder.iterdir())
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # a reader is there, so the writer does not wait
+    try:
+        done = cli("import", api, "-o", pipe)
+        assert done.returncode == 0, done.stderr
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+        received = b""
+        while chunk := os.read(reader, 65536):
+            received += chunk
+    finally:
+        os.close(reader)
+    assert json.loads(received) == to_nodegraph(txt2img())
