@@ -816,3 +816,28 @@ def test_cli_import_into_a_folder_or_a_pipe_never_replaces_it(tmp_path):
     finally:
         os.close(reader)
     assert json.loads(received) == to_nodegraph(txt2img())
+
+
+def test_long_chains_import_without_exhausting_the_stack():
+    """Depth is bounded by the node limit (100,000), not by Python's recursion limit: a generated workflow with a
+    long chain (or a long line of reroutes) imports, and a cycle in one is still reported."""
+    prompt = {"0": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    for i in range(1, 3000):
+        prompt[str(i)] = {"class_type": "LatentUpscaleBy", "inputs": {
+            "samples": [str(i - 1), 0], "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    prompt = dict(reversed(prompt.items()))  # the last node first: its sources are found by following links
+    nodes = to_nodegraph(prompt)["nodes"]
+    assert len(nodes) == 3000 and nodes["2999"]["inputs"] == {"latent": "2998.latent"}
+    prompt["0"] = {"class_type": "LatentUpscaleBy", "inputs": {
+        "samples": ["2999", 0], "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    assert any("cycle" in i.message for i in problems(prompt))
+
+    editor_nodes = [{"id": 1, "type": "EmptyLatentImage", "mode": 0, "widgets_values": [64, 64, 1]}]
+    links = []
+    for i in range(2, 2000):
+        editor_nodes.append({"id": i, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": i}]})
+        links.append([i, i - 1, 0, i, 0, "LATENT"])
+    editor_nodes.append({"id": 5000, "type": "LatentUpscaleBy", "mode": 0, "widgets_values": ["nearest-exact", 1.0],
+                         "inputs": [{"name": "samples", "type": "LATENT", "link": 5000}]})
+    links.append([5000, 1999, 0, 5000, 0, "LATENT"])
+    assert editor_to_api({"nodes": editor_nodes, "links": links})["5000"]["inputs"]["samples"] == ["1", 0]

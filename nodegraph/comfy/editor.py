@@ -89,15 +89,20 @@ def editor_to_api(doc: dict) -> dict:
         entries = raw.get("inputs")
         return [i for i in entries if isinstance(i, dict)] if isinstance(entries, list) else []
 
-    def source(link_id: Any, seen: tuple = ()) -> list | None:
-        """[origin id, slot] after following reroutes and bypassed nodes; None for no source."""
-        link = links.get(link_id) if _is_id(link_id) else None
-        if link is None or link_id in seen:
-            return None
-        origin = nodes.get(str(link["origin_id"]))
-        if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
-            return None
-        if origin["type"] == "Reroute" or origin.get("mode") == BYPASSED:
+    def source(link_id: Any) -> list | None:
+        """[origin id, slot] after following reroutes and bypassed nodes; None for no source. A loop, not
+        recursion: a line of reroutes may be longer than Python's recursion limit."""
+        seen = set()
+        while True:
+            link = links.get(link_id) if _is_id(link_id) else None
+            if link is None or link_id in seen:
+                return None
+            seen.add(link_id)
+            origin = nodes.get(str(link["origin_id"]))
+            if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
+                return None
+            if origin["type"] != "Reroute" and origin.get("mode") != BYPASSED:
+                return [str(origin["id"]), link["origin_slot"]]
             linked = [i for i in inputs_of(origin) if i.get("link") is not None]
             if origin["type"] != "Reroute":  # bypass: the input at the output's slot if its type fits, else the first
                 slot, kind = link["origin_slot"], link.get("type")
@@ -105,8 +110,9 @@ def editor_to_api(doc: dict) -> dict:
                 same = [inputs[slot]] if slot < len(inputs) and inputs[slot] in linked and \
                     inputs[slot].get("type") == kind else []
                 linked = same or [i for i in linked if i.get("type") == kind]
-            return source(linked[0]["link"], seen + (link_id,)) if linked else None
-        return [str(origin["id"]), link["origin_slot"]]
+            if not linked:
+                return None
+            link_id = linked[0]["link"]
 
     prompt = {}
     for nid, raw in nodes.items():
