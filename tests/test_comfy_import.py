@@ -841,3 +841,22 @@ def test_long_chains_import_without_exhausting_the_stack():
                          "inputs": [{"name": "samples", "type": "LATENT", "link": 5000}]})
     links.append([5000, 1999, 0, 5000, 0, "LATENT"])
     assert editor_to_api({"nodes": editor_nodes, "links": links})["5000"]["inputs"]["samples"] == ["1", 0]
+
+
+def test_the_workflow_of_a_very_large_png_is_read(tmp_path):
+    """Only the text chunks are read, never the pixels: a 16384 x 16384 PNG (ComfyUI's largest side), which
+    Pillow's decompression-bomb guard refuses to decode, still gives its workflow."""
+    import struct
+    import zlib
+
+    from nodegraph.workflow import load_comfy_document
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 16384, 16384, 8, 2, 0, 0, 0)
+    png = tmp_path / "upscaled.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                    + chunk(b"tEXt", b"prompt\0" + json.dumps(txt2img()).encode())
+                    + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    assert load_comfy_document(png) == txt2img()
