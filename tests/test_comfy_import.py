@@ -860,3 +860,18 @@ def test_the_workflow_of_a_very_large_png_is_read(tmp_path):
                     + chunk(b"tEXt", b"prompt\0" + json.dumps(txt2img()).encode())
                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     assert load_comfy_document(png) == txt2img()
+
+
+def test_an_api_prompt_with_a_broken_node_is_still_read_as_one():
+    """One node without class_type (a hand edit, a tool's bug) is reported as that node's problem, not as a
+    nodegraph workflow missing "format" and "nodes"."""
+    for wrap in (lambda p: p, lambda p: {"prompt": p, "client_id": "abc"}):
+        prompt = txt2img()
+        del prompt["5"]["class_type"]
+        prompt["20"] = None
+        assert detect_format(wrap(prompt)) == COMFY_API
+        issues = problems(wrap(prompt))
+        assert {(i.node_id, i.message) for i in issues if "not a ComfyUI node" in i.message} == {
+            ("5", "is not a ComfyUI node (it needs class_type and inputs)"),
+            ("20", "is not a ComfyUI node (it needs class_type and inputs)")}
+        assert all(i.node_id for i in issues)
