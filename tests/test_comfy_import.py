@@ -875,3 +875,18 @@ def test_an_api_prompt_with_a_broken_node_is_still_read_as_one():
             ("5", "is not a ComfyUI node (it needs class_type and inputs)"),
             ("20", "is not a ComfyUI node (it needs class_type and inputs)")}
         assert all(i.node_id for i in issues)
+
+
+def test_editor_subgraphs_and_group_nodes_say_to_export_the_api_format():
+    """A subgraph's node type is its id (a UUID) and a group node's is "workflow>name": neither is a custom
+    node. ComfyUI's API export flattens both, so that is what the problem points to."""
+    editor = load("txt2img_editor.json")
+    uuid = "0f3b8c1e-5d2a-4c7b-9e61-2a4d8f0c7b13"
+    editor["definitions"] = {"subgraphs": [{"id": uuid, "name": "Hires fix", "nodes": [], "links": []}]}
+    editor["extra"]["groupNodes"] = {"Face fix": {"nodes": [], "links": []}}
+    editor["nodes"] += [{"id": 30, "type": uuid, "mode": 0, "inputs": [], "outputs": []},
+                        {"id": 31, "type": "workflow>Face fix", "mode": 0, "inputs": [], "outputs": []}]
+    issues = {i.node_id: i for i in problems(editor)}
+    assert "Hires fix" in issues["30"].message and "Export (API)" in issues["30"].message
+    assert "Face fix" in issues["31"].message and "Export (API)" in issues["31"].message
+    assert all("custom node" not in i.message for i in issues.values())

@@ -70,6 +70,23 @@ def _widget_names(spec) -> list[tuple[str, int]]:
     return [(name, extra) for name, extra in names]
 
 
+def _nested_graphs(doc: dict) -> dict[str, str]:
+    """Node types that are graphs of the file itself, not node classes: a subgraph's type is its id (its
+    definition in ``definitions.subgraphs``), a group node's "workflow>name" (in ``extra.groupNodes``)."""
+    found = {}
+    definitions = doc.get("definitions")
+    subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+    for graph in subgraphs if isinstance(subgraphs, list) else ():
+        if isinstance(graph, dict) and isinstance(graph.get("id"), str):
+            found[graph["id"]] = f"subgraph '{graph.get('name') or graph['id']}'"
+    extra = doc.get("extra")
+    groups = extra.get("groupNodes") if isinstance(extra, dict) else None
+    for name in groups if isinstance(groups, dict) else ():
+        for separator in (">", "/"):  # ComfyUI's current and earlier spelling
+            found[f"workflow{separator}{name}"] = f"group node '{name}'"
+    return found
+
+
 def editor_to_api(doc: dict) -> dict:
     """An API-format prompt for an editor-format workflow; structural problems raise WorkflowInvalid."""
     converters()  # the specs say the widget order
@@ -114,9 +131,15 @@ def editor_to_api(doc: dict) -> dict:
                 return None
             link_id = linked[0]["link"]
 
+    nested = _nested_graphs(doc)
     prompt = {}
     for nid, raw in nodes.items():
         if raw["type"] in UI_ONLY or raw.get("mode") in (MUTED, BYPASSED):
+            continue
+        if raw["type"] in nested:
+            problems.append(Issue("comfy_import", f"is the {nested[raw['type']]}, which this importer does not "
+                                                  "expand; save the workflow with ComfyUI's Export (API), which "
+                                                  "flattens it", node_id=str(nid), node_type=raw["type"]))
             continue
         inputs: dict[str, Any] = {}
         spec = SPECS.get(raw["type"])
