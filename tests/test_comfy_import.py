@@ -890,3 +890,15 @@ def test_editor_subgraphs_and_group_nodes_say_to_export_the_api_format():
     assert "Hires fix" in issues["30"].message and "Export (API)" in issues["30"].message
     assert "Face fix" in issues["31"].message and "Export (API)" in issues["31"].message
     assert all("custom node" not in i.message for i in issues.values())
+
+
+def test_a_null_value_is_a_problem_not_nodegraph_s_default():
+    """ComfyUI refuses a null widget value ("Failed to convert an input value"); taking nodegraph's default
+    instead (seed 0, 25 steps, a 512-pixel side) would run something the prompt never asked for."""
+    prompt = txt2img(seed=None, steps=None, cfg=None, denoise=None)
+    prompt["5"]["inputs"]["width"] = None
+    issues = problems(prompt)
+    assert sorted((i.node_id, i.node_type, i.field) for i in issues) == [
+        ("3", "KSampler", "cfg"), ("3", "KSampler", "denoise"), ("3", "KSampler", "seed"), ("3", "KSampler", "steps"),
+        ("5", "EmptyLatentImage", "width")]
+    assert all("null" in i.message for i in issues)

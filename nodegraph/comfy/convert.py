@@ -218,6 +218,9 @@ class Builder:
         if value is ...:
             self.problem(node, name, "is missing")
             return None
+        if value is None and name in node.inputs:  # ComfyUI refuses it; a default would run something else
+            self.problem(node, name, "is null; give a value")
+            return None
         if is_link(value):
             self.problem(node, name, "is linked; this importer takes a value here")
             return None
