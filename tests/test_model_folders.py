@@ -4,6 +4,7 @@ missing names with the closest ones, `nodegraph models`, and cache keys that fol
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +339,20 @@ def test_a_served_name_in_any_models_folder_a_plugin_declares_is_allowed(tmp_pat
         assert engine.run(workflow).outputs["r"]["x"].tolist() == [value, value]
     (issue,) = engine.validate(wf(r={"type": "ReadUpscaler", "params": {"path": "leak.pth"}}))
     assert issue.code == "confined_path"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+def test_models_on_the_dev_shm_ram_disk_are_read(stub_registry, tmp_path):
+    """/dev/shm is a tmpfs of ordinary files, where models are often copied to load fast: a models root or a
+    path there is read like any other, while the devices under /dev are still refused."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        root = put(Path(shm) / "models" / "checkpoints" / "fast.safetensors", "3").parents[1]
+        engine = Engine(registry=stub_registry, cache_dir=False, models=[root])
+        assert engine.validate(reading("fast.safetensors")) == []
+        result = engine.run(reading(str(root / "checkpoints" / "fast.safetensors")), targets=["r"],
+                            out_dir=tmp_path / "out")
+        assert result.outputs["r"]["x"].tolist() == [3.0, 3.0]
+    (issue,) = engine.validate(reading("/dev/zero"))
+    assert issue.code == "bad_file" and "/dev" in issue.message
