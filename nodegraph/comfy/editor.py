@@ -3,8 +3,8 @@
 The editor keeps a node's values positionally in ``widgets_values``, in the order of the type's widget
 inputs (``ComfyType``: INT, FLOAT, STRING, BOOLEAN and choice lists), with one extra value after a seed
 (``control_after_generate``) and, for an image upload widget, one after the required widgets (the upload
-button, which the editor appends to them: LoadImageMask saves ["m.png", "red", "image"]). Links are ``[id, origin id, origin slot,
-target id, target slot, type]`` (or objects with those names). As ComfyUI's own export does: muted nodes
+button, which the editor appends to them: LoadImageMask saves ["m.png", "red", "image"]). Links are
+``[id, origin id, origin slot, target id, target slot, type]`` (or objects with those names). As ComfyUI's own export does: muted nodes
 (mode 2) are left out, bypassed ones (mode 4) pass their input of the output's type through, Reroute nodes
 are followed to their source, and a PrimitiveNode's value is already in its targets' widgets_values.
 """
