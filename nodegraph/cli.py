@@ -316,7 +316,27 @@ def _import(args) -> tuple[int, dict | None]:
         if not args.json:
             sys.stdout.write(text)
         return EXIT_OK, {"workflow": json.loads(text)}
-    write_text_atomic(Path(args.output), text)
+    import os
+    import stat
+
+    target = Path(args.output)
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        return _error(f"cannot write {args.output}: {exc.strerror or exc}", EXIT_FAILED)
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UsageError(f"-o {args.output} is a folder; name the file to write")
+    try:
+        if mode is not None and not stat.S_ISREG(mode):
+            # a pipe or a device (/dev/stdout, /dev/null): written to; replacing it with a file would break it
+            with open(target, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        else:
+            write_text_atomic(target, text)
+    except OSError as exc:
+        return _error(f"cannot write {args.output}: {exc.strerror or exc}", EXIT_FAILED)
     if not args.json:
         print(f"{args.output}: written from {args.source}", file=sys.stderr)
     return EXIT_OK, {"output": args.output}

@@ -30,6 +30,10 @@ class Confinement:
             places.update(place for _, place in models.searched(folder))
             for extra in searched_folders(folder):
                 places.update(p for root in models.roots for p in root.dirs(extra))
+        # a node may name any folder of the layout (a plugin's upscale_models/, say): every folder of a root in
+        # ComfyUI's layout, and every folder a model paths section lists
+        for root in models.roots:
+            places.update((root.path,) if root.folders is None else (p for ps in root.folders.values() for p in ps))
         return cls(tuple(sorted(Path(os.path.realpath(p)) for p in places)), allow_download)
 
     def value_problem(self, value: str) -> FileProblem | None:

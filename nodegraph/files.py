@@ -1,7 +1,8 @@
 """Files that params name: only regular files and folders of regular files are read.
 
 A FIFO, a device, a socket or anything under /proc, /sys or /dev (directly or through a
-symlink) is refused before it is opened: reading one can block forever or never end.
+symlink; /dev/shm, a RAM disk of ordinary files, excepted) is refused before it is opened:
+reading one can block forever or never end.
 Content hashes for cache keys open files without blocking and check again that they are
 regular, so a file swapped for a FIFO after validation is refused too.
 """
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 SPECIAL_ROOTS = ("/proc", "/sys", "/dev")
+# tmpfs RAM disks of ordinary files (models are copied there to load fast); a device elsewhere under /dev is
+# refused by its file type anyway
+ORDINARY_UNDER_SPECIAL = ("/dev/shm",)
 MAX_FOLDER_ENTRIES = 10_000
 # Model files run to gigabytes; hashing one whole costs seconds per process. Past this size a
 # file is fingerprinted by its size, times and first and last SAMPLE bytes (a safetensors header,
@@ -57,6 +61,8 @@ def _stat_problem(path: Path, exc: OSError, kind: str = "any") -> FileProblem:
 def _special(path: Path, real: str | None = None) -> str | None:
     """Whether ``path`` (whose resolved path is ``real``, found when not given) is on a special file system."""
     real = real or os.path.realpath(path)
+    if any(real == root or real.startswith(root + "/") for root in ORDINARY_UNDER_SPECIAL):
+        return None
     for root in SPECIAL_ROOTS:
         if real == root or real.startswith(root + "/"):
             via = "" if str(path) == real else f" (through a link to '{real}')"

@@ -391,10 +391,12 @@ def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<stri
 def _png_workflow_text(raw: bytes, path: Path) -> str:
     import io
 
-    from PIL import Image
+    from PIL import PngImagePlugin
 
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        # the PNG reader itself rather than Image.open: only the text chunks are read, so Pillow's
+        # decompression-bomb guard on the pixel count (which refuses ComfyUI's 16384 x 16384) does not apply
+        with PngImagePlugin.PngImageFile(io.BytesIO(raw)) as image:
             # ours, else ComfyUI's: its API-format prompt, else its editor-format workflow
             text = next((image.info[key] for key in (PNG_WORKFLOW_KEY, "prompt", "workflow")
                          if isinstance(image.info.get(key), str) and image.info[key]), None)

@@ -692,3 +692,213 @@ def test_junk_values_in_every_type_are_problems_never_crashes(junk):
             assert all(i.node_id for i in exc.issues)
         else:
             assert "format" in workflow
+
+
+def test_a_second_ksampler_on_a_masked_latent_keeps_the_mask():
+    """ComfyUI's KSampler returns its latent with the noise mask it was given (``out = latent.copy()``), so a
+    refining pass after an inpainting pass repaints only the mask too."""
+    for latent_type, mask in (("VAEEncodeForInpaint", "13.mask"), ("SetLatentNoiseMask", "12.mask")):
+        prompt = inpaint_prompt(latent_type)
+        prompt["30"] = {"class_type": "KSampler", "inputs": {**prompt["3"]["inputs"], "latent_image": ["3", 0],
+                                                             "denoise": 0.5}}
+        nodes = convert_with_mask(prompt)
+        assert nodes["30"]["type"] == "LatentBlendSampler"
+        assert nodes["30"]["inputs"]["latent"] == "3.latent" and nodes["30"]["inputs"]["mask"] == mask
+    prompt = txt2img()  # without a mask the second pass stays a plain Sampler
+    prompt["30"] = {"class_type": "KSampler", "inputs": {**prompt["3"]["inputs"], "latent_image": ["3", 0]}}
+    assert to_nodegraph(prompt)["nodes"]["30"]["type"] == "Sampler"
+
+
+@pytest.mark.parametrize("inputs", [{"denoise": 5e-324}, {"denoise": 1e-310}, {"denoise": 0.001, "steps": 10**400}])
+def test_a_denoise_whose_schedule_cannot_be_run_names_ksampler_and_denoise(inputs):
+    issues = problems(txt2img(**inputs))
+    assert [(i.node_id, i.node_type, i.field) for i in issues] == [("3", "KSampler", "denoise")]
+    assert "steps" in issues[0].message
+
+
+def test_a_denoise_beyond_nodegraph_s_step_bound_is_reported_on_denoise():
+    """20 steps at denoise 0.01 is ComfyUI's 2000-step schedule: more than nodegraph's samplers take, which the
+    user is told about denoise, the value they set, not about a steps param they never wrote."""
+    issues = problems(txt2img(steps=20, denoise=0.01))
+    assert [(i.node_id, i.node_type, i.field) for i in issues] == [("3", "KSampler", "denoise")]
+    assert "2000" in issues[0].message
+
+
+@pytest.mark.parametrize("as_text", ["links", "nodes"])
+def test_editor_node_ids_match_whether_written_as_numbers_or_strings(as_text):
+    """The editor looks nodes up by id as object keys, so 4 and "4" are the same node; files written by other
+    tools mix them."""
+    editor = load("txt2img_editor.json")
+    expected = editor_to_api(copy.deepcopy(editor))
+    if as_text == "links":
+        for link in editor["links"]:
+            link[1], link[3] = str(link[1]), str(link[3])
+    else:
+        for node in editor["nodes"]:
+            node["id"] = str(node["id"])
+    assert editor_to_api(editor) == expected
+
+
+@pytest.mark.parametrize("same_id", [7, "7"])
+def test_editor_duplicate_node_ids_are_a_problem_not_a_silent_pick(same_id):
+    """Two nodes with one id: which one the links meant cannot be told, so neither prompt is taken silently."""
+    editor = load("txt2img_editor.json")
+    copy_of_7 = copy.deepcopy(next(n for n in editor["nodes"] if n["id"] == 7))
+    copy_of_7["id"] = same_id
+    copy_of_7["widgets_values"] = ["a different prompt"]
+    editor["nodes"].append(copy_of_7)
+    with pytest.raises(WorkflowInvalid) as caught:
+        editor_to_api(editor)
+    assert [(i.node_id, "more than one node" in i.message) for i in caught.value.issues] == [("7", True)]
+
+
+@PIXEL_TYPES
+def test_a_refining_pass_after_inpainting_changes_only_the_mask(tmp_path, engine):
+    """The inpainting example with a second KSampler (denoise 0.5) on the first one's latent: as in ComfyUI, the
+    latent still carries its noise mask, so outside the mask the second pass returns its input unchanged."""
+    import torch
+    import torch.nn.functional as F
+
+    prompt = editor_to_api(json.loads(prepare(tmp_path, "inpaint_editor.json").read_text()))
+    prompt["20"] = {"class_type": "KSampler", "inputs": {**prompt["9"]["inputs"], "latent_image": ["9", 0],
+                                                         "seed": 7, "denoise": 0.5}}
+    prompt["11"]["inputs"]["samples"] = ["20", 0]
+    source = tmp_path / "refine_api.json"
+    source.write_text(json.dumps(prompt))
+    outputs = engine.run(source, targets=["8", "9", "20"], out_dir=tmp_path / "out", device="cpu").outputs
+    first, second = outputs["9"]["latent"].samples, outputs["20"]["latent"].samples
+    keep = F.interpolate(outputs["8"]["mask"], size=first.shape[-2:], mode="nearest") < 0.5
+    assert keep.any() and (~keep).any()
+    assert torch.equal(torch.where(keep, second, 0), torch.where(keep, first, 0))
+    assert not torch.allclose(second, first)
+
+
+@PIXEL_TYPES
+def test_editor_upload_button_value_follows_the_required_widgets():
+    """ComfyUI's editor appends the upload button to the required inputs, so LoadImageMask saves the channel
+    before the button's value; files saved before the button was stored lack it."""
+    for values in (["m.png", "red", "image"], ["m.png", "red"]):
+        doc = {"nodes": [{"id": 2, "type": "LoadImageMask", "mode": 0, "widgets_values": values,
+                          "outputs": [{"name": "MASK", "type": "MASK", "links": [1]}]},
+                         {"id": 3, "type": "InvertMask", "mode": 0, "inputs": [{"name": "mask", "type": "MASK",
+                                                                                 "link": 1}]}],
+               "links": [[1, 2, 0, 3, 0, "MASK"]]}
+        assert editor_to_api(doc)["2"]["inputs"] == {"image": "m.png", "channel": "red"}
+        assert to_nodegraph(doc)["nodes"]["2_channel"]["params"] == {"channel": "red"}
+    load_image = {"nodes": [{"id": 6, "type": "LoadImage", "mode": 0, "widgets_values": ["photo.png", "image"]}],
+                  "links": []}
+    assert editor_to_api(load_image)["6"]["inputs"] == {"image": "photo.png"}
+
+
+def test_cli_import_into_a_folder_or_a_pipe_never_replaces_it(tmp_path):
+    """-o naming a folder is a usage error; a pipe or a device (/dev/stdout, /dev/null) is written to, never
+    replaced by a file (as root, replacing /dev/null would break the whole system)."""
+    import os
+    import stat
+
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(txt2img()))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    done = cli("import", api, "-o", folder)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "folder" in done.stderr
+    assert folder.is_dir() and not any(folder.iterdir())
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # a reader is there, so the writer does not wait
+    try:
+        done = cli("import", api, "-o", pipe)
+        assert done.returncode == 0, done.stderr
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+        received = b""
+        while chunk := os.read(reader, 65536):
+            received += chunk
+    finally:
+        os.close(reader)
+    assert json.loads(received) == to_nodegraph(txt2img())
+
+
+def test_long_chains_import_without_exhausting_the_stack():
+    """Depth is bounded by the node limit (100,000), not by Python's recursion limit: a generated workflow with a
+    long chain (or a long line of reroutes) imports, and a cycle in one is still reported."""
+    prompt = {"0": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    for i in range(1, 3000):
+        prompt[str(i)] = {"class_type": "LatentUpscaleBy", "inputs": {
+            "samples": [str(i - 1), 0], "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    prompt = dict(reversed(prompt.items()))  # the last node first: its sources are found by following links
+    nodes = to_nodegraph(prompt)["nodes"]
+    assert len(nodes) == 3000 and nodes["2999"]["inputs"] == {"latent": "2998.latent"}
+    prompt["0"] = {"class_type": "LatentUpscaleBy", "inputs": {
+        "samples": ["2999", 0], "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    assert any("cycle" in i.message for i in problems(prompt))
+
+    editor_nodes = [{"id": 1, "type": "EmptyLatentImage", "mode": 0, "widgets_values": [64, 64, 1]}]
+    links = []
+    for i in range(2, 2000):
+        editor_nodes.append({"id": i, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": i}]})
+        links.append([i, i - 1, 0, i, 0, "LATENT"])
+    editor_nodes.append({"id": 5000, "type": "LatentUpscaleBy", "mode": 0, "widgets_values": ["nearest-exact", 1.0],
+                         "inputs": [{"name": "samples", "type": "LATENT", "link": 5000}]})
+    links.append([5000, 1999, 0, 5000, 0, "LATENT"])
+    assert editor_to_api({"nodes": editor_nodes, "links": links})["5000"]["inputs"]["samples"] == ["1", 0]
+
+
+def test_the_workflow_of_a_very_large_png_is_read(tmp_path):
+    """Only the text chunks are read, never the pixels: a 16384 x 16384 PNG (ComfyUI's largest side), which
+    Pillow's decompression-bomb guard refuses to decode, still gives its workflow."""
+    import struct
+    import zlib
+
+    from nodegraph.workflow import load_comfy_document
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 16384, 16384, 8, 2, 0, 0, 0)
+    png = tmp_path / "upscaled.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                    + chunk(b"tEXt", b"prompt\0" + json.dumps(txt2img()).encode())
+                    + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    assert load_comfy_document(png) == txt2img()
+
+
+def test_an_api_prompt_with_a_broken_node_is_still_read_as_one():
+    """One node without class_type (a hand edit, a tool's bug) is reported as that node's problem, not as a
+    nodegraph workflow missing "format" and "nodes"."""
+    for wrap in (lambda p: p, lambda p: {"prompt": p, "client_id": "abc"}):
+        prompt = txt2img()
+        del prompt["5"]["class_type"]
+        prompt["20"] = None
+        assert detect_format(wrap(prompt)) == COMFY_API
+        issues = problems(wrap(prompt))
+        assert {(i.node_id, i.message) for i in issues if "not a ComfyUI node" in i.message} == {
+            ("5", "is not a ComfyUI node (it needs class_type and inputs)"),
+            ("20", "is not a ComfyUI node (it needs class_type and inputs)")}
+        assert all(i.node_id for i in issues)
+
+
+def test_editor_subgraphs_and_group_nodes_say_to_export_the_api_format():
+    """A subgraph's node type is its id (a UUID) and a group node's is "workflow>name": neither is a custom
+    node. ComfyUI's API export flattens both, so that is what the problem points to."""
+    editor = load("txt2img_editor.json")
+    uuid = "0f3b8c1e-5d2a-4c7b-9e61-2a4d8f0c7b13"
+    editor["definitions"] = {"subgraphs": [{"id": uuid, "name": "Hires fix", "nodes": [], "links": []}]}
+    editor["extra"]["groupNodes"] = {"Face fix": {"nodes": [], "links": []}}
+    editor["nodes"] += [{"id": 30, "type": uuid, "mode": 0, "inputs": [], "outputs": []},
+                        {"id": 31, "type": "workflow>Face fix", "mode": 0, "inputs": [], "outputs": []}]
+    issues = {i.node_id: i for i in problems(editor)}
+    assert "Hires fix" in issues["30"].message and "Export (API)" in issues["30"].message
+    assert "Face fix" in issues["31"].message and "Export (API)" in issues["31"].message
+    assert all("custom node" not in i.message for i in issues.values())
+
+
+def test_a_null_value_is_a_problem_not_nodegraph_s_default():
+    """ComfyUI refuses a null widget value ("Failed to convert an input value"); taking nodegraph's default
+    instead (seed 0, 25 steps, a 512-pixel side) would run something the prompt never asked for."""
+    prompt = txt2img(seed=None, steps=None, cfg=None, denoise=None)
+    prompt["5"]["inputs"]["width"] = None
+    issues = problems(prompt)
+    assert sorted((i.node_id, i.node_type, i.field) for i in issues) == [
+        ("3", "KSampler", "cfg"), ("3", "KSampler", "denoise"), ("3", "KSampler", "seed"), ("3", "KSampler", "steps"),
+        ("5", "EmptyLatentImage", "width")]
+    assert all("null" in i.message for i in issues)

@@ -4,6 +4,7 @@ missing names with the closest ones, `nodegraph models`, and cache keys that fol
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,72 @@ def test_the_engine_runs_a_checkpoint_named_by_name(tiny, tmp_path):
     edited = run()
     assert edited.status["ckpt"] == "ran" and edited.status["s"] == "ran"
     assert not torch.equal(edited.outputs["s"]["latent"].samples, first.outputs["s"]["latent"].samples)
+
+
+# ---------------------------------------------------------------------------------------------- served mode
+
+UPSCALER_PLUGIN = '''
+from pathlib import Path
+from typing import Annotated
+
+import torch
+
+from nodegraph import node
+from nodegraph.sockets import InputPath
+
+
+@node("ReadUpscaler", category="test", outputs={"x": "NUMBER"}, output=True)
+def read_upscaler(path: Annotated[str, InputPath(kind="file", folder="upscale_models")]) -> torch.Tensor:
+    """A number read from a file named in the models folder upscale_models/."""
+    return torch.full((2,), float(Path(path).read_text().strip()))
+'''
+
+
+def test_a_served_name_in_any_models_folder_a_plugin_declares_is_allowed(tmp_path, comfy):
+    """Plugins may name any folder of ComfyUI's layout (docs/plugins.md); a served workflow naming a model found
+    there reads it, and a link out of the models root is still refused."""
+    from nodegraph.confine import Confinement
+    from nodegraph.plugins import load_plugin_dirs
+    from nodegraph.registry import Registry
+
+    plugins = tmp_path / "plugins"
+    put(plugins / "upscaler.py", UPSCALER_PLUGIN)
+    registry = Registry()
+    registry.load_builtins()
+    load_plugin_dirs(registry, [plugins])
+    assert not registry.problems, registry.problems
+    put(comfy / "upscale_models" / "4x_ultrasharp.pth", "4")
+    section = tmp_path / "webui" / "models" / "ESRGAN"
+    put(section / "2x_esrgan.pth", "2")
+    config = put(tmp_path / "model_paths.yaml", f"webui:\n    base_path: {tmp_path / 'webui'}\n"
+                                                 "    upscale_models: models/ESRGAN\n")
+    put(tmp_path / "secret.txt", "7")
+    os.symlink(tmp_path / "secret.txt", comfy / "upscale_models" / "leak.pth")
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    models = ModelRoots.gather([comfy], config, environ={})
+    engine = Engine(registry=registry, cache_dir=False, models=models,
+                    confine=Confinement.for_server(inputs, models))
+    for name, value in (("4x_ultrasharp.pth", 4.0), ("2x_esrgan.pth", 2.0)):
+        workflow = wf(r={"type": "ReadUpscaler", "params": {"path": name}})
+        assert engine.validate(workflow) == []
+        assert engine.run(workflow).outputs["r"]["x"].tolist() == [value, value]
+    (issue,) = engine.validate(wf(r={"type": "ReadUpscaler", "params": {"path": "leak.pth"}}))
+    assert issue.code == "confined_path"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+def test_models_on_the_dev_shm_ram_disk_are_read(stub_registry, tmp_path):
+    """/dev/shm is a tmpfs of ordinary files, where models are often copied to load fast: a models root or a
+    path there is read like any other, while the devices under /dev are still refused."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        root = put(Path(shm) / "models" / "checkpoints" / "fast.safetensors", "3").parents[1]
+        engine = Engine(registry=stub_registry, cache_dir=False, models=[root])
+        assert engine.validate(reading("fast.safetensors")) == []
+        result = engine.run(reading(str(root / "checkpoints" / "fast.safetensors")), targets=["r"],
+                            out_dir=tmp_path / "out")
+        assert result.outputs["r"]["x"].tolist() == [3.0, 3.0]
+    (issue,) = engine.validate(reading("/dev/zero"))
+    assert issue.code == "bad_file" and "/dev" in issue.message

@@ -107,8 +107,10 @@ class ComfyNode:
 
 
 def _is_api(doc: Any) -> bool:
-    return isinstance(doc, dict) and bool(doc) and all(isinstance(v, dict) and "class_type" in v
-                                                       for v in doc.values())
+    # one node with a class_type is enough: a broken node (no class_type, or not an object) is then reported as
+    # that node's problem rather than the whole prompt being taken for a nodegraph workflow
+    return isinstance(doc, dict) and any(isinstance(v, dict) and isinstance(v.get("class_type"), str)
+                                         for v in doc.values())
 
 
 def detect_format(doc: Any) -> str:
@@ -216,6 +218,9 @@ class Builder:
         if value is ...:
             self.problem(node, name, "is missing")
             return None
+        if value is None and name in node.inputs:  # ComfyUI refuses it; a default would run something else
+            self.problem(node, name, "is null; give a value")
+            return None
         if is_link(value):
             self.problem(node, name, "is linked; this importer takes a value here")
             return None
@@ -256,25 +261,30 @@ def _nodes(prompt: dict, problems: list[Issue]) -> dict[str, ComfyNode]:
 
 
 def _order(nodes: dict[str, ComfyNode], problems: list[Issue]) -> list[ComfyNode]:
-    """Sources before the nodes that link to them; a cycle is reported and its nodes left out."""
+    """Sources before the nodes that link to them; a cycle is reported and its nodes left out. Walked with an
+    explicit stack: a generated workflow's chain may be deeper than Python's recursion limit."""
     order, state = [], {}
 
-    def visit(cid: str, path: tuple) -> None:
-        if state.get(cid) == "done" or cid not in nodes:
-            return
-        if state.get(cid) == "open":
-            problems.append(Issue("comfy_import", f"is in a cycle of links ({' -> '.join(path + (cid,))})",
-                                  node_id=cid, node_type=nodes[cid].class_type))
-            return
-        state[cid] = "open"
-        for value in nodes[cid].inputs.values():
-            if is_link(value):
-                visit(str(value[0]), path + (cid,))
-        state[cid] = "done"
-        order.append(nodes[cid])
+    def sources(cid: str):
+        return iter([str(value[0]) for value in nodes[cid].inputs.values() if is_link(value)])
 
-    for cid in nodes:
-        visit(cid, ())
+    for root in nodes:
+        if state.get(root):
+            continue
+        state[root], path, stack = "open", [root], [sources(root)]
+        while stack:
+            cid = next(stack[-1], None)
+            if cid is None:  # every source of path[-1] is placed
+                stack.pop()
+                state[path[-1]] = "done"
+                order.append(nodes[path.pop()])
+            elif cid in nodes and state.get(cid) == "open":
+                problems.append(Issue("comfy_import", f"is in a cycle of links ({' -> '.join(path + [cid])})",
+                                      node_id=cid, node_type=nodes[cid].class_type))
+            elif cid in nodes and state.get(cid) is None:
+                state[cid] = "open"
+                path.append(cid)
+                stack.append(sources(cid))
     return order
 
 

@@ -2,8 +2,9 @@
 
 The editor keeps a node's values positionally in ``widgets_values``, in the order of the type's widget
 inputs (``ComfyType``: INT, FLOAT, STRING, BOOLEAN and choice lists), with one extra value after a seed
-(``control_after_generate``) and after an image upload widget. Links are ``[id, origin id, origin slot,
-target id, target slot, type]`` (or objects with those names). As ComfyUI's own export does: muted nodes
+(``control_after_generate``) and, for an image upload widget, one after the required widgets (the upload
+button, which the editor appends to them: LoadImageMask saves ["m.png", "red", "image"]). Links are
+``[id, origin id, origin slot, target id, target slot, type]`` (or objects with those names). As ComfyUI's own export does: muted nodes
 (mode 2) are left out, bypassed ones (mode 4) pass their input of the output's type through, Reroute nodes
 are followed to their source, and a PrimitiveNode's value is already in its targets' widgets_values.
 """
@@ -56,13 +57,34 @@ def _is_widget(spec: tuple) -> bool:
 
 def _widget_names(spec) -> list[tuple[str, int]]:
     """(input name, extra values after it) for each widget input, in ComfyUI's order."""
-    names = []
-    for name, entry in {**spec.required, **spec.optional}.items():
-        if _is_widget(entry):
-            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            extra = int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
-            names.append((name, extra))
-    return names
+    names: list[list] = []
+    for inputs in (spec.required, spec.optional):
+        upload = 0
+        for name, entry in inputs.items():
+            if _is_widget(entry):
+                options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                names.append([name, int(bool(options.get("control_after_generate")))])
+                upload += int(bool(options.get("image_upload")))
+        if inputs is spec.required and upload and names:
+            names[-1][1] += upload  # the editor adds the upload button as one more required input, after the others
+    return [(name, extra) for name, extra in names]
+
+
+def _nested_graphs(doc: dict) -> dict[str, str]:
+    """Node types that are graphs of the file itself, not node classes: a subgraph's type is its id (its
+    definition in ``definitions.subgraphs``), a group node's "workflow>name" (in ``extra.groupNodes``)."""
+    found = {}
+    definitions = doc.get("definitions")
+    subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+    for graph in subgraphs if isinstance(subgraphs, list) else ():
+        if isinstance(graph, dict) and isinstance(graph.get("id"), str):
+            found[graph["id"]] = f"subgraph '{graph.get('name') or graph['id']}'"
+    extra = doc.get("extra")
+    groups = extra.get("groupNodes") if isinstance(extra, dict) else None
+    for name in groups if isinstance(groups, dict) else ():
+        for separator in (">", "/"):  # ComfyUI's current and earlier spelling
+            found[f"workflow{separator}{name}"] = f"group node '{name}'"
+    return found
 
 
 def editor_to_api(doc: dict) -> dict:
@@ -70,10 +92,13 @@ def editor_to_api(doc: dict) -> dict:
     converters()  # the specs say the widget order
     problems: list[Issue] = []
     links = _links(doc["links"], problems)
-    nodes = {}
+    nodes = {}  # by the id as text: the editor keeps nodes in an object keyed by id, where 4 and "4" are one key
     for raw in doc["nodes"]:
         if isinstance(raw, dict) and _is_id(raw.get("id")) and isinstance(raw.get("type"), str):
-            nodes[raw["id"]] = raw
+            if str(raw["id"]) in nodes:
+                problems.append(Issue("comfy_import", f"nodes: more than one node has id {raw['id']!r} "
+                                                      "(give each node its own id)", node_id=str(raw["id"])))
+            nodes[str(raw["id"])] = raw
         else:
             problems.append(Issue("comfy_import", f"nodes: {str(raw)[:80]} is not a node (it needs id and type)"))
 
@@ -81,15 +106,20 @@ def editor_to_api(doc: dict) -> dict:
         entries = raw.get("inputs")
         return [i for i in entries if isinstance(i, dict)] if isinstance(entries, list) else []
 
-    def source(link_id: Any, seen: tuple = ()) -> list | None:
-        """[origin id, slot] after following reroutes and bypassed nodes; None for no source."""
-        link = links.get(link_id) if _is_id(link_id) else None
-        if link is None or link_id in seen:
-            return None
-        origin = nodes.get(link["origin_id"])
-        if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
-            return None
-        if origin["type"] == "Reroute" or origin.get("mode") == BYPASSED:
+    def source(link_id: Any) -> list | None:
+        """[origin id, slot] after following reroutes and bypassed nodes; None for no source. A loop, not
+        recursion: a line of reroutes may be longer than Python's recursion limit."""
+        seen = set()
+        while True:
+            link = links.get(link_id) if _is_id(link_id) else None
+            if link is None or link_id in seen:
+                return None
+            seen.add(link_id)
+            origin = nodes.get(str(link["origin_id"]))
+            if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
+                return None
+            if origin["type"] != "Reroute" and origin.get("mode") != BYPASSED:
+                return [str(origin["id"]), link["origin_slot"]]
             linked = [i for i in inputs_of(origin) if i.get("link") is not None]
             if origin["type"] != "Reroute":  # bypass: the input at the output's slot if its type fits, else the first
                 slot, kind = link["origin_slot"], link.get("type")
@@ -97,12 +127,19 @@ def editor_to_api(doc: dict) -> dict:
                 same = [inputs[slot]] if slot < len(inputs) and inputs[slot] in linked and \
                     inputs[slot].get("type") == kind else []
                 linked = same or [i for i in linked if i.get("type") == kind]
-            return source(linked[0]["link"], seen + (link_id,)) if linked else None
-        return [str(origin["id"]), link["origin_slot"]]
+            if not linked:
+                return None
+            link_id = linked[0]["link"]
 
+    nested = _nested_graphs(doc)
     prompt = {}
     for nid, raw in nodes.items():
         if raw["type"] in UI_ONLY or raw.get("mode") in (MUTED, BYPASSED):
+            continue
+        if raw["type"] in nested:
+            problems.append(Issue("comfy_import", f"is the {nested[raw['type']]}, which this importer does not "
+                                                  "expand; save the workflow with ComfyUI's Export (API), which "
+                                                  "flattens it", node_id=str(nid), node_type=raw["type"]))
             continue
         inputs: dict[str, Any] = {}
         spec = SPECS.get(raw["type"])

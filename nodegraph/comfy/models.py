@@ -346,6 +346,13 @@ def denoise_steps(steps: int, denoise: float) -> tuple[int, float]:
     return total, strength
 
 
+def _max_steps() -> int:
+    """The most steps nodegraph's samplers take (their ``steps`` bound)."""
+    from nodegraph.nodes._params import Steps  # light: pydantic types only
+
+    return next(m.le for info in Steps.__metadata__ for m in getattr(info, "metadata", ()) if hasattr(m, "le"))
+
+
 def _sampler(node: ComfyNode, b: Builder, seed_name: str) -> tuple[dict, dict, dict] | None:
     """Inputs and params shared by KSampler and KSamplerAdvanced, and the latent's and model's facts."""
     inputs = {name: b.link(node, source) for name, source in
@@ -385,11 +392,23 @@ def ksampler(node: ComfyNode, b: Builder) -> list:
         if not 0 < denoise <= 1:
             b.problem(node, "denoise", f"{denoise}: must be above 0 and at most 1")
         elif denoise < 1:
-            params["steps"], params["strength"] = denoise_steps(steps, denoise)
+            try:
+                total = int(steps / denoise)
+            except OverflowError:  # a denoise near 0 or an enormous steps: no schedule of that length
+                total = None
+            if total is None or total > _max_steps():
+                schedule = (f"with {steps} steps runs the last steps of a {total}-step schedule" if total is not None
+                            else "with these steps runs the last steps of a schedule too long to count")
+                b.problem(node, "denoise", f"{schedule} (steps / denoise, as ComfyUI counts), longer than the "
+                                           f"{_max_steps()} steps nodegraph's samplers take; raise denoise or lower "
+                                           "steps")
+            else:
+                params["steps"], params["strength"] = denoise_steps(steps, denoise)
     elif denoise is not None:
         b.problem(node, "denoise", f"{denoise!r}: must be a number")
     kind = _sampler_type(inputs, params, facts)
     nid = b.add(node, kind, inputs=inputs, params={k: v for k, v in params.items() if v is not None})
+    b.tag(node, 0, **b.source_facts(node, "latent_image"))  # ComfyUI returns the latent's copy: its mask stays
     return [f"{nid}.latent"]
 
 
@@ -427,4 +446,5 @@ def ksampler_advanced(node: ComfyNode, b: Builder) -> list:
                                          "whole schedules)")
     params.update(stepped)
     nid = b.add(node, kind, inputs=inputs, params={k: v for k, v in params.items() if v is not None})
+    b.tag(node, 0, **b.source_facts(node, "latent_image"))  # ComfyUI returns the latent's copy: its mask stays
     return [f"{nid}.latent"]
