@@ -6,6 +6,8 @@ import io
 import json
 import os
 import threading
+import urllib.error
+import urllib.request
 import uuid
 
 import numpy as np
@@ -451,3 +453,64 @@ def test_free_forgets_the_cached_results_and_loaded_models_between_prompts(serve
     _, cold = run_prompt(server.url, prompt)
     cached = [m["data"]["nodes"] for m in cold if m["type"] == "execution_cached"]
     assert not cached or "ckpt" not in cached[0]  # the checkpoint is loaded again
+
+
+def test_a_number_no_json_can_carry_is_refused_and_the_queue_stays_json(server):
+    """NaN, infinity or an integer beyond a float's range as ``number``: a 400, not a server error, and nothing
+    queued whose number would make /queue and /history unreadable to a browser's JSON.parse."""
+    for number in ("nan", "Infinity", 10**400):
+        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=95), "number": number})
+        assert status == 400 and answer["error"]["type"] == "invalid_prompt", number
+        assert "number" in answer["error"]["message"]
+    with urllib.request.urlopen(f"{server.url}/queue", timeout=60) as resp:
+        json.loads(resp.read(), parse_constant=lambda name: pytest.fail(f"/queue answered {name}"))
+
+
+@pytest.mark.parametrize("prompt, node", [
+    ({"1": {"class_type": ["SaveImage"], "inputs": {}}}, "1"),
+    ({"1": {"class_type": {"name": "SaveImage"}, "inputs": {}}}, "1"),
+    ({"format": "nodegraph/1", "nodes": {"a": {"type": ["SaveImage"]}}}, "a")])
+def test_a_node_type_that_is_not_a_string_is_reported_on_its_node(server, prompt, node):
+    status, answer = request(f"{server.url}/prompt", {"prompt": prompt})
+    assert status == 400 and list(answer["node_errors"]) == [node]
+
+
+def test_view_and_uploads_answer_hostile_names_with_a_client_error(server, folders):
+    url, red = server.url, png_bytes(Image.new("RGB", (8, 8), "red"))
+    long = "n" * 300
+    assert request(f"{url}/view?filename={long}.png&type=input")[0] == 404
+    assert request(f"{url}/view?filename=photo.png&subfolder={long}&type=input")[0] == 404
+    before = sorted(p.name for p in folders["input"].parent.iterdir())
+    refused = [({}, (".", red)), ({"overwrite": "true"}, (".", red)), ({}, (f"{long}.png", red)),
+               ({"overwrite": "true"}, (f"{long}.png", red)), ({"subfolder": long}, ("a.png", red)),
+               ({"subfolder": "photo.png"}, ("a.png", red))]  # a subfolder that is a file
+    for fields, image in refused:
+        status, body = upload(f"{url}/upload/image", fields, {"image": image})
+        assert status == 400 and image[0][:20].encode() in body, (fields, image[0][:20])
+    assert folders["input"].is_dir() and (folders["input"] / "photo.png").is_file()
+    assert sorted(p.name for p in folders["input"].parent.iterdir()) == before  # no stray temporary file
+    ref = json.dumps({"filename": f"{long}.png", "type": "input"})
+    assert upload(f"{url}/upload/mask", {"original_ref": ref}, {"image": ("m.png", red)})[0] == 404
+    ref = json.dumps({"filename": "photo.png", "subfolder": "..", "type": "input"})
+    status, body = upload(f"{url}/upload/mask", {"original_ref": ref}, {"image": ("m.png", red)})
+    assert status == 400 and b"inside the folder" in body
+
+
+def test_a_body_that_is_not_a_multipart_form_is_a_client_error(server):
+    for kind, body in (("multipart/form-data", b"x"), ("multipart/form-data; boundary=b", b"--b\r\nbroken\r\n")):
+        req = urllib.request.Request(f"{server.url}/upload/image", data=body, headers={"Content-Type": kind})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=60)
+        assert caught.value.code == 400 and b"multipart" in caught.value.read()
+
+
+@pytest.mark.parametrize("headers", [{"Host": "[", "Origin": "http://localhost"}, {"Origin": "http://["}])
+def test_a_malformed_host_or_origin_is_refused_not_a_server_error(server, headers):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
+    connection.putrequest("POST", "/queue", skip_host="Host" in headers)
+    for name, value in {**headers, "Content-Length": "2"}.items():
+        connection.putheader(name, value)
+    connection.endheaders(b"{}")
+    assert connection.getresponse().status == 403

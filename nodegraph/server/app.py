@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -170,8 +171,10 @@ class Server:
             return web.json_response(self._full(), status=429)
         try:
             number = float(body["number"]) if "number" in body else self.queue.next_number(bool(body.get("front")))
-        except (TypeError, ValueError):
-            return web.json_response(error_body("invalid_prompt", "number must be a number"), status=400)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
+            number = math.nan
+        if not math.isfinite(number):  # NaN or infinity would make /queue and /history answer with invalid JSON
+            return web.json_response(error_body("invalid_prompt", "number must be a finite number"), status=400)
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         extra_data = dict(body.get("extra_data") or {}) if isinstance(body.get("extra_data") or {}, dict) else {}
         if body.get("client_id") is not None:
@@ -247,7 +250,11 @@ class Server:
             path = inside(folder, query.get("subfolder", ""), filename)
         except OutsideFolder as exc:
             return web.Response(status=403, text=str(exc))
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # a name too long for the file system: no such file, as ComfyUI answers
+            found = False
+        if not found:
             return web.Response(status=404)
         return web.FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
 
@@ -314,8 +321,12 @@ async def same_origin(request: web.Request, handler):
     (browsers send such cross-site POSTs to 127.0.0.1); its Origin then names another host than Host."""
     host, origin = request.headers.get("Host"), request.headers.get("Origin")
     if host and origin:
-        host_name = urllib.parse.urlsplit("//" + host).hostname
-        if _loopback(host_name) and urllib.parse.urlsplit(origin).netloc.lower() != host.lower():
+        try:
+            host_name = urllib.parse.urlsplit("//" + host).hostname
+            other = _loopback(host_name) and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()
+        except ValueError:  # a malformed Host or Origin (no browser sends one): it cannot be shown to match
+            other = True
+        if other:
             return web.Response(status=403, text="cross-site request refused (Origin does not match Host)")
     return await handler(request)
 
