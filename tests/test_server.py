@@ -514,3 +514,22 @@ def test_a_malformed_host_or_origin_is_refused_not_a_server_error(server, header
         connection.putheader(name, value)
     connection.endheaders(b"{}")
     assert connection.getresponse().status == 403
+
+
+def test_a_prompt_id_still_running_is_refused_and_free_again_once_done(server):
+    ws, client_id = connect(server.url)
+    try:
+        body = {"prompt": txt2img(seed=96, steps=1000), "client_id": client_id, "prompt_id": "mine"}
+        assert request(f"{server.url}/prompt", body)[0] == 200
+        until_progress(ws)
+        status, answer = request(f"{server.url}/prompt", {**body, "prompt": img2img(seed=97, prefix="mine")})
+        assert status == 400 and "'mine' is already queued or running" in answer["error"]["message"]
+        assert request(f"{server.url}/queue")[1]["queue_pending"] == []
+        request(f"{server.url}/interrupt", {"prompt_id": "mine"})
+        until_done(ws, "mine")
+    finally:
+        ws.close()
+    # once it is done the id is free again, and its history entry is the new run's (as ComfyUI)
+    prompt_id, messages = run_prompt(server.url, img2img(seed=97, prefix="mine"), prompt_id="mine")
+    assert prompt_id == "mine" and "execution_success" in kinds(messages, "mine")
+    assert request(f"{server.url}/history/mine")[1]["mine"]["status"]["status_str"] == "success"

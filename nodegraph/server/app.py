@@ -29,7 +29,7 @@ from .folders import Folders, OutsideFolder, inside
 from .messages import Hub
 from .object_info import object_info
 from .prompts import PromptRejected, error_body, prepare
-from .queue import PromptQueue
+from .queue import PromptIdTaken, PromptQueue
 from .options import SERVED_MAX_NODES
 from .uploads import upload_image, upload_mask
 
@@ -189,8 +189,11 @@ class Server:
                                                 extra_data, self.folders.input, targets)
         except PromptRejected as exc:
             return web.json_response(exc.body, status=400)
-        if not self.queue.put(prompt):
-            return web.json_response(self._full(), status=429)
+        try:
+            if not self.queue.put(prompt):
+                return web.json_response(self._full(), status=429)
+        except PromptIdTaken as exc:
+            return web.json_response(error_body("invalid_prompt", str(exc)), status=400)
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     def _full(self) -> dict:

@@ -24,6 +24,14 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
+class PromptIdTaken(NodegraphError):
+    """A prompt posted with the id of one still waiting or running."""
+
+    def __init__(self, prompt_id: str):
+        super().__init__(f"prompt_id '{prompt_id}' is already queued or running; give a new one, or none for the "
+                         "server to choose")
+
+
 class PromptQueue:
     """Pending prompts, the running one, and the history; ``send(event, data, sid)`` delivers messages."""
 
@@ -69,8 +77,11 @@ class PromptQueue:
             return len(self.pending) >= self.max_queue
 
     def put(self, prompt: Prompt) -> bool:
-        """Queue a validated prompt; False when the queue is full."""
+        """Queue a validated prompt; False when the queue is full, PromptIdTaken when a prompt waiting or running
+        has its id (the history, /queue deletes and interrupts name prompts by id)."""
         with self._cond:
+            if self._taken(prompt.prompt_id):
+                raise PromptIdTaken(prompt.prompt_id)
             if len(self.pending) >= self.max_queue:
                 return False
             self._arrivals += 1
@@ -78,6 +89,11 @@ class PromptQueue:
             self._cond.notify()
         self.status()
         return True
+
+    def _taken(self, prompt_id: str) -> bool:
+        """Whether a waiting or running prompt has this id (the lock held)."""
+        running = self.running is not None and self.running.prompt_id == prompt_id
+        return running or any(p.prompt_id == prompt_id for _, _, p in self.pending)
 
     def remaining(self) -> int:
         with self._cond:
