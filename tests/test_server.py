@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -533,3 +534,16 @@ def test_a_prompt_id_still_running_is_refused_and_free_again_once_done(server):
     prompt_id, messages = run_prompt(server.url, img2img(seed=97, prefix="mine"), prompt_id="mine")
     assert prompt_id == "mine" and "execution_success" in kinds(messages, "mine")
     assert request(f"{server.url}/history/mine")[1]["mine"]["status"]["status_str"] == "success"
+
+
+def test_a_file_whose_name_has_a_line_break_or_a_quote_is_viewed(server, folders):
+    """Such a name arrives through an upload's RFC 5987 filename*; /view used to drop the connection."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename*=UTF-8\'\'odd%0D%0Aname%22.png\r\n'
+            b'Content-Type: image/png\r\n\r\nodd bytes\r\n--b--\r\n')
+    req = urllib.request.Request(f"{server.url}/upload/image", data=body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        name = json.loads(resp.read())["name"]
+    assert name == 'odd\r\nname".png'
+    status, data = request(f"{server.url}/view?" + urllib.parse.urlencode({"filename": name, "type": "input"}))
+    assert status == 200 and data == b"odd bytes"

@@ -259,7 +259,10 @@ class Server:
             found = False
         if not found:
             return web.Response(status=404)
-        return web.FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
+        name = path.name  # a name with a quote or a line break (an upload may give one) is sent escaped
+        plain = name.isprintable() and not any(c in name for c in '"\\')
+        disposition = f'filename="{name}"' if plain else f"filename*=UTF-8''{urllib.parse.quote(name)}"
+        return web.FileResponse(path, headers={"Content-Disposition": disposition})
 
     async def upload_image(self, request: web.Request) -> web.Response:
         return await upload_image(request, self.folders)
