@@ -547,3 +547,24 @@ def test_a_file_whose_name_has_a_line_break_or_a_quote_is_viewed(server, folders
     assert name == 'odd\r\nname".png'
     status, data = request(f"{server.url}/view?" + urllib.parse.urlencode({"filename": name, "type": "input"}))
     assert status == 200 and data == b"odd bytes"
+
+
+def test_a_file_gone_before_its_prompt_runs_is_an_execution_error_on_the_node_reading_it(server, folders):
+    ws, client_id = connect(server.url)
+    try:
+        status, long = request(f"{server.url}/prompt", {"prompt": txt2img(seed=98, steps=1000), "client_id": client_id})
+        until_progress(ws)
+        Image.open(folders["input"] / "photo.png").save(folders["input"] / "gone.png")
+        prompt = img2img(seed=99, prefix="gone")
+        prompt["nodes"]["load"]["params"]["path"] = "gone.png"
+        status, answer = request(f"{server.url}/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200
+        (folders["input"] / "gone.png").unlink()  # while the prompt waits
+        request(f"{server.url}/interrupt", {"prompt_id": long["prompt_id"]})
+        until_done(ws, long["prompt_id"])
+        messages = until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert error["node_id"] == "load" and error["node_type"] == "LoadImage"
+    assert "gone.png" in error["exception_message"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..context import InterruptFlag
-from ..errors import Interrupted, NodeFailed, NodegraphError
+from ..errors import Interrupted, NodeFailed, NodegraphError, WorkflowInvalid
 from .prompts import Prompt
 
 log = logging.getLogger("nodegraph.server")
@@ -228,6 +228,10 @@ def failure(exc: BaseException) -> dict:
     error, with the failed node and the exception's text."""
     if isinstance(exc, Interrupted):
         return {"status": "interrupted"}
+    invalid = next((i for i in exc.issues if i.node_id is not None), None) if isinstance(exc, WorkflowInvalid) else None
+    if invalid is not None:  # a file changed after the prompt was queued: the client is told which node reads it
+        return {"status": "error", "node_id": invalid.node_id, "node_type": invalid.node_type, "message": str(exc),
+                "type": type(exc).__name__, "traceback": []}
     if isinstance(exc, NodeFailed):
         return {"status": "error", "node_id": exc.node_id, "node_type": exc.node_type, "message": str(exc),
                 "type": f"{type(exc.cause).__module__}.{type(exc.cause).__name__}",
