@@ -481,10 +481,12 @@ def test_view_and_uploads_answer_hostile_names_with_a_client_error(server, folde
     long = "n" * 300
     assert request(f"{url}/view?filename={long}.png&type=input")[0] == 404
     assert request(f"{url}/view?filename=photo.png&subfolder={long}&type=input")[0] == 404
+    (folders["input"] / "taken").mkdir(exist_ok=True)
     before = sorted(p.name for p in folders["input"].parent.iterdir())
     refused = [({}, (".", red)), ({"overwrite": "true"}, (".", red)), ({}, (f"{long}.png", red)),
                ({"overwrite": "true"}, (f"{long}.png", red)), ({"subfolder": long}, ("a.png", red)),
-               ({"subfolder": "photo.png"}, ("a.png", red))]  # a subfolder that is a file
+               ({"subfolder": "photo.png"}, ("a.png", red)),  # a subfolder that is a file
+               ({"overwrite": "true"}, ("taken", red))]  # a name taken by a folder
     for fields, image in refused:
         status, body = upload(f"{url}/upload/image", fields, {"image": image})
         assert status == 400 and image[0][:20].encode() in body, (fields, image[0][:20])

@@ -60,9 +60,9 @@ async def _form(request: web.Request):
 def _store(target: Path, data: bytes, answer: dict) -> web.Response:
     try:
         write_bytes_atomic(target, data)
-    except OSError as exc:  # the file name is too long, the disk is full: nothing half-written stays
+    except OSError as exc:  # a name too long or taken by a folder (the client's), a full disk (the server's)
         return _bad(f"cannot write '{answer['name']}' in the {answer['type']} folder: {exc.strerror or exc}",
-                    400 if exc.errno == errno.ENAMETOOLONG else 500)
+                    400 if exc.errno in (errno.ENAMETOOLONG, errno.EISDIR) else 500)
     return web.json_response(answer)
 
 
