@@ -570,3 +570,38 @@ def test_a_file_gone_before_its_prompt_runs_is_an_execution_error_on_the_node_re
     error = next(m["data"] for m in messages if m["type"] == "execution_error")
     assert error["node_id"] == "load" and error["node_type"] == "LoadImage"
     assert "gone.png" in error["exception_message"]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` (its IHDR rewritten, CRC and all)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(Image.new("L", (8, 8))))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_upload_mask_holds_both_images_to_the_servers_pixel_limit(folders, tmp_path):
+    from nodegraph.server.app import Running, ServerConfig
+
+    small = Running(ServerConfig(port=0, cache_dir=False, max_pixels=64 * 64,
+                                 **{**folders, "input": tmp_path / "in", "output": tmp_path / "out"}))
+    try:
+        Image.new("RGB", (128, 128)).save(tmp_path / "in" / "large.png")
+        Image.new("RGB", (32, 32)).save(tmp_path / "in" / "small.png")
+
+        def mask(original: str, image: bytes):
+            ref = json.dumps({"filename": original, "type": "input"})
+            return upload(f"{small.url}/upload/mask", {"original_ref": ref, "type": "input", "subfolder": "masks"},
+                          {"image": ("m.png", image)})
+
+        status, body = mask("large.png", png_bytes(Image.new("RGBA", (128, 128))))
+        assert status == 400 and b"the original: 128x128 (16,384 pixels) is larger than the limit" in body
+        status, body = mask("small.png", png_claiming(20000, 10000))  # Pillow's decompression-bomb size
+        assert status == 400 and b"pixels" in body
+        assert not (tmp_path / "in" / "masks").exists() or not list((tmp_path / "in" / "masks").iterdir())
+        assert mask("small.png", png_bytes(Image.new("RGBA", (32, 32))))[0] == 200
+    finally:
+        small.stop()

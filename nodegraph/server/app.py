@@ -268,7 +268,7 @@ class Server:
         return await upload_image(request, self.folders)
 
     async def upload_mask(self, request: web.Request) -> web.Response:
-        return await upload_mask(request, self.folders)
+        return await upload_mask(request, self.folders, self.engine.limits)
 
     # ------------------------------------------------------------------ what the server has
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import errno
 import io
 import json
+import warnings
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..atomic import write_bytes_atomic
+from ..limits import Limits
 from .folders import Folders, OutsideFolder, inside
 
 
@@ -79,7 +81,7 @@ async def upload_image(request: web.Request, folders: Folders) -> web.Response:
     return _store(target, data, answer)
 
 
-async def upload_mask(request: web.Request, folders: Folders) -> web.Response:
+async def upload_mask(request: web.Request, folders: Folders, limits: Limits) -> web.Response:
     from PIL import Image, UnidentifiedImageError
     from PIL.PngImagePlugin import PngInfo
 
@@ -104,12 +106,20 @@ async def upload_mask(request: web.Request, folders: Folders) -> web.Response:
     if not isinstance(image, web.FileField):
         return _bad("the form needs a file in the field 'image'")
     try:
-        with Image.open(original) as base, Image.open(image.file) as mask:
-            info = PngInfo()
-            for key, value in (base.text if hasattr(base, "text") else {}).items():
-                info.add_text(key, value)
-            composed = base.convert("RGBA")
-            composed.putalpha(mask.convert("RGBA").getchannel("A"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the server's own limit applies
+            with Image.open(original) as base, Image.open(image.file) as mask:
+                for which, picture in (("the original", base), ("the mask", mask)):  # from the header, not decoded
+                    problem = limits.pixels_problem(*picture.size)
+                    if problem:
+                        return _bad(f"{which}: {problem}")
+                info = PngInfo()
+                for key, value in (base.text if hasattr(base, "text") else {}).items():
+                    info.add_text(key, value)
+                composed = base.convert("RGBA")
+                composed.putalpha(mask.convert("RGBA").getchannel("A"))
+    except Image.DecompressionBombError as exc:
+        return _bad(f"cannot combine the mask with the original: {exc}")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         return _bad(f"cannot combine the mask with the original: {exc} (the mask must be an image of the same size)")
     buffer = io.BytesIO()
