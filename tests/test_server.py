@@ -6,6 +6,9 @@ import io
 import json
 import os
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 
 import numpy as np
@@ -451,3 +454,154 @@ def test_free_forgets_the_cached_results_and_loaded_models_between_prompts(serve
     _, cold = run_prompt(server.url, prompt)
     cached = [m["data"]["nodes"] for m in cold if m["type"] == "execution_cached"]
     assert not cached or "ckpt" not in cached[0]  # the checkpoint is loaded again
+
+
+def test_a_number_no_json_can_carry_is_refused_and_the_queue_stays_json(server):
+    """NaN, infinity or an integer beyond a float's range as ``number``: a 400, not a server error, and nothing
+    queued whose number would make /queue and /history unreadable to a browser's JSON.parse."""
+    for number in ("nan", "Infinity", 10**400):
+        status, answer = request(f"{server.url}/prompt", {"prompt": img2img(seed=95), "number": number})
+        assert status == 400 and answer["error"]["type"] == "invalid_prompt", number
+        assert "number" in answer["error"]["message"]
+    with urllib.request.urlopen(f"{server.url}/queue", timeout=60) as resp:
+        json.loads(resp.read(), parse_constant=lambda name: pytest.fail(f"/queue answered {name}"))
+
+
+@pytest.mark.parametrize("prompt, node", [
+    ({"1": {"class_type": ["SaveImage"], "inputs": {}}}, "1"),
+    ({"1": {"class_type": {"name": "SaveImage"}, "inputs": {}}}, "1"),
+    ({"format": "nodegraph/1", "nodes": {"a": {"type": ["SaveImage"]}}}, "a")])
+def test_a_node_type_that_is_not_a_string_is_reported_on_its_node(server, prompt, node):
+    status, answer = request(f"{server.url}/prompt", {"prompt": prompt})
+    assert status == 400 and list(answer["node_errors"]) == [node]
+
+
+def test_view_and_uploads_answer_hostile_names_with_a_client_error(server, folders):
+    url, red = server.url, png_bytes(Image.new("RGB", (8, 8), "red"))
+    long = "n" * 300
+    assert request(f"{url}/view?filename={long}.png&type=input")[0] == 404
+    assert request(f"{url}/view?filename=photo.png&subfolder={long}&type=input")[0] == 404
+    (folders["input"] / "taken").mkdir(exist_ok=True)
+    before = sorted(p.name for p in folders["input"].parent.iterdir())
+    refused = [({}, (".", red)), ({"overwrite": "true"}, (".", red)), ({}, (f"{long}.png", red)),
+               ({"overwrite": "true"}, (f"{long}.png", red)), ({"subfolder": long}, ("a.png", red)),
+               ({"subfolder": "photo.png"}, ("a.png", red)),  # a subfolder that is a file
+               ({"overwrite": "true"}, ("taken", red))]  # a name taken by a folder
+    for fields, image in refused:
+        status, body = upload(f"{url}/upload/image", fields, {"image": image})
+        assert status == 400 and image[0][:20].encode() in body, (fields, image[0][:20])
+    assert folders["input"].is_dir() and (folders["input"] / "photo.png").is_file()
+    assert sorted(p.name for p in folders["input"].parent.iterdir()) == before  # no stray temporary file
+    ref = json.dumps({"filename": f"{long}.png", "type": "input"})
+    assert upload(f"{url}/upload/mask", {"original_ref": ref}, {"image": ("m.png", red)})[0] == 404
+    ref = json.dumps({"filename": "photo.png", "subfolder": "..", "type": "input"})
+    status, body = upload(f"{url}/upload/mask", {"original_ref": ref}, {"image": ("m.png", red)})
+    assert status == 400 and b"inside the folder" in body
+
+
+def test_a_body_that_is_not_a_multipart_form_is_a_client_error(server):
+    for kind, body in (("multipart/form-data", b"x"), ("multipart/form-data; boundary=b", b"--b\r\nbroken\r\n")):
+        req = urllib.request.Request(f"{server.url}/upload/image", data=body, headers={"Content-Type": kind})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=60)
+        assert caught.value.code == 400 and b"multipart" in caught.value.read()
+
+
+@pytest.mark.parametrize("headers", [{"Host": "[", "Origin": "http://localhost"}, {"Origin": "http://["}])
+def test_a_malformed_host_or_origin_is_refused_not_a_server_error(server, headers):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
+    connection.putrequest("POST", "/queue", skip_host="Host" in headers)
+    for name, value in {**headers, "Content-Length": "2"}.items():
+        connection.putheader(name, value)
+    connection.endheaders(b"{}")
+    assert connection.getresponse().status == 403
+
+
+def test_a_prompt_id_still_running_is_refused_and_free_again_once_done(server):
+    ws, client_id = connect(server.url)
+    try:
+        body = {"prompt": txt2img(seed=96, steps=1000), "client_id": client_id, "prompt_id": "mine"}
+        assert request(f"{server.url}/prompt", body)[0] == 200
+        until_progress(ws)
+        status, answer = request(f"{server.url}/prompt", {**body, "prompt": img2img(seed=97, prefix="mine")})
+        assert status == 400 and "'mine' is already queued or running" in answer["error"]["message"]
+        assert request(f"{server.url}/queue")[1]["queue_pending"] == []
+        request(f"{server.url}/interrupt", {"prompt_id": "mine"})
+        until_done(ws, "mine")
+    finally:
+        ws.close()
+    # once it is done the id is free again, and its history entry is the new run's (as ComfyUI)
+    prompt_id, messages = run_prompt(server.url, img2img(seed=97, prefix="mine"), prompt_id="mine")
+    assert prompt_id == "mine" and "execution_success" in kinds(messages, "mine")
+    assert request(f"{server.url}/history/mine")[1]["mine"]["status"]["status_str"] == "success"
+
+
+def test_a_file_whose_name_has_a_line_break_or_a_quote_is_viewed(server, folders):
+    """Such a name arrives through an upload's RFC 5987 filename*; /view used to drop the connection."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename*=UTF-8\'\'odd%0D%0Aname%22.png\r\n'
+            b'Content-Type: image/png\r\n\r\nodd bytes\r\n--b--\r\n')
+    req = urllib.request.Request(f"{server.url}/upload/image", data=body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        name = json.loads(resp.read())["name"]
+    assert name == 'odd\r\nname".png'
+    status, data = request(f"{server.url}/view?" + urllib.parse.urlencode({"filename": name, "type": "input"}))
+    assert status == 200 and data == b"odd bytes"
+
+
+def test_a_file_gone_before_its_prompt_runs_is_an_execution_error_on_the_node_reading_it(server, folders):
+    ws, client_id = connect(server.url)
+    try:
+        status, long = request(f"{server.url}/prompt", {"prompt": txt2img(seed=98, steps=1000), "client_id": client_id})
+        until_progress(ws)
+        Image.open(folders["input"] / "photo.png").save(folders["input"] / "gone.png")
+        prompt = img2img(seed=99, prefix="gone")
+        prompt["nodes"]["load"]["params"]["path"] = "gone.png"
+        status, answer = request(f"{server.url}/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200
+        (folders["input"] / "gone.png").unlink()  # while the prompt waits
+        request(f"{server.url}/interrupt", {"prompt_id": long["prompt_id"]})
+        until_done(ws, long["prompt_id"])
+        messages = until_done(ws, answer["prompt_id"])
+    finally:
+        ws.close()
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert error["node_id"] == "load" and error["node_type"] == "LoadImage"
+    assert "gone.png" in error["exception_message"]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` (its IHDR rewritten, CRC and all)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(Image.new("L", (8, 8))))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_upload_mask_holds_both_images_to_the_servers_pixel_limit(folders, tmp_path):
+    from nodegraph.server.app import Running, ServerConfig
+
+    small = Running(ServerConfig(port=0, cache_dir=False, max_pixels=64 * 64,
+                                 **{**folders, "input": tmp_path / "in", "output": tmp_path / "out"}))
+    try:
+        Image.new("RGB", (128, 128)).save(tmp_path / "in" / "large.png")
+        Image.new("RGB", (32, 32)).save(tmp_path / "in" / "small.png")
+
+        def mask(original: str, image: bytes):
+            ref = json.dumps({"filename": original, "type": "input"})
+            return upload(f"{small.url}/upload/mask", {"original_ref": ref, "type": "input", "subfolder": "masks"},
+                          {"image": ("m.png", image)})
+
+        status, body = mask("large.png", png_bytes(Image.new("RGBA", (128, 128))))
+        assert status == 400 and b"the original: 128x128 (16,384 pixels) is larger than the limit" in body
+        status, body = mask("small.png", png_claiming(20000, 10000))  # Pillow's decompression-bomb size
+        assert status == 400 and b"pixels" in body
+        assert not (tmp_path / "in" / "masks").exists() or not list((tmp_path / "in" / "masks").iterdir())
+        assert mask("small.png", png_bytes(Image.new("RGBA", (32, 32))))[0] == 200
+    finally:
+        small.stop()

@@ -93,6 +93,24 @@ def test_two_prompts_run_at_once_on_two_actors_each_client_hearing_only_its_own(
         assert values == list(range(1, 61))
 
 
+def test_a_prompt_id_already_running_on_an_actor_is_refused(server):
+    """Two actors could otherwise run two prompts of one id while the queue tracked one: /queue, the queue's
+    count and /interrupt would miss the other."""
+    ws, client_id = connect(server.url)
+    try:
+        body = {"prompt": txt2img(seed=71, steps=1000), "client_id": client_id, "prompt_id": "twice"}
+        assert request(f"{server.url}/prompt", body)[0] == 200
+        status, answer = request(f"{server.url}/prompt", {**body, "prompt": txt2img(seed=72, steps=1000)})
+        assert status == 400 and "'twice' is already queued or running" in answer["error"]["message"]
+        until_progress(ws)
+        assert [item[1] for item in request(f"{server.url}/queue")[1]["queue_running"]] == ["twice"]
+        request(f"{server.url}/interrupt", {})
+        assert "execution_interrupted" in kinds(until_done(ws, "twice"), "twice")
+    finally:
+        ws.close()
+    wait_for(lambda: queue(server).remaining() == 0)
+
+
 def test_interrupt_reaches_the_actor_running_that_prompt(server):
     ws, client_id = connect(server.url)
     try:

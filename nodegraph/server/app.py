@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -28,7 +29,7 @@ from .folders import Folders, OutsideFolder, inside
 from .messages import Hub
 from .object_info import object_info
 from .prompts import PromptRejected, error_body, prepare
-from .queue import PromptQueue
+from .queue import PromptIdTaken, PromptQueue
 from .options import SERVED_MAX_NODES
 from .uploads import upload_image, upload_mask
 
@@ -170,8 +171,10 @@ class Server:
             return web.json_response(self._full(), status=429)
         try:
             number = float(body["number"]) if "number" in body else self.queue.next_number(bool(body.get("front")))
-        except (TypeError, ValueError):
-            return web.json_response(error_body("invalid_prompt", "number must be a number"), status=400)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
+            number = math.nan
+        if not math.isfinite(number):  # NaN or infinity would make /queue and /history answer with invalid JSON
+            return web.json_response(error_body("invalid_prompt", "number must be a finite number"), status=400)
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         extra_data = dict(body.get("extra_data") or {}) if isinstance(body.get("extra_data") or {}, dict) else {}
         if body.get("client_id") is not None:
@@ -186,8 +189,11 @@ class Server:
                                                 extra_data, self.folders.input, targets)
         except PromptRejected as exc:
             return web.json_response(exc.body, status=400)
-        if not self.queue.put(prompt):
-            return web.json_response(self._full(), status=429)
+        try:
+            if not self.queue.put(prompt):
+                return web.json_response(self._full(), status=429)
+        except PromptIdTaken as exc:
+            return web.json_response(error_body("invalid_prompt", str(exc)), status=400)
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     def _full(self) -> dict:
@@ -247,15 +253,22 @@ class Server:
             path = inside(folder, query.get("subfolder", ""), filename)
         except OutsideFolder as exc:
             return web.Response(status=403, text=str(exc))
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # a name too long for the file system: no such file, as ComfyUI answers
+            found = False
+        if not found:
             return web.Response(status=404)
-        return web.FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
+        name = path.name  # a name with a quote or a line break (an upload may give one) is sent escaped
+        plain = name.isprintable() and not any(c in name for c in '"\\')
+        disposition = f'filename="{name}"' if plain else f"filename*=UTF-8''{urllib.parse.quote(name)}"
+        return web.FileResponse(path, headers={"Content-Disposition": disposition})
 
     async def upload_image(self, request: web.Request) -> web.Response:
         return await upload_image(request, self.folders)
 
     async def upload_mask(self, request: web.Request) -> web.Response:
-        return await upload_mask(request, self.folders)
+        return await upload_mask(request, self.folders, self.engine.limits)
 
     # ------------------------------------------------------------------ what the server has
 
@@ -314,8 +327,12 @@ async def same_origin(request: web.Request, handler):
     (browsers send such cross-site POSTs to 127.0.0.1); its Origin then names another host than Host."""
     host, origin = request.headers.get("Host"), request.headers.get("Origin")
     if host and origin:
-        host_name = urllib.parse.urlsplit("//" + host).hostname
-        if _loopback(host_name) and urllib.parse.urlsplit(origin).netloc.lower() != host.lower():
+        try:
+            host_name = urllib.parse.urlsplit("//" + host).hostname
+            other = _loopback(host_name) and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()
+        except ValueError:  # a malformed Host or Origin (no browser sends one): it cannot be shown to match
+            other = True
+        if other:
             return web.Response(status=403, text="cross-site request refused (Origin does not match Host)")
     return await handler(request)
 

@@ -120,6 +120,8 @@ def _output_ids(engine, doc: dict, comfy: bool, class_types: dict[str, str]) -> 
     from ..comfy.convert import SPECS
 
     def is_output(kind) -> bool:
+        if not isinstance(kind, str):  # a malformed type (a list, say), reported by validation
+            return False
         if comfy and kind in SPECS:
             return SPECS[kind].output_node
         definition = engine.registry.types.get(kind)

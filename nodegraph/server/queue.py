@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..context import InterruptFlag
-from ..errors import Interrupted, NodeFailed, NodegraphError
+from ..errors import Interrupted, NodeFailed, NodegraphError, WorkflowInvalid
 from .prompts import Prompt
 
 log = logging.getLogger("nodegraph.server")
@@ -22,6 +22,14 @@ MAX_HISTORY = 10_000  # as ComfyUI
 
 def _now() -> int:
     return int(time.time() * 1000)
+
+
+class PromptIdTaken(NodegraphError):
+    """A prompt posted with the id of one still waiting or running."""
+
+    def __init__(self, prompt_id: str):
+        super().__init__(f"prompt_id '{prompt_id}' is already queued or running; give a new one, or none for the "
+                         "server to choose")
 
 
 class PromptQueue:
@@ -69,8 +77,11 @@ class PromptQueue:
             return len(self.pending) >= self.max_queue
 
     def put(self, prompt: Prompt) -> bool:
-        """Queue a validated prompt; False when the queue is full."""
+        """Queue a validated prompt; False when the queue is full, PromptIdTaken when a prompt waiting or running
+        has its id (the history, /queue deletes and interrupts name prompts by id)."""
         with self._cond:
+            if self._taken(prompt.prompt_id):
+                raise PromptIdTaken(prompt.prompt_id)
             if len(self.pending) >= self.max_queue:
                 return False
             self._arrivals += 1
@@ -78,6 +89,11 @@ class PromptQueue:
             self._cond.notify()
         self.status()
         return True
+
+    def _taken(self, prompt_id: str) -> bool:
+        """Whether a waiting or running prompt has this id (the lock held)."""
+        running = self.running is not None and self.running.prompt_id == prompt_id
+        return running or any(p.prompt_id == prompt_id for _, _, p in self.pending)
 
     def remaining(self) -> int:
         with self._cond:
@@ -212,6 +228,10 @@ def failure(exc: BaseException) -> dict:
     error, with the failed node and the exception's text."""
     if isinstance(exc, Interrupted):
         return {"status": "interrupted"}
+    invalid = next((i for i in exc.issues if i.node_id is not None), None) if isinstance(exc, WorkflowInvalid) else None
+    if invalid is not None:  # a file changed after the prompt was queued: the client is told which node reads it
+        return {"status": "error", "node_id": invalid.node_id, "node_type": invalid.node_type, "message": str(exc),
+                "type": type(exc).__name__, "traceback": []}
     if isinstance(exc, NodeFailed):
         return {"status": "error", "node_id": exc.node_id, "node_type": exc.node_type, "message": str(exc),
                 "type": f"{type(exc.cause).__module__}.{type(exc.cause).__name__}",

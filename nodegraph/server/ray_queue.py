@@ -113,6 +113,9 @@ class RayPromptQueue(PromptQueue):
         with self._cond:
             return len(self.pending) + len(self.runs)
 
+    def _taken(self, prompt_id: str) -> bool:
+        return prompt_id in self.runs or super()._taken(prompt_id)
+
     def listing(self) -> dict:
         with self._cond:
             running = [r.prompt.item() for r in sorted(self.runs.values(), key=lambda r: r.prompt.number)]
