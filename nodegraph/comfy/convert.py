@@ -109,8 +109,7 @@ class ComfyNode:
 def _is_api(doc: Any) -> bool:
     # one node with a class_type is enough: a broken node (no class_type, or not an object) is then reported as
     # that node's problem rather than the whole prompt being taken for a nodegraph workflow
-    return isinstance(doc, dict) and any(isinstance(v, dict) and isinstance(v.get("class_type"), str)
-                                         for v in doc.values())
+    return isinstance(doc, dict) and any(isinstance(v, dict) and "class_type" in v for v in doc.values())
 
 
 def detect_format(doc: Any) -> str:
