@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nodegraph.api import Engine
 from nodegraph.comfy import COMFY_API, COMFY_EDITOR, NODEGRAPH, detect_format, import_api, to_nodegraph
 from nodegraph.comfy.convert import converters
 from nodegraph.comfy.editor import editor_to_api
@@ -722,6 +723,13 @@ def test_a_denoise_beyond_nodegraph_s_step_bound_is_reported_on_denoise():
     issues = problems(txt2img(steps=20, denoise=0.01))
     assert [(i.node_id, i.node_type, i.field) for i in issues] == [("3", "KSampler", "denoise")]
     assert "2000" in issues[0].message
+
+
+@pytest.mark.parametrize("denoise", [1, 0.5])
+def test_a_steps_that_is_no_number_is_reported_on_steps_not_denoise(denoise):
+    workflow = to_nodegraph(txt2img(steps=[1], denoise=denoise))  # the denoise is fine: no importer problem
+    issues = [i for i in Engine().validate(workflow) if i.node_id == "3"]
+    assert [(i.field, i.message) for i in issues] == [("steps", "Input should be a valid integer")]
 
 
 @pytest.mark.parametrize("as_text", ["links", "nodes"])

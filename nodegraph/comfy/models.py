@@ -388,7 +388,10 @@ def ksampler(node: ComfyNode, b: Builder) -> list:
     inputs, params, facts = _sampler(node, b, "seed")
     denoise = b.value(node, "denoise", 1.0)
     steps = params["steps"]
-    if isinstance(denoise, (int, float)) and not isinstance(denoise, bool) and isinstance(steps, int):
+    number = isinstance(denoise, (int, float)) and not isinstance(denoise, bool)
+    if denoise is not None and not number:
+        b.problem(node, "denoise", f"{denoise!r}: must be a number")
+    elif number and isinstance(steps, int):  # a steps that is no int is reported on steps
         if not 0 < denoise <= 1:
             b.problem(node, "denoise", f"{denoise}: must be above 0 and at most 1")
         elif denoise < 1:
@@ -404,8 +407,6 @@ def ksampler(node: ComfyNode, b: Builder) -> list:
                                            "steps")
             else:
                 params["steps"], params["strength"] = denoise_steps(steps, denoise)
-    elif denoise is not None:
-        b.problem(node, "denoise", f"{denoise!r}: must be a number")
     kind = _sampler_type(inputs, params, facts)
     nid = b.add(node, kind, inputs=inputs, params={k: v for k, v in params.items() if v is not None})
     b.tag(node, 0, **b.source_facts(node, "latent_image"))  # ComfyUI returns the latent's copy: its mask stays
