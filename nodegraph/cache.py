@@ -149,12 +149,13 @@ def save_file(tensors: dict, path: str, metadata: dict[str, str]) -> None:
     save(tensors, path, metadata=metadata)
 
 
-def entry_digest(structure: str, tensors: dict) -> str:
-    """SHA-256 over a stored value's structure (its JSON text) and every tensor's name, dtype, shape and bytes,
-    in name order: any change to the entry, header or body, is a different digest."""
+def entry_digest(key: str, structure: str, tensors: dict) -> str:
+    """SHA-256 over the cache key, a stored value's structure (its JSON text) and every tensor's name, dtype,
+    shape and bytes, in name order: any change to the entry, header or body, is a different digest, and so is
+    a whole entry moved under another key's name."""
     import torch
 
-    digest = hashlib.sha256(structure.encode() + b"\0")
+    digest = hashlib.sha256(key.encode() + b"\0" + structure.encode() + b"\0")
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -214,7 +215,7 @@ class DiskCache:
             return self._discard(path, exc)
         try:
             tensors = load(data)
-            if metadata.get(DIGEST_KEY) != entry_digest(metadata.get("nodegraph", ""), tensors):
+            if metadata.get(DIGEST_KEY) != entry_digest(key, metadata.get("nodegraph", ""), tensors):
                 return self._discard(path, ValueError("digest mismatch"))
             if str(device) != "cpu":
                 tensors = {name: t.to(device) for name, t in tensors.items()}
@@ -254,7 +255,7 @@ class DiskCache:
             # clone: views of one storage (batch slices) cannot be saved side by side
             tensors = {name: t.detach().cpu().clone() for name, t in tensors.items()}
             metadata = to_metadata(structure)
-            metadata[DIGEST_KEY] = entry_digest(metadata["nodegraph"], tensors)
+            metadata[DIGEST_KEY] = entry_digest(key, metadata["nodegraph"], tensors)
             self._prepare_folder(path.parent)
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)

@@ -116,6 +116,22 @@ def test_an_altered_disk_entry_is_detected_and_recomputed(stub_registry, tmp_pat
     assert result.status["s"] == "ran" and result.outputs["s"]["x"].tolist() == [3.0, 3.0]
 
 
+def test_an_entry_moved_under_another_key_is_not_served(stub_registry, tmp_path):
+    # Two whole, undamaged entries exchanged (a sync tool or a hand copy): each is some other node's result.
+    runs = {}
+    for value in (3, 4):
+        before = set((tmp_path / "c").rglob("*.safetensors"))
+        Engine(registry=stub_registry, cache_dir=tmp_path / "c").run(
+            wf(s={"type": "StubSource", "params": {"value": value}}, o=sink("s.x")), targets=["s"])
+        (runs[value],) = set((tmp_path / "c").rglob("*.safetensors")) - before
+    three, four = runs[3].read_bytes(), runs[4].read_bytes()
+    runs[3].write_bytes(four)
+    runs[4].write_bytes(three)
+    result = Engine(registry=stub_registry, cache_dir=tmp_path / "c").run(
+        wf(s={"type": "StubSource", "params": {"value": 3}}, o=sink("s.x")), targets=["s"])
+    assert result.status["s"] == "ran" and result.outputs["s"]["x"].tolist() == [3.0, 3.0]
+
+
 def test_temporary_files_of_a_killed_run_are_cleaned_up(stub_registry, tmp_path):
     from nodegraph.atomic import temp_path
 
