@@ -506,6 +506,7 @@ def _stop_on_signals(flag) -> Iterator[None]:
     def handler(signum, frame):
         if flag.is_set() or not flag.running:
             flag.set()
+            flag.raised += 1
             raise KeyboardInterrupt("interrupted" if signum == signal.SIGINT else "stopped by SIGTERM")
         flag.set()
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -44,6 +44,7 @@ class InterruptFlag:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.running = False  # whether a run is under way to honour it (else a stop is immediate)
+        self.raised = 0  # stops raised as KeyboardInterrupt into running code (a second Ctrl-C)
 
     def set(self) -> None:
         self._event.set()

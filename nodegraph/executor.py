@@ -243,12 +243,15 @@ class _Run:
                 RunContext(self.config, self.record, node_id).replay(known)
         else:
             params = plan.params.get(node_id, node.params)
+            raised = getattr(self.config.interrupt, "raised", 0)
             self.values[node_id] = outputs = _run_node(node, params, self.values, self.config, self.record,
                                                        self.statuses, self.result)
             if _changed_while_read(node, plan, self.tainted, self.warn):
                 self.tainted.add(node_id)
             own = self.record.recorded.pop(node_id, None)
-            if cacheable and node_id not in self.tainted:
+            # A Ctrl-C raised into the node and caught there (as some libraries' loops do) may have cut its
+            # work short: what it made is not cached. A stop it merely outlived leaves finished work, kept.
+            if cacheable and node_id not in self.tainted and getattr(self.config.interrupt, "raised", 0) == raised:
                 if own:
                     self.facts.put(key, own, self.warn)
                 self.memory.put(key, outputs)

@@ -151,6 +151,52 @@ def test_a_second_ctrl_c_during_a_long_node_is_not_lost(tmp_path):
     assert not (tmp_path / "out" / "result.txt").exists()  # the output node after it never ran
 
 
+COUNTER = """
+import os, pathlib, time
+import torch
+from nodegraph import node
+
+@node("Count", category="test", outputs={"x": "NUMBER"})
+def count(n: int = 100) -> torch.Tensor:
+    \"\"\"Counts to n slowly; a Ctrl-C ends the count early, as some libraries' loops do.\"\"\"
+    pathlib.Path(os.environ["COUNT_STARTED"]).write_text("x")
+    total = 0
+    try:
+        for _ in range(n):
+            time.sleep(0.05)
+            total += 1
+    except KeyboardInterrupt:
+        pass
+    return torch.full((2,), float(total))
+"""
+
+
+@pytest.mark.parametrize("stops", [1, 2])
+def test_a_node_cut_short_by_ctrl_c_is_not_cached_one_that_finished_is(tmp_path, stops):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "counter.py").write_text(COUNTER)
+    started = tmp_path / "started"
+    workflow = write(tmp_path, wf(c={"type": "Count", "params": {"n": 40}},
+                                  o={"type": "StubWrite", "inputs": {"a": "c.x"}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COUNT_STARTED": str(started)}
+    command = [sys.executable, "-m", "nodegraph.cli", "run", str(workflow), "--json", "--out", str(tmp_path / "out"),
+               "--cache-dir", str(tmp_path / "cache"), "--plugins", str(plugins), "--plugins", str(STUB_PLUGINS)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(started, proc)
+    proc.send_signal(signal.SIGINT)  # the first asks for a stop after the node, which finishes its count
+    if stops == 2:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # the second is raised in the node, which catches it and stops counting
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    # finished work is kept across the Ctrl-C; a count cut short is never served
+    assert json.loads(again.stdout)["nodes"]["c"]["status"] == ("cached" if stops == 1 else "ran")
+    assert (tmp_path / "out" / "result.txt").read_text() == "40.0 40.0"
+
+
 def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
