@@ -84,8 +84,8 @@ class Engine:
         if vram is not None or vram_budget is not None or compile or channels_last:
             from .nodes._memory import MANAGER  # the loaded models are the process's: so is their budget
 
-            MANAGER.configure(vram or "auto", parse_size(vram_budget) if vram_budget is not None else None,
-                              compile=compile, channels_last=channels_last)
+            budget = parse_size(vram_budget, "VRAM budget") if vram_budget is not None else None
+            MANAGER.configure(vram or "auto", budget, compile=compile, channels_last=channels_last)
         if isinstance(models, (str, Path)):
             models = [models]
         self.models = models if isinstance(models, ModelRoots) else ModelRoots.gather(

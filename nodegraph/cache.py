@@ -48,13 +48,13 @@ def default_cache_dir() -> Path | None:
     return Path(platformdirs.user_cache_dir("nodegraph")) / "results"
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes from "10GiB", "500MB", "2G" or a plain number."""
+def parse_size(text: str | int, what: str = "cache size") -> int:
+    """Bytes from "10GiB", "500MB", "2G" or a plain number; ``what`` names the setting in the error."""
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
     if match is None:
-        raise NodegraphError(f"cache size '{text}': write a size such as 10GiB, 500MB or 2000000000")
+        raise NodegraphError(f"{what} '{text}': write a size such as 10GiB, 500MB or 2000000000")
     number, unit, binary = float(match[1]), match[2].upper(), match[3]
     base = 1024 if binary or not unit else 1000
     return int(number * base ** " KMGT".index(unit or " "))

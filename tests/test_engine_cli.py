@@ -96,6 +96,14 @@ def test_validate_ok_and_usage_errors(tmp_path):
     assert missing.returncode == 2 and "cannot read workflow file" in missing.stderr
 
 
+def test_a_bad_size_names_the_option_it_came_from(tmp_path):
+    wf = write(tmp_path, CHAIN)
+    vram = cli("run", str(wf), "--vram-budget", "lots", "--out", str(tmp_path / "out"))
+    assert vram.returncode == 2 and "VRAM budget 'lots'" in vram.stderr and "cache size" not in vram.stderr
+    cache = cli("run", str(wf), "--cache-size", "lots", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"))
+    assert cache.returncode == 2 and "cache size 'lots'" in cache.stderr
+
+
 def test_node_failure_exits_1_naming_the_node(tmp_path):
     nodes = {"src": {"type": "StubSource"}, "fail": {"type": "StubFail", "inputs": {"a": "src.x"}},
              "write": {"type": "StubWrite", "inputs": {"a": "fail.x"}}}
