@@ -365,7 +365,7 @@ def load_workflow(path: str | Path, strict: bool = True, raw: bytes | None = Non
     they were read already."""
     path = Path(path)
     raw = read_workflow_file(path) if raw is None else raw
-    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else raw.decode("utf-8", errors="replace")
+    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else _utf8_text(raw, path)
     return loads_workflow(text, base_dir=path.resolve().parent, source=str(path), strict=strict)
 
 
@@ -373,7 +373,7 @@ def load_comfy_document(path: str | Path) -> Any:
     """The parsed JSON of a workflow file, or of the workflow text in a PNG (ours or ComfyUI's)."""
     path = Path(path)
     raw = read_workflow_file(path)
-    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else raw.decode("utf-8", errors="replace")
+    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else _utf8_text(raw, path)
     data, found = parse_json(text, str(path))
     if found:
         raise WorkflowInvalid(found)
@@ -386,6 +386,19 @@ def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<stri
     if strict and workflow.problems:
         raise WorkflowInvalid(workflow.problems)
     return workflow
+
+
+def _utf8_text(raw: bytes, path: Path) -> str:
+    """A workflow file's text. JSON files are UTF-8 (a leading byte order mark is allowed); other bytes are
+    refused where they are, never replaced: a name or prompt would silently change."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        utf16 = "the file is UTF-16; " if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise WorkflowInvalid([Issue("bad_json", f"{path}: line {line}, column {column}: byte 0x{raw[exc.start]:02x} "
+                                     f"is not UTF-8 text; {utf16}save it as UTF-8")]) from None
 
 
 def _png_workflow_text(raw: bytes, path: Path) -> str:

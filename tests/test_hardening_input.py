@@ -45,6 +45,27 @@ def test_json_nested_thousands_deep_is_exit_2_without_traceback(tmp_path):
     assert "node 's' (StubSource): param 'value'" in done.stderr
 
 
+def test_text_that_is_not_utf_8_is_refused_not_guessed_at(tmp_path):
+    text = json.dumps({"format": "nodegraph/1", "nodes": {
+        "s": {"type": "StubSource"}, "o": {"type": "StubWrite", "inputs": {"a": "s.x"}, "params": {"name": "r\u00e9sum\u00e9.txt"}}}},
+        ensure_ascii=False)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(text.encode("latin-1"))  # an editor set to another encoding: the name must not be mangled
+    done = cli("run", str(latin1), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "line 1" in done.stderr and "not UTF-8" in done.stderr
+    assert not (tmp_path / "out").exists()
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(text.encode("utf-16"))  # what some Windows shells write
+    done = cli("validate", str(utf16))
+    assert done.returncode == 2 and "UTF-16" in done.stderr and "save it as UTF-8" in done.stderr
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8 with a byte order mark: still UTF-8
+    done = cli("run", str(bom), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "r\u00e9sum\u00e9.txt").exists()
+
+
 def test_integers_of_thousands_of_digits_in_the_file_and_through_set(tmp_path, stub_registry):
     text = json.dumps({"format": "nodegraph/1", "nodes": {"s": {"type": "StubEven", "params": {"value": 1}},
                                                           **SINK_OF}}).replace('"value": 1', '"value": ' + "7" * 5000)
