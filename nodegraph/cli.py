@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import signal
@@ -162,10 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
     flag = InterruptFlag()
-    with _json_stdout(as_json) as emit, _one_line_warnings(), _stop_on_signals(flag):
+    with _json_stdout(as_json) as emit, _whole_stdout(), _one_line_warnings(), _stop_on_signals(flag):
         code, document = _main(argv, flag)
+        failed = _WholeWrites.failure()
+        if failed is not None and code == EXIT_OK:  # a print that failed where its error was caught
+            code = _error(f"cannot write to standard output: {failed.strerror or failed}", EXIT_FAILED)[0]
         if as_json:  # a listing is a list; every other answer says ok and exit
-            emit(document if isinstance(document, list) else {"ok": code == EXIT_OK, "exit": code, **(document or {})})
+            try:
+                emit(document if isinstance(document, list) else {"ok": code == EXIT_OK, "exit": code,
+                                                                    **(document or {})})
+            except OSError as exc:  # a full disk or a closed pipe: the document is cut, never a success
+                code = _error(f"cannot write to standard output: {exc.strerror or exc}", code or EXIT_FAILED)[0]
     return code
 
 
@@ -182,7 +190,9 @@ def _main(argv: list[str], flag: "InterruptFlag") -> tuple[int, dict | None]:
         if args.command is None:
             parser.print_help()
             return EXIT_OK, None
-        return _dispatch(args, flag)
+        answer = _dispatch(args, flag)
+        sys.stdout.flush()  # what stdout could not take (a full disk) shows here, not lost at exit
+        return answer
     except UsageError as exc:
         return _error(f"{exc}", EXIT_INVALID)
     except KeyboardInterrupt as exc:
@@ -195,6 +205,8 @@ def _main(argv: list[str], flag: "InterruptFlag") -> tuple[int, dict | None]:
         return _error(f"sys.exit({exc.code!r}) was called by plugin code while working; fix or remove it",
                       EXIT_FAILED)
     except Exception as exc:  # a bug, not a user error: the traceback helps whoever reports it
+        if isinstance(exc, OSError) and _WholeWrites.failure() is not None:
+            return _error(f"cannot write to standard output: {exc.strerror or exc}", EXIT_FAILED)
         if debug:
             raise
         import traceback
@@ -471,11 +483,71 @@ def _json_stdout(enabled: bool) -> Iterator:
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield lambda document: os.write(saved, (json.dumps(document, indent=2, default=str) + "\n").encode())
+        yield lambda document: _write_all(saved, (json.dumps(document, indent=2, default=str) + "\n").encode())
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may take part of the data (a disk filling up); the rest is written, or its error raised."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _WholeWrites(io.RawIOBase):
+    """File descriptor 1 under sys.stdout while a command works. Python's own stdout takes a partial write
+    (a disk filling up) as done and drops the rest, so a cut listing would exit 0; here every write is whole
+    or raises, and the first failure is kept (later writes are dropped, as the command already failed)."""
+
+    current: "_WholeWrites | None" = None
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd, self.failed = fd, None
+
+    @classmethod
+    def failure(cls) -> OSError | None:
+        return cls.current.failed if cls.current is not None else None
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data) -> int:
+        if self.failed is None:
+            try:
+                _write_all(self.fd, bytes(data))
+            except OSError as exc:
+                self.failed = exc
+                raise
+        return len(data)
+
+
+@contextlib.contextmanager
+def _whole_stdout() -> Iterator[None]:
+    stream = sys.stdout
+    try:
+        fd = stream.fileno() if stream is sys.__stdout__ else None
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:  # stdout already replaced (a test's capture, a caller's redirection): left as it is
+        yield
+        return
+    stream.flush()
+    raw = _WholeWrites.current = _WholeWrites(fd)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding, errors=stream.errors,
+                                  line_buffering=stream.line_buffering)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        sys.stdout, _WholeWrites.current = stream, None
 
 
 @contextlib.contextmanager

@@ -135,6 +135,23 @@ def test_ctrl_c_stops_between_steps_and_leaves_no_output(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("args", [["nodes"], ["nodes", "--json"], ["schema"]])
+def test_output_that_cannot_be_written_whole_is_a_failure(tmp_path, args):
+    # stdout to a file on a disk that fills up: a cut listing or JSON document must not look like success
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        done = subprocess.run([sys.executable, "-m", "nodegraph.cli", *args, "--plugins", str(STUB_PLUGINS)],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=limit, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "cannot write to standard output" in done.stderr
+
+
 @pytest.mark.parametrize("command", ["nodes", "schema"])
 def test_listing_commands(command):
     done = cli(command)
