@@ -8,10 +8,12 @@ behind (or anything older than a day), and never a live writer's file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ def temp_path(folder: Path, name: str) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path``, on any failure it is removed."""
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
     tmp = temp_path(path.parent, path.name)
@@ -42,6 +45,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _check_replaceable(path: Path) -> None:
+    """The rename at the end replaces whatever has the name: only a regular file (or a link to one) may be
+    replaced, never a device, a FIFO, a folder or a link such as /dev/stdout (a save to /dev/null run as
+    root would otherwise swap the system's null device for a file)."""
+    from .files import ORDINARY_UNDER_SPECIAL, SPECIAL_ROOTS
+
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISLNK(info.st_mode):
+        target = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), os.readlink(path)))
+        def within(roots: tuple) -> bool:
+            return any(target == root or target.startswith(root + "/") for root in roots)
+
+        if within(SPECIAL_ROOTS) and not within(ORDINARY_UNDER_SPECIAL):
+            raise OSError(errno.EEXIST, f"is a link to '{target}', not a regular file; name a regular file", str(path))
+        try:
+            info = os.stat(path)
+        except OSError:  # a dangling link is replaced like a file
+            return
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a regular file; name a regular file", str(path))
 
 
 def write_new_numbered(folder: Path, name_for: Callable[[int], str], first: int, write: Callable[[BinaryIO], None]) -> Path:

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -133,6 +134,30 @@ def test_ctrl_c_stops_between_steps_and_leaves_no_output(tmp_path):
     assert proc.returncode == 130
     assert "interrupted in node 'steps' (StubSteps)" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_atomic_writes_never_replace_what_is_not_a_regular_file(tmp_path):
+    from nodegraph.workflow import WorkflowBuilder
+
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)  # a reader's pipe (or a device): renaming a file over it would break it for everyone
+    folder.mkdir()
+    for target in (fifo, folder):
+        with pytest.raises(OSError, match="not a regular file"):
+            WorkflowBuilder("x").save(target)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir() and not any(folder.iterdir())
+    # a link like /dev/stdout: with stdout sent to a file it leads to a regular file, but the rename would
+    # replace the link itself (run as root, the system's /dev/stdout)
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    source = REPO / "tests" / "data" / "comfy" / "txt2img_api.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(tmp_path / "out.txt", "w") as out:
+        done = subprocess.run([sys.executable, "-m", "nodegraph.cli", "import", str(source), "-o", str(link)],
+                              stdout=out, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "not a regular file" in done.stderr
+    assert link.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".ngtmp")] == []
 
 
 @pytest.mark.parametrize("args", [["nodes"], ["nodes", "--json"], ["schema"]])
