@@ -101,7 +101,7 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
         issues.extend(_cycle_issues(nodes, flat))
     issues.extend(_space_issues(nodes, order))
     left_out = bool(workflow.broken) or any(i.code in ("too_many_nodes", "bad_structure") for i in issues)
-    outputs = _output_nodes(flat, nodes, targets, issues, left_out, workflow.broken)
+    outputs = _output_nodes(flat, nodes, targets, issues, left_out, workflow.broken, _instance_outputs(workflow, origins))
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
     return Graph(workflow=workflow, nodes=nodes, origins=origins, order=order, outputs=outputs)
@@ -408,12 +408,28 @@ def _cycle_issues(nodes: dict[str, GraphNode], all_nodes: dict[str, NodeSpec]) -
     return issues
 
 
+def _instance_outputs(workflow: Workflow, origins: dict) -> dict[str, str]:
+    """Group instance id -> the node its first output comes from in its last repetition (what a link to the
+    instance reads), to name in place of the instance."""
+    found: dict[str, str] = {}
+    for node_id, origin in origins.items():  # repetitions in order: the last one wins
+        outputs = workflow.groups[origin.group].outputs
+        inner = next(iter(outputs.values()), "").partition(".")[0] or origin.inner
+        found[origin.instance] = f"{origin.instance}[{origin.iteration}]/{inner}"
+    return found
+
+
 def _output_nodes(all_nodes: dict[str, NodeSpec], nodes: dict[str, GraphNode], targets: list[str] | None,
-                  issues: list[Issue], some_left_out: bool = False, left_out_ids: set[str] = frozenset()) -> list[str]:
+                  issues: list[Issue], some_left_out: bool = False, left_out_ids: set[str] = frozenset(),
+                  instances: dict[str, str] | None = None) -> list[str]:
     if targets:
         missing = [t for t in targets if t not in all_nodes and t not in left_out_ids]
         for target in missing:
-            issues.append(Issue("unknown_target", f"--target '{target}' is not a node of the workflow", node_id=target))
+            inner = (instances or {}).get(target)
+            message = (f"--target '{target}' is a group instance, which runs as the nodes of its repetitions; "
+                       f"name one of them, e.g. '{inner}' (its output in the last repetition)" if inner else
+                       f"--target '{target}' is not a node of the workflow")
+            issues.append(Issue("unknown_target", message, node_id=target))
         return [t for t in targets if t in all_nodes]
     outputs = [node_id for node_id, n in nodes.items() if n.definition.output]
     # With an unknown type or a malformed node among the nodes, that node may well be the output node.

@@ -118,3 +118,11 @@ def test_embedded_workflow_keeps_file_paths_given_to_a_group_instance(stub_regis
 
     elsewhere = parse_workflow(as_run, base_dir=tmp_path / "other")
     assert engine.run(elsewhere).outputs["o"]["x"].tolist() == [2.0, 2.0]
+
+
+def test_a_target_naming_a_group_instance_says_which_node_to_name(stub_registry):
+    issues = Engine(registry=stub_registry, cache_dir=False).validate(workflow(repeat=3), targets=["loop"])
+    (issue,) = issues
+    assert (issue.code, issue.node_id) == ("unknown_target", "loop")
+    assert "is not a node" not in issue.message  # it is one, in the file: a group instance
+    assert "group instance" in issue.message and "'loop[3]/double'" in issue.message
