@@ -6,6 +6,7 @@ validated literal params the executor needs, with no further checks to make
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,11 @@ def _resolve_path(value: str, spec: InputSpec, base_dir: Path, models: ModelRoot
 
     if "\0" in value:
         return None, FileProblem("bad_file", "a path cannot contain a NUL character")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no file system can name it
+        return None, FileProblem("bad_file", "a path cannot contain a lone surrogate (a \\ud800-\\udfff escape "
+                                             "that is not half of a pair); write the file name as it is")
     if confine is not None:
         problem = confine.value_problem(value)
         found = None

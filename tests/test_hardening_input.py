@@ -66,6 +66,16 @@ def test_text_that_is_not_utf_8_is_refused_not_guessed_at(tmp_path):
     assert (tmp_path / "out" / "r\u00e9sum\u00e9.txt").exists()
 
 
+def test_a_path_no_file_system_can_name_is_reported_on_its_field(tmp_path, stub_registry):
+    # "\ud800" is valid JSON, but a lone surrogate is no character: no file name can hold it
+    text = '{"format": "nodegraph/1", "nodes": {"s": {"type": "StubReadFile", "params": {"path": "x\\ud800.txt"}}, ' \
+           '"o": {"type": "StubSink", "inputs": {"a": "s.x"}}}}'
+    (issue,) = issues_of(stub_registry, text)
+    assert (issue.code, issue.node_id, issue.field) == ("bad_file", "s", "path")
+    done = cli("run", str(write(tmp_path, text)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "node 's' (StubReadFile)" in done.stderr
+
+
 def test_integers_of_thousands_of_digits_in_the_file_and_through_set(tmp_path, stub_registry):
     text = json.dumps({"format": "nodegraph/1", "nodes": {"s": {"type": "StubEven", "params": {"value": 1}},
                                                           **SINK_OF}}).replace('"value": 1', '"value": ' + "7" * 5000)
