@@ -194,6 +194,7 @@ class DiskCache:
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._used: int | None = None  # bytes in the folder, counted on the first write
+        self._unseen = 0  # bytes this process wrote since it last counted the folder
         self._with_facts: set[str] | None = None  # keys with a facts file, listed on first use
         self._warned: set[str] = set()
 
@@ -314,8 +315,11 @@ class DiskCache:
 
     def _account(self, size: int) -> None:
         with self._lock:
-            if self._used is None:
-                self._used = sum(s for _, s, _ in self.entries())
+            self._unseen += size
+            # Other processes (batch workers, a server) write into the same folder unseen: the folder is
+            # counted again after every twentieth of the limit written here, so together they keep to it.
+            if self._used is None or self._unseen > self.max_bytes // 20:
+                self._used, self._unseen = sum(s for _, s, _ in self.entries()), 0
             else:
                 self._used += size
             if self._used > self.max_bytes:

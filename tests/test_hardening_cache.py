@@ -251,3 +251,14 @@ def test_cached_results_replay_their_manifest_facts(stub_registry, tmp_path):
     across = Engine(registry=stub_registry, cache_dir=tmp_path / "cache").run(workflow)
     assert cached.status["r"] in ("cached", "skipped") and across.status["r"] in ("cached", "skipped")
     assert ran.info == cached.info == across.info == {"seeds": {"r": 4}}
+
+
+def test_processes_sharing_a_cache_keep_it_within_its_limit_together(tmp_path):
+    # Batch workers and a server each hold their own DiskCache on one folder; each counts only its own
+    # writes after its first, so the others' writes must still be seen before the folder runs past the limit.
+    limit = 400_000
+    workers = [DiskCache(tmp_path / "c", max_bytes=limit) for _ in range(4)]
+    for i in range(80):
+        workers[i % 4].put(f"{i:064x}", {"x": torch.zeros(10_000)})  # 40 kB each
+        total = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.safetensors"))
+        assert total <= limit * 1.2, (i, total)
