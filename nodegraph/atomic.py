@@ -75,8 +75,8 @@ def _check_replaceable(path: Path) -> None:
 def write_new_numbered(folder: Path, name_for: Callable[[int], str], first: int, write: Callable[[BinaryIO], None]) -> Path:
     """Write a new file ``folder/name_for(n)`` for the first free n >= ``first``, atomically, never replacing
     an existing file: the data goes to a temporary file, which then gets its final name with ``os.link``
-    (which fails rather than overwrite; the next number is tried), or a checked ``os.replace`` on file
-    systems without hard links."""
+    (which fails rather than overwrite; the next number is tried), or, on file systems without hard links,
+    an ``os.replace`` onto a name first claimed by an exclusive create."""
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(folder)
     temp = temp_path(folder, name_for(first))
@@ -95,11 +95,18 @@ def write_new_numbered(folder: Path, name_for: Callable[[int], str], first: int,
                 return target
             except FileExistsError:
                 index += 1
-            except OSError:  # no hard links here: check, then rename
-                if target.exists():
+            except OSError:  # no hard links here: claim the name with an exclusive create, then rename onto it
+                try:
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:  # another writer has this number (a check, then a rename, would race)
                     index += 1
                     continue
-                os.replace(temp, target)
+                try:
+                    os.replace(temp, target)
+                except BaseException:  # never leave the empty claim behind
+                    with contextlib.suppress(OSError):
+                        target.unlink()
+                    raise
                 return target
     finally:
         with contextlib.suppress(OSError):

@@ -318,3 +318,29 @@ def test_random_seed_is_drawn_once_per_run_recorded_and_saved(stub_registry, tmp
     assert fixed[1].status == {"seed": "skipped", "m": "cached"} and fixed[1].outputs["m"]["value"] == 7
     with pytest.raises(WorkflowInvalid):
         engine.compile(workflow, overrides={"seed.seed": "sometimes"})
+
+
+def test_writers_on_a_file_system_without_hard_links_never_overwrite_each_other(tmp_path, monkeypatch):
+    # FAT/exFAT drives and some network shares have no hard links: the numbered name is taken another way,
+    # and a second process choosing the same number at the same moment must not replace the first's image.
+    import errno
+
+    from nodegraph import atomic
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links are not supported here")
+
+    real_replace = os.replace
+    state = {"raced": False}
+
+    def replace(src, dst):
+        if not state["raced"]:  # the other writer runs between this one's choice of a name and its rename
+            state["raced"] = True
+            atomic.write_new_numbered(tmp_path, lambda i: f"img_{i:05d}.png", 1, lambda h: h.write(b"second"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.write_new_numbered(tmp_path, lambda i: f"img_{i:05d}.png", 1, lambda h: h.write(b"first"))
+    assert sorted(p.read_bytes() for p in tmp_path.glob("img_*.png")) == [b"first", b"second"]
+    assert not list(tmp_path.glob("*.ngtmp"))
