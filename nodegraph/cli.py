@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
@@ -191,7 +192,8 @@ def _main(argv: list[str], flag: "InterruptFlag") -> tuple[int, dict | None]:
             parser.print_help()
             return EXIT_OK, None
         answer = _dispatch(args, flag)
-        sys.stdout.flush()  # what stdout could not take (a full disk) shows here, not lost at exit
+        if sys.stdout is not None:  # None: started with stdout closed, where print() writes nothing
+            sys.stdout.flush()  # what stdout could not take (a full disk) shows here, not lost at exit
         return answer
     except UsageError as exc:
         return _error(f"{exc}", EXIT_INVALID)
@@ -478,6 +480,13 @@ def _json_stdout(enabled: bool) -> Iterator:
     and libraries cannot corrupt the document), and ``emit`` writes the one document to the real stdout."""
     if not enabled:
         yield lambda document: None
+        return
+    if sys.stdout is None:  # started with stdout closed: there is nowhere to put the document
+
+        def closed(document):
+            raise OSError(errno.EBADF, "it is closed")
+
+        yield closed
         return
     sys.stdout.flush()
     saved = os.dup(1)

@@ -177,6 +177,18 @@ def test_output_that_cannot_be_written_whole_is_a_failure(tmp_path, args):
     assert "Traceback" not in done.stderr and "cannot write to standard output" in done.stderr
 
 
+def test_a_closed_stdout(tmp_path):
+    # started with stdout closed (`>&-`): a plain run works as before; --json cannot give its document
+    wf = write(tmp_path, CHAIN)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra, code in (([], 0), (["--json"], 1)):
+        done = subprocess.run([sys.executable, "-m", "nodegraph.cli", "run", str(wf), "--out", str(tmp_path / "out"),
+                               *extra, "--plugins", str(STUB_PLUGINS)], stderr=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=lambda: os.close(1), timeout=120)
+        assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
+    assert "cannot write to standard output" in done.stderr
+
+
 @pytest.mark.parametrize("command", ["nodes", "schema"])
 def test_listing_commands(command):
     done = cli(command)
