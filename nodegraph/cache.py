@@ -17,6 +17,7 @@ import re
 import struct
 import sys
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -196,6 +197,7 @@ class DiskCache:
         self._used: int | None = None  # bytes in the folder, counted on the first write
         self._unseen = 0  # bytes this process wrote since it last counted the folder
         self._with_facts: set[str] | None = None  # keys with a facts file, listed on first use
+        self._listed_at = 0.0  # when they were listed
         self._warned: set[str] = set()
 
     def _path(self, key: str) -> Path:
@@ -225,8 +227,16 @@ class DiskCache:
             return self._discard(path, exc)
         if not isinstance(value, dict):
             return self._discard(path, ValueError("not a dict of outputs"))
+        self._see_new_entry(path)
         self._touch(key)
         return value
+
+    def _see_new_entry(self, path: Path) -> None:
+        """A result written after the facts were listed (by another process sharing the folder: a batch or a
+        CLI run beside a server) may come with facts, for it and the nodes it cuts off: list them again."""
+        with contextlib.suppress(OSError), self._lock:
+            if self._with_facts is not None and path.stat().st_mtime >= self._listed_at:
+                self._with_facts = None
 
     def _touch(self, key: str) -> None:
         """Mark an entry (result and facts) most recently used."""
@@ -276,6 +286,7 @@ class DiskCache:
         access."""
         with self._lock:
             if self._with_facts is None:
+                self._listed_at = time.time()
                 self._with_facts = {p.name[:64] for p, _, _ in self.entries() if p.name.endswith(".facts.json")}
             if key not in self._with_facts:
                 return None

@@ -253,6 +253,20 @@ def test_cached_results_replay_their_manifest_facts(stub_registry, tmp_path):
     assert ran.info == cached.info == across.info == {"seeds": {"r": 4}}
 
 
+def test_a_long_running_engine_sees_the_facts_another_process_stored(stub_registry, tmp_path):
+    # a server (one long-lived Engine) and a batch or CLI run beside it share the disk cache
+    server = Engine(registry=stub_registry, cache_dir=tmp_path / "cache")
+    first = wf(r={"type": "StubRecord", "params": {"value": 1}}, o=sink("r.x"))
+    server.run(first)
+    assert server.run(first).info == {"seeds": {"r": 1}}  # from the cache: the facts on disk are listed now
+    workflow = wf(r={"type": "StubRecord", "params": {"value": 4}}, a={"type": "StubAdd", "inputs": {"a": "r.x"}},
+                  o=sink("a.x"))
+    Engine(registry=stub_registry, cache_dir=tmp_path / "cache").run(workflow)  # the other process
+    served = server.run(workflow)
+    assert served.status["a"] == "cached" and served.status["r"] == "skipped"  # "r" is cut off, not even read
+    assert served.info == {"seeds": {"r": 4}}
+
+
 def test_processes_sharing_a_cache_keep_it_within_its_limit_together(tmp_path):
     # Batch workers and a server each hold their own DiskCache on one folder; each counts only its own
     # writes after its first, so the others' writes must still be seen before the folder runs past the limit.
