@@ -394,6 +394,9 @@ def _utf8_text(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if exc.start == 0 and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):  # a JPEG, say: not text at all
+            raise WorkflowInvalid([Issue("bad_json", f"{path} is not a workflow: a workflow is a JSON file, or a PNG "
+                                         "saved by SaveImage, SaveMask, PreviewImage or ComfyUI")]) from None
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         utf16 = "the file is UTF-16; " if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""

@@ -59,6 +59,10 @@ def test_text_that_is_not_utf_8_is_refused_not_guessed_at(tmp_path):
     utf16.write_bytes(text.encode("utf-16"))  # what some Windows shells write
     done = cli("validate", str(utf16))
     assert done.returncode == 2 and "UTF-16" in done.stderr and "save it as UTF-8" in done.stderr
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # an image other than a PNG: not text at all
+    done = cli("run", str(photo))
+    assert done.returncode == 2 and "is not a workflow" in done.stderr and "UTF-8" not in done.stderr
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8 with a byte order mark: still UTF-8
     done = cli("run", str(bom), "--out", str(tmp_path / "out"))
