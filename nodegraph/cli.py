@@ -59,6 +59,30 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def split_set(items: list[str]) -> tuple[dict[str, Any], list]:
+    """--set values, and a bad_override issue for each that is not NODE.PARAM=VALUE, to report with the
+    workflow's own problems rather than alone."""
+    from .errors import Issue, short_repr
+
+    good = [item for item in items if "=" in item and "." in item.partition("=")[0]]
+    bad = [Issue("bad_override", f"--set {short_repr(item)}: write NODE.PARAM=VALUE, e.g. --set sampler.seed=7")
+           for item in items if item not in good]
+    return parse_set(good), bad
+
+
+def _with_bad_overrides(engine, args, overrides: dict, bad: list) -> tuple[int, dict] | None:
+    """With malformed --set values: every problem at once (theirs and the workflow's), exit 2."""
+    from .errors import WorkflowInvalid
+
+    if not bad:
+        return None
+    try:
+        engine.compile(args.workflow, overrides, getattr(args, "target", None) or None)
+    except WorkflowInvalid as exc:
+        return _invalid(WorkflowInvalid([*bad, *exc.issues]))
+    return _invalid(WorkflowInvalid(bad))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .versions import version
 
@@ -300,8 +324,12 @@ def _validate(registry, args) -> tuple[int, dict | None]:
     from .errors import WorkflowInvalid
 
     engine = Engine(registry=registry, cache_dir=False, limits=_limits(args), models=_model_roots(args))
+    overrides, bad = split_set(args.set)
+    answer = _with_bad_overrides(engine, args, overrides, bad)
+    if answer is not None:
+        return answer
     try:
-        graph = engine.compile(args.workflow, parse_set(args.set))
+        graph = engine.compile(args.workflow, overrides)
     except WorkflowInvalid as exc:
         return _invalid(exc)
     if not args.json:
@@ -420,10 +448,13 @@ def _run(registry, args, flag) -> tuple[int, dict | None]:
     from .api import Engine
     from .errors import Interrupted, NodeFailed, WorkflowInvalid
 
-    overrides = parse_set(args.set)
+    overrides, bad = split_set(args.set)
     engine = Engine(registry=registry, cache_dir=_disk_cache_choice(args), cache_size=args.cache_size,
                     limits=_limits(args), models=_model_roots(args), vram=args.vram, vram_budget=args.vram_budget,
                     compile=args.compile, channels_last=args.channels_last)
+    answer = _with_bad_overrides(engine, args, overrides, bad)
+    if answer is not None:
+        return answer
     bars = ProgressBars(enabled=not args.json)
     try:
         flag.running = True  # from now on a first Ctrl-C stops at the next step instead of at once

@@ -105,6 +105,16 @@ def test_a_bad_size_names_the_option_it_came_from(tmp_path):
     assert cache.returncode == 2 and "cache size 'lots'" in cache.stderr
 
 
+def test_a_malformed_set_is_reported_with_every_other_problem(tmp_path):
+    wf = write(tmp_path, {**CHAIN, "src": {"type": "StubSource", "params": {"value": "x"}}})
+    done = cli("validate", str(wf), "--set", "add.amount", "--set", "noequals=1", "--json")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    found = {(e["code"], e["node_id"], e["field"]) for e in json.loads(done.stdout)["errors"]}
+    assert ("invalid_param", "src", "value") in found  # the workflow's own problem is not hidden
+    assert sum(e["code"] == "bad_override" for e in json.loads(done.stdout)["errors"]) == 2
+    assert "'add.amount'" in done.stderr and "'noequals=1'" in done.stderr
+
+
 def test_node_failure_exits_1_naming_the_node(tmp_path):
     nodes = {"src": {"type": "StubSource"}, "fail": {"type": "StubFail", "inputs": {"a": "src.x"}},
              "write": {"type": "StubWrite", "inputs": {"a": "fail.x"}}}
