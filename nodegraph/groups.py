@@ -128,6 +128,9 @@ def param_owner(workflow: Workflow, origin: Origin | None, node_id: str, name: s
 def _check_group(name: str, group: GroupSpec) -> list[Issue]:
     where = {"node_id": f"{GROUP_PREFIX}{name}", "node_type": "group"}
     issues = []
+    if ITERATION in group.inputs:
+        issues.append(Issue("bad_group", f"'in.{ITERATION}' is the repetition number, so an input of that name could "
+                            "never be read; rename the input", field=f"inputs.{ITERATION}", **where))
     for out, target in group.outputs.items():
         inner, dot, _ = target.partition(".")
         if not dot or inner not in group.nodes:

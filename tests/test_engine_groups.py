@@ -126,3 +126,12 @@ def test_a_target_naming_a_group_instance_says_which_node_to_name(stub_registry)
     assert (issue.code, issue.node_id) == ("unknown_target", "loop")
     assert "is not a node" not in issue.message  # it is one, in the file: a group instance
     assert "group instance" in issue.message and "'loop[3]/double'" in issue.message
+
+
+def test_a_group_input_named_iteration_is_refused_not_ignored(stub_registry):
+    # "in.iteration" is the repetition number: a declared input of that name could never be read
+    group = {**GROUP, "inputs": {**GROUP["inputs"], "iteration": "FLOAT"},
+             "nodes": {**GROUP["nodes"], "add": {"type": "StubAdd", "inputs": {"a": "in.x", "amount": "in.iteration"}}}}
+    instance = {"type": "group:grow", "inputs": {"x": "src.x"}, "params": {"step": 1.0, "iteration": 5.0, "repeat": 2}}
+    issues = Engine(registry=stub_registry, cache_dir=False).validate(workflow(group=group, instance=instance))
+    assert [(i.code, i.node_id, i.field) for i in issues] == [("bad_group", "group:grow", "inputs.iteration")]
