@@ -102,7 +102,8 @@ def _build_graph(workflow: Workflow, registry: Registry, targets: list[str] | No
         issues.extend(_cycle_issues(nodes, flat))
     issues.extend(_space_issues(nodes, order))
     left_out = bool(workflow.broken) or any(i.code in ("too_many_nodes", "bad_structure") for i in issues)
-    outputs = _output_nodes(flat, nodes, targets, issues, left_out, workflow.broken, _instance_outputs(workflow, origins))
+    outputs = _output_nodes(flat, nodes, targets, issues, left_out, workflow.broken,
+                            _instance_outputs(workflow, origins))
     if issues:
         raise WorkflowInvalid(_once_per_group_node(issues) if origins else issues)
     return Graph(workflow=workflow, nodes=nodes, origins=origins, order=order, outputs=outputs)

@@ -101,7 +101,8 @@ def test_a_bad_size_names_the_option_it_came_from(tmp_path):
     wf = write(tmp_path, CHAIN)
     vram = cli("run", str(wf), "--vram-budget", "lots", "--out", str(tmp_path / "out"))
     assert vram.returncode == 2 and "VRAM budget 'lots'" in vram.stderr and "cache size" not in vram.stderr
-    cache = cli("run", str(wf), "--cache-size", "lots", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"))
+    cache = cli("run", str(wf), "--cache-size", "lots", "--cache-dir", str(tmp_path / "c"),
+                "--out", str(tmp_path / "out"))
     assert cache.returncode == 2 and "cache size 'lots'" in cache.stderr
 
 

@@ -130,8 +130,8 @@ def test_a_target_naming_a_group_instance_says_which_node_to_name(stub_registry)
 
 def test_a_group_input_named_iteration_is_refused_not_ignored(stub_registry):
     # "in.iteration" is the repetition number: a declared input of that name could never be read
-    group = {**GROUP, "inputs": {**GROUP["inputs"], "iteration": "FLOAT"},
-             "nodes": {**GROUP["nodes"], "add": {"type": "StubAdd", "inputs": {"a": "in.x", "amount": "in.iteration"}}}}
+    add = {"type": "StubAdd", "inputs": {"a": "in.x", "amount": "in.iteration"}}
+    group = {**GROUP, "inputs": {**GROUP["inputs"], "iteration": "FLOAT"}, "nodes": {**GROUP["nodes"], "add": add}}
     instance = {"type": "group:grow", "inputs": {"x": "src.x"}, "params": {"step": 1.0, "iteration": 5.0, "repeat": 2}}
     issues = Engine(registry=stub_registry, cache_dir=False).validate(workflow(group=group, instance=instance))
     assert [(i.code, i.node_id, i.field) for i in issues] == [("bad_group", "group:grow", "inputs.iteration")]
