@@ -57,6 +57,13 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _folder_name(text: str) -> str:
+    # an empty path would silently name the current folder (a shell variable that is not set, say)
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no folder; give a models root, e.g. ~/ComfyUI/models")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .versions import version
 
@@ -76,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "$NODEGRAPH_CACHE_SIZE); least recently used results go first")
 
     def models(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models", action="append", default=[], metavar="DIR", help="a models root in ComfyUI's "
+        p.add_argument("--models", action="append", default=[], metavar="DIR", type=_folder_name, help="a models root in ComfyUI's "
                        "layout (checkpoints/, vae/, ...), searched for names in file params (repeatable; also "
                        "$NODEGRAPH_MODELS)")
         p.add_argument("--model-paths", metavar="FILE", help="model paths file (ComfyUI's extra_model_paths.yaml "
