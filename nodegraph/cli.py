@@ -309,10 +309,10 @@ def _import(args) -> tuple[int, dict | None]:
     from .atomic import write_text_atomic
     from .comfy import NODEGRAPH, detect_format, to_nodegraph
     from .errors import WorkflowInvalid
-    from .workflow import load_comfy_document
+    from .comfy.images import load_document
 
     try:
-        doc = load_comfy_document(args.source)
+        doc = load_document(args.source)
         if detect_format(doc) == NODEGRAPH:
             raise UsageError(f"{args.source} is not a ComfyUI workflow (API format, editor format or a ComfyUI "
                              "PNG); nodegraph workflows need no import")

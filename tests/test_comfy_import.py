@@ -910,3 +910,46 @@ def test_a_null_value_is_a_problem_not_nodegraph_s_default():
         ("3", "KSampler", "cfg"), ("3", "KSampler", "denoise"), ("3", "KSampler", "seed"), ("3", "KSampler", "steps"),
         ("5", "EmptyLatentImage", "width")]
     assert all("null" in i.message for i in issues)
+
+
+def comfy_webp(path: Path, prompt: dict | None, workflow: dict | None) -> Path:
+    """A WebP written as ComfyUI's SaveAnimatedWEBP writes it: the prompt and the editor workflow as
+    "<key>:<json>" text tags of the EXIF (0x0110, then 0x010F counting down), two frames."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), (i * 90, 40, 200)) for i in range(2)]
+    metadata = frames[0].getexif()
+    if prompt is not None:
+        metadata[0x0110] = f"prompt:{json.dumps(prompt)}"
+    if workflow is not None:
+        metadata[0x010F] = f"workflow:{json.dumps(workflow)}"
+    frames[0].save(path, save_all=True, duration=166, append_images=frames[1:], exif=metadata, lossless=True,
+                   quality=80, method=4)
+    return path
+
+
+def test_a_comfyui_webp_gives_its_workflow_and_other_images_say_which_carry_one(tmp_path, models_root):
+    from PIL import Image
+
+    editor = load("txt2img_editor.json")
+    both = comfy_webp(tmp_path / "ComfyUI_00001_.webp", txt2img(), editor)
+    printed = cli("import", both)
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == to_nodegraph(txt2img())  # the prompt, as from a PNG
+    workflow = Engine(cache_dir=False).load(comfy_webp(tmp_path / "editor.webp", None, editor))
+    assert workflow.nodes["3"].type == "Sampler"
+    bad = comfy_webp(tmp_path / "bad.webp", txt2img(sampler_name="dpmpp_3m_sde"), None)
+    done = cli("validate", bad, "--models", models_root, "--json")
+    assert done.returncode == 2
+    (error,) = json.loads(done.stdout)["errors"]
+    assert error["node_id"] == "3" and error["field"] == "sampler_name"
+    plain_webp = tmp_path / "photo.webp"
+    Image.new("RGB", (32, 32)).save(plain_webp)
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (32, 32)).save(photo)
+    for image, words in ((plain_webp, "has no embedded workflow"), (photo, "is a JPEG image")):
+        for command in ("run", "validate", "import"):
+            done = cli(command, image)
+            assert done.returncode == 2, done.stderr
+            assert words in done.stderr and "WebP images saved by ComfyUI" in done.stderr, done.stderr
+            assert "JSON syntax" not in done.stderr and "Traceback" not in done.stderr
