@@ -953,3 +953,16 @@ def test_a_comfyui_webp_gives_its_workflow_and_other_images_say_which_carry_one(
             assert done.returncode == 2, done.stderr
             assert words in done.stderr and "WebP images saved by ComfyUI" in done.stderr, done.stderr
             assert "JSON syntax" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_two_comfyui_ids_that_clean_up_to_one_nodegraph_id_are_a_problem_not_a_silent_merge():
+    """Export (API) of a subgraph gives ids such as "12:5", which become "12_5"; a node already called "12_5"
+    must not be replaced by it (its sampler would run on the other latent)."""
+    prompt = txt2img()
+    prompt["12:5"] = prompt.pop("5")
+    prompt["12:5"]["inputs"]["width"] = 128
+    prompt["3"]["inputs"]["latent_image"] = ["12:5", 0]
+    assert to_nodegraph(prompt)["nodes"]["12_5"]["params"]["width"] == 128
+    prompt["12_5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    (issue,) = problems(prompt)
+    assert issue.node_id == "12_5" and issue.node_type == "EmptyLatentImage" and "node '12:5'" in issue.message
