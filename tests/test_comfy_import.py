@@ -122,6 +122,28 @@ def test_editor_link_objects_and_a_bypassed_node_picking_its_input_by_type():
     assert to_nodegraph(editor)["nodes"]["6"]["params"]["clip_skip"] == 1
 
 
+def test_a_bypassed_node_passes_the_input_comfyui_picks_even_when_it_is_not_linked():
+    """ComfyUI's frontend picks the input a bypassed node passes on by type alone (the same slot if its type
+    fits, else the first of that type); when the pick is not linked the target's input is left out, not
+    taken from a later input of the same type."""
+    def bypassed(inputs):
+        editor = load("txt2img_editor.json")
+        editor["nodes"].append({"id": 20, "type": "ImageCompositeMasked", "mode": 4, "inputs": inputs,
+                                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [9]}]})
+        editor["links"] = [l for l in editor["links"] if l[0] != 9] + [  # VAEDecode -> 20 -> SaveImage
+            [30, 8, 0, 20, next(k for k, i in enumerate(inputs) if i["link"] == 30), "IMAGE"],
+            [9, 20, 0, 9, 0, "IMAGE"]]
+        return editor_to_api(editor)["9"]["inputs"].get("images")
+
+    image, mask = {"name": "source", "type": "IMAGE"}, {"name": "mask", "type": "MASK", "link": None}
+    assert bypassed([{"name": "destination", "type": "IMAGE", "link": 30}, {**image, "link": None}, mask]) == ["8", 0]
+    assert bypassed([{"name": "destination", "type": "IMAGE", "link": None}, {**image, "link": 30}, mask]) is None
+    # the same slot holds another type: the first IMAGE input is the pick, linked or not
+    latent = {"name": "samples", "type": "LATENT", "link": None}
+    assert bypassed([latent, {"name": "a", "type": "IMAGE", "link": None}, {**image, "link": 30}]) is None
+    assert bypassed([latent, {"name": "a", "type": "IMAGE", "link": 30}, {**image, "link": None}]) == ["8", 0]
+
+
 def test_png_prompt_chunk_is_preferred_and_the_workflow_chunk_is_read_without_it(tmp_path):
     from PIL import Image, PngImagePlugin
 
