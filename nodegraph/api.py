@@ -103,7 +103,10 @@ class Engine:
             return source
         if isinstance(source, dict):
             return read_workflow(source, base_dir=Path.cwd())
-        return load_workflow(source, strict=False, raw=raw)
+        from .comfy.images import workflow_bytes
+
+        raw = read_workflow_file(source) if raw is None else raw
+        return load_workflow(source, strict=False, raw=workflow_bytes(raw, source))
 
     def compile(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> Graph:
         """Load, apply overrides and validate; raises WorkflowInvalid listing every problem.

@@ -83,6 +83,13 @@ def _with_bad_overrides(engine, args, overrides: dict, bad: list) -> tuple[int, 
     return _invalid(WorkflowInvalid(bad))
 
 
+def _folder_name(text: str) -> str:
+    # an empty path would silently name the current folder (a shell variable that is not set, say)
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no folder; give a models root, e.g. ~/ComfyUI/models")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .versions import version
 
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "$NODEGRAPH_CACHE_SIZE); least recently used results go first")
 
     def models(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models", action="append", default=[], metavar="DIR", help="a models root in ComfyUI's "
+        p.add_argument("--models", action="append", default=[], metavar="DIR", type=_folder_name, help="a models root in ComfyUI's "
                        "layout (checkpoints/, vae/, ...), searched for names in file params (repeatable; also "
                        "$NODEGRAPH_MODELS)")
         p.add_argument("--model-paths", metavar="FILE", help="model paths file (ComfyUI's extra_model_paths.yaml "
@@ -344,10 +351,10 @@ def _import(args) -> tuple[int, dict | None]:
     from .atomic import write_text_atomic
     from .comfy import NODEGRAPH, detect_format, to_nodegraph
     from .errors import WorkflowInvalid
-    from .workflow import load_comfy_document
+    from .comfy.images import load_document
 
     try:
-        doc = load_comfy_document(args.source)
+        doc = load_document(args.source)
         if detect_format(doc) == NODEGRAPH:
             raise UsageError(f"{args.source} is not a ComfyUI workflow (API format, editor format or a ComfyUI "
                              "PNG); nodegraph workflows need no import")

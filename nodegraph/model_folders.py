@@ -170,14 +170,14 @@ class ModelRoots:
         for root in self.roots:
             if root.folders is None:
                 if not root.path.is_dir():
-                    found.append(f"models root {root.path} ({root.origin}) does not exist")
+                    found.append(f"models root {root.path} ({root.origin}) {_not_a_folder(root.path)}")
                 elif not any((root.path / f).is_dir() for f in FOLDERS):
                     hint = " (did you mean its models/ folder?)" if (root.path / "models").is_dir() else ""
                     found.append(f"models root {root.path} ({root.origin}) has none of the folders "
                                  f"{', '.join(FOLDERS)}{hint}")
                 continue
             for folder, places in root.folders.items():
-                found += [f"{folder} folder {place} ({root.origin}) does not exist" for place in places
+                found += [f"{folder} folder {place} ({root.origin}) {_not_a_folder(place)}" for place in places
                           if not place.is_dir()]
         return found
 
@@ -185,6 +185,12 @@ class ModelRoots:
         return [{"path": str(r.path), "origin": r.origin,
                  "folders": None if r.folders is None else {f: [str(p) for p in ps] for f, ps in r.folders.items()}}
                 for r in self.roots]
+
+
+def _not_a_folder(path: Path) -> str:
+    """What is wrong with a root or folder that is no folder: "does not exist" would send a user whose path
+    names a file (a model file given as the root, say) looking for something that is there."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
 
 
 def _plain(name: str) -> str:

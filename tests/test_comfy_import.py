@@ -122,6 +122,28 @@ def test_editor_link_objects_and_a_bypassed_node_picking_its_input_by_type():
     assert to_nodegraph(editor)["nodes"]["6"]["params"]["clip_skip"] == 1
 
 
+def test_a_bypassed_node_passes_the_input_comfyui_picks_even_when_it_is_not_linked():
+    """ComfyUI's frontend picks the input a bypassed node passes on by type alone (the same slot if its type
+    fits, else the first of that type); when the pick is not linked the target's input is left out, not
+    taken from a later input of the same type."""
+    def bypassed(inputs):
+        editor = load("txt2img_editor.json")
+        editor["nodes"].append({"id": 20, "type": "ImageCompositeMasked", "mode": 4, "inputs": inputs,
+                                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [9]}]})
+        editor["links"] = [l for l in editor["links"] if l[0] != 9] + [  # VAEDecode -> 20 -> SaveImage
+            [30, 8, 0, 20, next(k for k, i in enumerate(inputs) if i["link"] == 30), "IMAGE"],
+            [9, 20, 0, 9, 0, "IMAGE"]]
+        return editor_to_api(editor)["9"]["inputs"].get("images")
+
+    image, mask = {"name": "source", "type": "IMAGE"}, {"name": "mask", "type": "MASK", "link": None}
+    assert bypassed([{"name": "destination", "type": "IMAGE", "link": 30}, {**image, "link": None}, mask]) == ["8", 0]
+    assert bypassed([{"name": "destination", "type": "IMAGE", "link": None}, {**image, "link": 30}, mask]) is None
+    # the same slot holds another type: the first IMAGE input is the pick, linked or not
+    latent = {"name": "samples", "type": "LATENT", "link": None}
+    assert bypassed([latent, {"name": "a", "type": "IMAGE", "link": None}, {**image, "link": 30}]) is None
+    assert bypassed([latent, {"name": "a", "type": "IMAGE", "link": 30}, {**image, "link": None}]) == ["8", 0]
+
+
 def test_png_prompt_chunk_is_preferred_and_the_workflow_chunk_is_read_without_it(tmp_path):
     from PIL import Image, PngImagePlugin
 
@@ -910,3 +932,59 @@ def test_a_null_value_is_a_problem_not_nodegraph_s_default():
         ("3", "KSampler", "cfg"), ("3", "KSampler", "denoise"), ("3", "KSampler", "seed"), ("3", "KSampler", "steps"),
         ("5", "EmptyLatentImage", "width")]
     assert all("null" in i.message for i in issues)
+
+
+def comfy_webp(path: Path, prompt: dict | None, workflow: dict | None) -> Path:
+    """A WebP written as ComfyUI's SaveAnimatedWEBP writes it: the prompt and the editor workflow as
+    "<key>:<json>" text tags of the EXIF (0x0110, then 0x010F counting down), two frames."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), (i * 90, 40, 200)) for i in range(2)]
+    metadata = frames[0].getexif()
+    if prompt is not None:
+        metadata[0x0110] = f"prompt:{json.dumps(prompt)}"
+    if workflow is not None:
+        metadata[0x010F] = f"workflow:{json.dumps(workflow)}"
+    frames[0].save(path, save_all=True, duration=166, append_images=frames[1:], exif=metadata, lossless=True,
+                   quality=80, method=4)
+    return path
+
+
+def test_a_comfyui_webp_gives_its_workflow_and_other_images_say_which_carry_one(tmp_path, models_root):
+    from PIL import Image
+
+    editor = load("txt2img_editor.json")
+    both = comfy_webp(tmp_path / "ComfyUI_00001_.webp", txt2img(), editor)
+    printed = cli("import", both)
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == to_nodegraph(txt2img())  # the prompt, as from a PNG
+    workflow = Engine(cache_dir=False).load(comfy_webp(tmp_path / "editor.webp", None, editor))
+    assert workflow.nodes["3"].type == "Sampler"
+    bad = comfy_webp(tmp_path / "bad.webp", txt2img(sampler_name="dpmpp_3m_sde"), None)
+    done = cli("validate", bad, "--models", models_root, "--json")
+    assert done.returncode == 2
+    (error,) = json.loads(done.stdout)["errors"]
+    assert error["node_id"] == "3" and error["field"] == "sampler_name"
+    plain_webp = tmp_path / "photo.webp"
+    Image.new("RGB", (32, 32)).save(plain_webp)
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (32, 32)).save(photo)
+    for image, words in ((plain_webp, "has no embedded workflow"), (photo, "is a JPEG image")):
+        for command in ("run", "validate", "import"):
+            done = cli(command, image)
+            assert done.returncode == 2, done.stderr
+            assert words in done.stderr and "WebP images saved by ComfyUI" in done.stderr, done.stderr
+            assert "JSON syntax" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_two_comfyui_ids_that_clean_up_to_one_nodegraph_id_are_a_problem_not_a_silent_merge():
+    """Export (API) of a subgraph gives ids such as "12:5", which become "12_5"; a node already called "12_5"
+    must not be replaced by it (its sampler would run on the other latent)."""
+    prompt = txt2img()
+    prompt["12:5"] = prompt.pop("5")
+    prompt["12:5"]["inputs"]["width"] = 128
+    prompt["3"]["inputs"]["latent_image"] = ["12:5", 0]
+    assert to_nodegraph(prompt)["nodes"]["12_5"]["params"]["width"] == 128
+    prompt["12_5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    (issue,) = problems(prompt)
+    assert issue.node_id == "12_5" and issue.node_type == "EmptyLatentImage" and "node '12:5'" in issue.message

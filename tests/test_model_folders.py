@@ -247,6 +247,27 @@ def test_nodegraph_models_lists_names_roots_and_problems(comfy, tmp_path):
     assert done.returncode == 2 and "did you mean loras" in done.stderr
 
 
+def test_an_empty_models_option_is_a_usage_error_not_the_current_folder(tmp_path):
+    # the current folder is a models root by layout: an empty --models must not quietly make it one
+    put(tmp_path / "checkpoints" / "here.safetensors")
+    workflow = write(tmp_path, reading("here.safetensors"))
+    for command in (["validate", str(workflow)], ["models"]):
+        done = cli(*command, "--models", "", cwd=tmp_path, env={"NODEGRAPH_MODEL_PATHS": "off"})
+        assert done.returncode == 2, done.stdout
+        assert "--models" in done.stderr and "empty" in done.stderr
+
+
+def test_a_models_root_that_is_a_file_is_reported_as_no_folder(tmp_path, a1111):
+    model = put(tmp_path / "model.safetensors")
+    done = cli("models", "--models", str(model), env={"NODEGRAPH_MODEL_PATHS": "off"})
+    assert done.returncode == 0, done.stderr
+    assert f"models root {model} (--models) is a file, not a folder" in done.stderr
+    assert "does not exist" not in done.stderr
+    put(a1111.parent / "webui" / "models" / "ControlNet")  # a file where the section names a folder
+    problems = ModelRoots(read_model_paths(a1111)).problems()
+    assert any("ControlNet" in p and p.endswith("is a file, not a folder") for p in problems), problems
+
+
 # ---------------------------------------------------------------------------------------------- keys and a real model
 
 def test_the_cache_key_follows_the_named_file_s_content(stub_registry, calls, comfy, tmp_path):

@@ -151,6 +151,7 @@ class Builder:
     # what a ComfyUI value carries beyond its nodegraph output, per (ComfyUI id, output slot): a LATENT's
     # noise mask, a CLIP's last layer, a MODEL's differential-diffusion patch; the nodes that use it read it
     facts: dict[tuple[str, int], dict] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)  # nodegraph id -> the ComfyUI id that wrote it
 
     def problem(self, node: ComfyNode, input_name: str | None, message: str, code: str = "comfy_import") -> None:
         value = node.inputs.get(input_name) if input_name else None
@@ -176,6 +177,11 @@ class Builder:
         """Write a nodegraph node for ``node``; its id is the ComfyUI id (``<id>_<suffix>`` for helper nodes).
         ``inputs`` values that are None (a missing link, already reported) are left out."""
         nid = self.node_id(node, suffix)
+        other = self.owners.setdefault(nid, node.id)
+        if other != node.id:  # "12:5" and "12_5", say: one would silently replace the other
+            self.problem(node, None, f"its nodegraph id '{nid}' is also that of node '{other}' (nodegraph ids use "
+                                     "only letters, digits, '_' and '-'); give one of them another id")
+            return nid
         spec: dict[str, Any] = {"type": type_name}
         title = title if title is not None else (node.title if suffix is None else None)
         if title:

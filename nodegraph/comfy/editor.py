@@ -51,6 +51,31 @@ def _links(raw: list, problems: list[Issue]) -> dict[int, dict]:
     return links
 
 
+def _fits(a: Any, b: Any) -> bool:
+    """Whether slot types ``a`` and ``b`` connect, as litegraph's isValidConnection says: "*", "" or none
+    fits anything; otherwise the same name, or a common one of comma-separated lists, case ignored."""
+    if a in ("", "*", None, 0) or b in ("", "*", None, 0) or a == b:
+        return True
+    a, b = str(a).lower(), str(b).lower()
+    return bool(set(a.split(",")) & set(b.split(",")))
+
+
+def _bypass_input(node: dict, inputs: list[dict], slot: int, kind: Any) -> dict | None:
+    """The input a bypassed node passes on for its output ``slot`` to an input of type ``kind``, picked as
+    ComfyUI's frontend picks it (ExecutableNodeDTO): the input at the same slot if its type fits, else the
+    first of exactly that type, else the first that fits. The pick stands even when it is not linked."""
+    outputs = node.get("outputs")
+    output = outputs[slot] if isinstance(outputs, list) and slot < len(outputs) else None
+    out_type = output.get("type") if isinstance(output, dict) else None
+    kind = out_type if kind is None else kind  # a link saved without its type
+    if kind in ("*", ""):
+        return inputs[slot] if slot < len(inputs) else (inputs[0] if inputs else None)
+    fits = [i for i in inputs if _fits(i.get("type"), out_type) and _fits(i.get("type"), kind)]
+    if slot < len(inputs) and any(i is inputs[slot] for i in fits):
+        return inputs[slot]
+    return next((i for i in inputs if i.get("type") == kind), fits[0] if fits else None)
+
+
 def _is_widget(spec: tuple) -> bool:
     return bool(spec) and (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES)
 
@@ -120,16 +145,16 @@ def editor_to_api(doc: dict) -> dict:
                 return None
             if origin["type"] != "Reroute" and origin.get("mode") != BYPASSED:
                 return [str(origin["id"]), link["origin_slot"]]
-            linked = [i for i in inputs_of(origin) if i.get("link") is not None]
-            if origin["type"] != "Reroute":  # bypass: the input at the output's slot if its type fits, else the first
-                slot, kind = link["origin_slot"], link.get("type")
-                inputs = inputs_of(origin)
-                same = [inputs[slot]] if slot < len(inputs) and inputs[slot] in linked and \
-                    inputs[slot].get("type") == kind else []
-                linked = same or [i for i in linked if i.get("type") == kind]
-            if not linked:
+            if origin["type"] == "Reroute":
+                linked = [i for i in inputs_of(origin) if i.get("link") is not None]
+                if not linked:
+                    return None
+                link_id = linked[0]["link"]
+                continue
+            passed = _bypass_input(origin, inputs_of(origin), link["origin_slot"], link.get("type"))
+            if passed is None or passed.get("link") is None:  # ComfyUI then leaves the input out
                 return None
-            link_id = linked[0]["link"]
+            link_id = passed["link"]
 
     nested = _nested_graphs(doc)
     prompt = {}
