@@ -44,10 +44,10 @@ class Engine:
     False turns the disk cache off. ``cache_size``: its limit in bytes (or "10GiB"); least recently used
     results go first. ``limits``: bounds on what one workflow may ask for (nodes, pixels). ``vram``: how loaded
     models share the GPU ("auto", "high", "normal", "low", "sequential"; docs/models.md), ``vram_budget``: the
-    bytes (or "12GiB") they may take there; ``compile`` / ``channels_last``: UNets and ControlNets compiled with torch.compile
-    (once per model per process) / in the channels-last format on the GPU; all apply to the whole process. ``models``: models
-    roots searched for names in file params, before $NODEGRAPH_MODELS and the model paths file
-    (``model_paths``: a file, None for $NODEGRAPH_MODEL_PATHS or the user's one, False for none); a
+    bytes (or "12GiB") they may take there; ``compile`` / ``channels_last``: UNets and ControlNets compiled with
+    torch.compile (once per model per process) / in the channels-last format on the GPU; all apply to the whole
+    process. ``models``: models roots searched for names in file params, before $NODEGRAPH_MODELS and the model
+    paths file (``model_paths``: a file, None for $NODEGRAPH_MODEL_PATHS or the user's one, False for none); a
     ``ModelRoots`` is used as it is."""
 
     def __init__(
@@ -103,10 +103,7 @@ class Engine:
             return source
         if isinstance(source, dict):
             return read_workflow(source, base_dir=Path.cwd())
-        from .comfy.images import workflow_bytes
-
-        raw = read_workflow_file(source) if raw is None else raw
-        return load_workflow(source, strict=False, raw=workflow_bytes(raw, source))
+        return load_workflow(source, strict=False, raw=raw)
 
     def compile(self, source, overrides: dict[str, Any] | None = None, targets: list[str] | None = None) -> Graph:
         """Load, apply overrides and validate; raises WorkflowInvalid listing every problem.

@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "$NODEGRAPH_CACHE_SIZE); least recently used results go first")
 
     def models(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models", action="append", default=[], metavar="DIR", type=_folder_name, help="a models root in ComfyUI's "
-                       "layout (checkpoints/, vae/, ...), searched for names in file params (repeatable; also "
-                       "$NODEGRAPH_MODELS)")
+        p.add_argument("--models", action="append", default=[], metavar="DIR", type=_folder_name,
+                       help="a models root in ComfyUI's layout (checkpoints/, vae/, ...), searched for names in file "
+                       "params (repeatable; also $NODEGRAPH_MODELS)")
         p.add_argument("--model-paths", metavar="FILE", help="model paths file (ComfyUI's extra_model_paths.yaml "
                        "format; default: $NODEGRAPH_MODEL_PATHS, else model_paths.yaml in the user's config folder)")
 
@@ -351,10 +351,10 @@ def _import(args) -> tuple[int, dict | None]:
     from .atomic import write_text_atomic
     from .comfy import NODEGRAPH, detect_format, to_nodegraph
     from .errors import WorkflowInvalid
-    from .comfy.images import load_document
+    from .workflow import load_comfy_document
 
     try:
-        doc = load_document(args.source)
+        doc = load_comfy_document(args.source)
         if detect_format(doc) == NODEGRAPH:
             raise UsageError(f"{args.source} is not a ComfyUI workflow (API format, editor format or a ComfyUI "
                              "PNG); nodegraph workflows need no import")

@@ -360,20 +360,19 @@ def read_workflow_file(path: str | Path) -> bytes:
 
 
 def load_workflow(path: str | Path, strict: bool = True, raw: bytes | None = None) -> Workflow:
-    """Load a workflow file, or the workflow embedded in a PNG that SaveImage wrote. ``strict=False`` keeps
+    """Load a workflow file, or the workflow embedded in a PNG that SaveImage wrote (or in ComfyUI's PNG or WebP). ``strict=False`` keeps
     structural problems in ``workflow.problems`` instead of raising them; ``raw`` is the file's bytes if
     they were read already."""
     path = Path(path)
     raw = read_workflow_file(path) if raw is None else raw
-    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else _utf8_text(raw, path)
+    text = _workflow_text(raw, path)
     return loads_workflow(text, base_dir=path.resolve().parent, source=str(path), strict=strict)
 
 
 def load_comfy_document(path: str | Path) -> Any:
-    """The parsed JSON of a workflow file, or of the workflow text in a PNG (ours or ComfyUI's)."""
+    """The parsed JSON of a workflow file, or of the workflow text in a PNG (ours or ComfyUI's) or ComfyUI's WebP."""
     path = Path(path)
-    raw = read_workflow_file(path)
-    text = _png_workflow_text(raw, path) if raw.startswith(b"\x89PNG") else _utf8_text(raw, path)
+    text = _workflow_text(read_workflow_file(path), path)
     data, found = parse_json(text, str(path))
     if found:
         raise WorkflowInvalid(found)
@@ -388,15 +387,26 @@ def loads_workflow(text: str, base_dir: Path | None = None, source: str = "<stri
     return workflow
 
 
+def _workflow_text(raw: bytes, path: Path) -> str:
+    """The workflow text of a file: a JSON file's own, or the one a PNG or a ComfyUI WebP carries."""
+    if raw.startswith(b"\x89PNG"):
+        return _png_workflow_text(raw, path)
+    from .comfy.images import image_workflow_text
+
+    text = image_workflow_text(raw, path)
+    return _utf8_text(raw, path) if text is None else text
+
+
 def _utf8_text(raw: bytes, path: Path) -> str:
     """A workflow file's text. JSON files are UTF-8 (a leading byte order mark is allowed); other bytes are
     refused where they are, never replaced: a name or prompt would silently change."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        if exc.start == 0 and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):  # a JPEG, say: not text at all
+        if exc.start == 0 and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):  # not text at all
             raise WorkflowInvalid([Issue("bad_json", f"{path} is not a workflow: a workflow is a JSON file, or a PNG "
-                                         "saved by SaveImage, SaveMask, PreviewImage or ComfyUI")]) from None
+                                         "saved by SaveImage, SaveMask, PreviewImage or ComfyUI, or ComfyUI's "
+                                         "WebP")]) from None
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         utf16 = "the file is UTF-16; " if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""

@@ -62,6 +62,11 @@ def test_text_that_is_not_utf_8_is_refused_not_guessed_at(tmp_path):
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # an image other than a PNG: not text at all
     done = cli("run", str(photo))
+    assert done.returncode == 2 and "is a JPEG image, which carries no workflow" in done.stderr
+    assert "UTF-8" not in done.stderr
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(b"\x80\x81" + bytes(100))  # no image either: not text at all
+    done = cli("run", str(binary))
     assert done.returncode == 2 and "is not a workflow" in done.stderr and "UTF-8" not in done.stderr
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8 with a byte order mark: still UTF-8

@@ -1,4 +1,4 @@
-"""Workflows carried by image files other than PNG (a PNG's text chunks are read by the workflow reader).
+"""Workflows carried by image files other than PNG (whose text chunks the workflow reader reads itself).
 
 ComfyUI's SaveAnimatedWEBP writes no text chunks: it keeps the workflow in the WebP's EXIF, each entry an
 ASCII tag of the first directory holding ``<key>:<json>`` (the API-format prompt in 0x0110, the editor
@@ -19,23 +19,23 @@ OTHER_IMAGES = ((b"\xff\xd8\xff", "a JPEG image"), (b"GIF87a", "a GIF image"), (
                 (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"))
 
 
-def workflow_bytes(raw: bytes, path: str | Path) -> bytes:
-    """The workflow file's bytes as the workflow reader takes them: a WebP's embedded workflow text (ComfyUI's
-    prompt, else its editor workflow) in place of the image; anything else as it is. Raises WorkflowInvalid
-    for a WebP without a workflow and for other images, which carry none."""
+def image_workflow_text(raw: bytes, path: str | Path) -> str | None:
+    """The workflow text a WebP that ComfyUI wrote carries (its prompt, else its editor workflow); None for bytes
+    that are no image of these kinds (a JSON file, say). Raises WorkflowInvalid for a WebP without a workflow
+    and for other images, which carry none."""
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         entries = _exif_entries(_riff_chunk(raw, b"EXIF"), path)
         text = next((entries[key] for key in ("prompt", "workflow") if entries.get(key)), None)
         if text is None:
             raise WorkflowInvalid([Issue("no_workflow", f"'{path}' has no embedded workflow (ComfyUI's 'prompt' "
                                                         f"or 'workflow' EXIF entry); {CARRIERS}")])
-        return text.encode("utf-8")
+        return text
     kind = next((kind for magic, kind in OTHER_IMAGES if raw.startswith(magic)), None)
     if raw[:2] == b"BM" and raw[6:10] == b"\0\0\0\0":  # a BMP's reserved fields: not just text starting "BM"
         kind = "a BMP image"
     if kind is not None:
         raise WorkflowInvalid([Issue("no_workflow", f"'{path}' is {kind}, which carries no workflow; {CARRIERS}")])
-    return raw
+    return None
 
 
 def _riff_chunk(raw: bytes, fourcc: bytes) -> bytes | None:
@@ -68,17 +68,3 @@ def _exif_entries(data: bytes | None, path: str | Path) -> dict[str, str]:
             key, _, text = value.partition(":")
             entries.setdefault(key, text.rstrip("\0"))
     return entries
-
-
-def load_document(path: str | Path):
-    """The parsed JSON of a workflow file, of the workflow text in a PNG (ours or ComfyUI's) or of a WebP that
-    ComfyUI wrote."""
-    from nodegraph.workflow import load_comfy_document, parse_json, read_workflow_file
-
-    raw = workflow_bytes(read_workflow_file(path), path)
-    if raw.startswith(b"\x89PNG"):
-        return load_comfy_document(path)
-    data, found = parse_json(raw.decode("utf-8", errors="replace"), str(path))
-    if found:
-        raise WorkflowInvalid(found)
-    return data
