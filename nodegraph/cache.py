@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from .atomic import TEMP_SUFFIX, atomic_path, clean_stale_temps, write_text_atomic
 from .errors import NodegraphError
-from .files import folder_problem
+from .files import folder_problem, open_regular
 from .serialize import NotStorable, flatten, from_metadata, to_metadata, unflatten
 
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
@@ -63,7 +63,7 @@ def parse_size(text: str | int, what: str = "cache size") -> int:
 
 def default_cache_size() -> int:
     value = os.environ.get(CACHE_SIZE_ENV)
-    return parse_size(value) if value else DEFAULT_DISK_BUDGET
+    return parse_size(value, f"${CACHE_SIZE_ENV}") if value else DEFAULT_DISK_BUDGET
 
 
 _PLAIN = (int, float, str, bool, type(None))
@@ -166,8 +166,10 @@ def entry_digest(key: str, structure: str, tensors: dict) -> str:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], bytes]:
-    """(metadata, the whole file) of a safetensors file; ValueError when the header is not one."""
-    data = path.read_bytes()
+    """(metadata, the whole file) of a safetensors file; ValueError when the header is not one, OSError when it is
+    no regular file (a FIFO put in its place is refused, not waited on)."""
+    with open_regular(path) as handle:
+        data = handle.read()
     if len(data) < 8:
         raise ValueError("too short")
     (size,) = struct.unpack("<Q", data[:8])
@@ -291,7 +293,8 @@ class DiskCache:
             if key not in self._with_facts:
                 return None
         try:
-            facts = json.loads(self._path(key).with_suffix(".facts.json").read_text(encoding="utf-8"))
+            with open_regular(self._path(key).with_suffix(".facts.json")) as handle:
+                facts = json.loads(handle.read().decode("utf-8"))
         except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(facts, dict):

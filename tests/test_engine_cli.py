@@ -106,6 +106,15 @@ def test_a_bad_size_names_the_option_it_came_from(tmp_path):
     assert cache.returncode == 2 and "cache size 'lots'" in cache.stderr
 
 
+def test_a_bad_cache_size_variable_is_named(monkeypatch):
+    from nodegraph.cache import default_cache_size
+    from nodegraph.errors import NodegraphError
+
+    monkeypatch.setenv("NODEGRAPH_CACHE_SIZE", "lots")
+    with pytest.raises(NodegraphError, match=r"^\$NODEGRAPH_CACHE_SIZE 'lots'"):
+        default_cache_size()
+
+
 def test_a_malformed_set_is_reported_with_every_other_problem(tmp_path):
     wf = write(tmp_path, {**CHAIN, "src": {"type": "StubSource", "params": {"value": "x"}}})
     done = cli("validate", str(wf), "--set", "add.amount", "--set", "noequals=1", "--json")

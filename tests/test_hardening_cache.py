@@ -243,6 +243,23 @@ def test_the_disk_cache_is_on_by_default_in_the_user_cache_folder(tmp_path):
     assert json.loads(off.stdout)["nodes"]["s"]["status"] == "ran"
 
 
+def test_a_fifo_in_place_of_an_entry_is_a_miss_not_a_hang(tmp_path):
+    import threading
+
+    cache = DiskCache(tmp_path / "c")
+    key = "ab" + "0" * 62
+    assert cache.put(key, {"x": torch.zeros(4)})
+    cache.put_facts(key, {"seeds": {"n": 1}})
+    for path in (cache._path(key), cache._path(key).with_suffix(".facts.json")):
+        path.unlink()
+        os.mkfifo(path)  # opened for reading, a FIFO with no writer would block forever
+    got = []
+    reader = threading.Thread(target=lambda: got.extend([cache.get(key), cache.get_facts(key)]), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive() and got == [None, None]
+
+
 def test_cached_results_replay_their_manifest_facts(stub_registry, tmp_path):
     workflow = wf(r={"type": "StubRecord", "params": {"value": 4}}, o=sink("r.x"))
     engine = Engine(registry=stub_registry, cache_dir=tmp_path / "cache")
