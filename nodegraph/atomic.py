@@ -68,6 +68,8 @@ def _check_replaceable(path: Path) -> None:
             info = os.stat(path)
         except OSError:  # a dangling link is replaced like a file
             return
+    if stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.EISDIR, "is a folder, not a regular file; name a regular file", str(path))
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EEXIST, "exists and is not a regular file; name a regular file", str(path))
 

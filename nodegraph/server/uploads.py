@@ -62,9 +62,9 @@ async def _form(request: web.Request):
 def _store(target: Path, data: bytes, answer: dict) -> web.Response:
     try:
         write_bytes_atomic(target, data)
-    except OSError as exc:  # a name too long or taken by a folder (the client's), a full disk (the server's)
+    except OSError as exc:  # a name too long or taken by a folder or a FIFO (the client's), a full disk (the server's)
         return _bad(f"cannot write '{answer['name']}' in the {answer['type']} folder: {exc.strerror or exc}",
-                    400 if exc.errno in (errno.ENAMETOOLONG, errno.EISDIR) else 500)
+                    400 if exc.errno in (errno.ENAMETOOLONG, errno.EISDIR, errno.EEXIST) else 500)
     return web.json_response(answer)
 
 
