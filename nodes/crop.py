@@ -87,8 +87,9 @@ def resize_fill(image: PILImage.Image, width: int, height: int) -> PILImage.Imag
     """Fit inside ``width`` x ``height`` keeping the aspect, centre, and fill the margins by
     stretching the edge rows or columns (diffusers' ``resize_mode="fill"``, Lanczos)."""
     ratio, src_ratio = width / height, image.width / image.height
-    src_w = width if ratio < src_ratio else image.width * height // image.height
-    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    # at least 1 px: a strip much thinner than the target's aspect would otherwise shrink to nothing
+    src_w = width if ratio < src_ratio else max(1, image.width * height // image.height)
+    src_h = height if ratio >= src_ratio else max(1, image.height * width // image.width)
     resized = image.resize((src_w, src_h), resample=PILImage.Resampling.LANCZOS)
     out = PILImage.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
@@ -111,8 +112,8 @@ def resize_crop(image: PILImage.Image, width: int, height: int) -> PILImage.Imag
     """Cover ``width`` x ``height`` keeping the aspect and centre-crop the excess
     (diffusers' ``resize_mode="crop"``, Lanczos)."""
     ratio, src_ratio = width / height, image.width / image.height
-    src_w = width if ratio > src_ratio else image.width * height // image.height
-    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    src_w = width if ratio > src_ratio else max(1, image.width * height // image.height)
+    src_h = height if ratio <= src_ratio else max(1, image.height * width // image.width)
     resized = image.resize((src_w, src_h), resample=PILImage.Resampling.LANCZOS)
     out = PILImage.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))

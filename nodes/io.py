@@ -56,6 +56,9 @@ def open_image(path: str | Path):
                                 "downscale it first")
             limits.check_pixels(width, height, what=f"'{path}'")
             image.load()
+            # a float file (a TIFF depth map, say) may hold NaN, which no later node can clip away
+            if image.mode == "F" and np.isnan(np.asarray(image)).any():
+                raise NodeError(f"'{path}' holds NaN (not-a-number) pixel values; replace them before loading it")
     except NodeError:
         raise
     except FileNotFoundError:

@@ -33,6 +33,7 @@ from nodegraph.sockets import IMAGE, LATENT, MASK, Image, Latent, Mask, SpaceRul
 from ._memory import compute_device, on_device, tiled
 from ._params import Seed
 from ._families import family, space_mismatch
+from ._pixels import match_batches
 
 LATENT_FACTOR = 8  # SD 1.x/2.x/XL VAEs downsample by 8 (4 blocks, 3 downsamples)
 LATENT_CHANNELS = 4
@@ -88,8 +89,8 @@ def _check_image(image: torch.Tensor, factor: int, what: str = "image") -> None:
     height, width = image.shape[-2:]
     if height % factor or width % factor:
         raise NodeError(f"{what} is {width}x{height} px; the VAE needs width and height that are multiples of "
-                        f"{factor}: resize or crop it first (e.g. to {width // factor * factor}x"
-                        f"{height // factor * factor})")
+                        f"{factor}: resize or crop it first (e.g. to {max(factor, width // factor * factor)}x"
+                        f"{max(factor, height // factor * factor)})")
 
 
 EncodeMode = Literal["mean", "sample", "sampler"]
@@ -303,6 +304,7 @@ def grey_masked(image: torch.Tensor, mask: torch.Tensor, grow_by: int) -> tuple[
 
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise NodeError(f"mask must be a MASK (B, 1, H, W), got shape {tuple(mask.shape)}")
+    image, mask = match_batches(image, mask.to(image.device), names=("image", "mask"))
     size = tuple(image.shape[-2:])
     mask = F.interpolate(mask.float(), size=size, mode="bilinear")
     hard = mask.round()

@@ -41,6 +41,8 @@ def center_crop(t: torch.Tensor, width: int, height: int) -> torch.Tensor:
         x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
     elif old_aspect < new_aspect:
         y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    # a target far more extreme than the source would round the kept part to nothing: keep at least one pixel
+    x, y = min(x, (old_w - 1) // 2), min(y, (old_h - 1) // 2)
     return t[..., y:old_h - y, x:old_w - x]
 
 
