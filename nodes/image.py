@@ -148,6 +148,14 @@ def _check_resize(params: dict):
         yield "width", "give width, height or long_side (all are 0)"
 
 
+def _refuse_resize_problems(width: int, height: int, long_side: int) -> None:
+    """The validation check again, for sizes that came through links (validation skips those)."""
+    problems = [f"param '{name}': {message}" for name, message in
+                _check_resize({"width": width, "height": height, "long_side": long_side})]
+    if problems:
+        raise NodeError("; ".join(problems))
+
+
 _Side = Annotated[int, Field(ge=0, le=MAX_SIDE)]
 
 
@@ -172,6 +180,7 @@ def image_resize(
     `multiple_of` rounds each side down (at least one multiple), e.g. 8 for the VAE.
     """
     image = check_image(image)
+    _refuse_resize_problems(width, height, long_side)
     w, h = target_size(image.shape[-1], image.shape[-2], width, height, long_side, keep_aspect, multiple_of)
     return resize_pixels(image, w, h, resample, backend)
 
@@ -194,6 +203,7 @@ def mask_resize(
     filters give a hard mask soft edges (follow with MaskThreshold, or use "nearest").
     """
     mask = check_mask(mask)
+    _refuse_resize_problems(width, height, long_side)
     w, h = target_size(mask.shape[-1], mask.shape[-2], width, height, long_side, keep_aspect, multiple_of)
     return resize_pixels(mask, w, h, resample, backend)
 

@@ -237,6 +237,11 @@ def empty_latent_node(
     batch: Annotated[int, Field(ge=1, le=64, description="images made at once (each with its own noise)")] = 1,
 ):
     """An empty latent of width x height pixels: samplers start text2img from pure noise on it."""
+    # linked sizes skip the validation check; without this one a 63 px width would silently become 56
+    sizes = {"width": width, "height": height}
+    problems = [f"param '{name}' = {sizes[name]}: {message}" for name, message in _check_size(sizes)]
+    if problems:
+        raise NodeError("; ".join(problems))
     current_limits().check_pixels(width, height, batch, "the image to make")
     return empty_latent(width, height, batch)
 

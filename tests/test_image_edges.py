@@ -102,3 +102,29 @@ def test_float_image_with_nan_is_refused_naming_the_file(engine, tmp_path):
     Image.fromarray(values).save(path)
     mask = run(engine, tmp_path, {"load": {"type": "LoadMask", "params": {"path": str(path)}}}, "load")["mask"]
     assert float(mask[0, 0, 3, 4]) == 0.25 and float(mask[0, 0, 0, 0]) == 0.5
+
+
+def test_empty_latent_refuses_linked_sizes_that_are_not_multiples_of_8(engine, tmp_path):
+    # validation only sees literals; a linked 63 x 45 silently became a 56 x 40 latent
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((45, 63, 3), np.uint8)).save(path)
+    nodes = {"load": {"type": "LoadImage", "params": {"path": str(path)}},
+             "empty": {"type": "EmptyLatent", "inputs": {"width": "load.width", "height": "load.height"}}}
+    with pytest.raises(NodeFailed) as caught:
+        run(engine, tmp_path, nodes, "empty")
+    message = str(caught.value)
+    assert "(EmptyLatent)" in message and "'width' = 63" in message and "'height' = 45" in message
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(path)
+    latent = run(engine, tmp_path, nodes, "empty")["latent"]
+    assert tuple(latent.samples.shape) == (1, 4, 6, 8)
+
+
+@pytest.mark.parametrize("node_type,source", [("ImageResize", "load.image"), ("MaskResize", "load.mask")])
+def test_resize_refuses_linked_long_side_together_with_width(engine, tmp_path, node_type, source):
+    # validation only sees literals; a linked width next to long_side was silently ignored
+    path = strip(tmp_path, 40, 24)
+    nodes = {"load": {"type": "LoadImage", "params": {"path": path}},
+             "resize": {"type": node_type, "inputs": {source.split(".")[1]: source, "width": "load.width"},
+                        "params": {"long_side": 20}}}
+    with pytest.raises(NodeFailed, match=rf"\({node_type}\) failed: param 'long_side': give either long_side"):
+        run(engine, tmp_path, nodes, "resize")
