@@ -309,7 +309,7 @@ def grey_masked(image: torch.Tensor, mask: torch.Tensor, grow_by: int) -> tuple[
 
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise NodeError(f"mask must be a MASK (B, 1, H, W), got shape {tuple(mask.shape)}")
-    image, mask = match_batches(image, mask.to(image.device), names=("image", "mask"))
+    match_batches(image, mask, names=("image", "mask"))  # only refuses batches that differ; broadcasting stays ComfyUI's
     size = tuple(image.shape[-2:])
     mask = F.interpolate(mask.float(), size=size, mode="bilinear")
     hard = mask.round()

@@ -77,8 +77,8 @@ def test_vae_encode_for_inpaint_refuses_mismatched_batches_by_name():
     image, mask = torch.rand(2, 3, 16, 16), torch.rand(3, 1, 16, 16)
     with pytest.raises(NodeError, match=r"batch sizes differ \(image: 2, mask: 3\)"):
         grey_masked(image, mask, 6)
-    grey, grown = grey_masked(image, mask[:1], 6)  # a single mask still serves the whole batch
-    assert grey.shape[0] == 2 and grown.shape[0] == 2
+    grey, grown = grey_masked(image, mask[:1], 6)  # a single mask still serves the whole batch, as in ComfyUI
+    assert grey.shape[0] == 2 and grown.shape[0] == 1
 
 
 def test_vae_size_advice_never_suggests_zero_pixels():
