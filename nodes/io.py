@@ -168,6 +168,12 @@ def target_folder(out_dir: Path, prefix: str) -> tuple[Path, str]:
     folder = (root / relative.parent).resolve()
     if folder != root and root not in folder.parents:
         raise NodeError(f"prefix {prefix!r} leads outside the output folder '{root}' (through a link); choose another")
+    for part in (folder, *folder.parents):
+        if part == root:
+            break
+        if part.exists() and not part.is_dir():  # else mkdir fails with a bare FileExistsError
+            raise NodeError(f"prefix {prefix!r} needs the folder '{part}', but a file of that name is in the way; "
+                            "choose another prefix or move the file")
     return folder, relative.name
 
 

@@ -128,3 +128,16 @@ def test_resize_refuses_linked_long_side_together_with_width(engine, tmp_path, n
                         "params": {"long_side": 20}}}
     with pytest.raises(NodeFailed, match=rf"\({node_type}\) failed: param 'long_side': give either long_side"):
         run(engine, tmp_path, nodes, "resize")
+
+
+@pytest.mark.parametrize("prefix", ["taken/photo", "taken/deeper/photo"])
+def test_save_image_prefix_through_a_file_names_the_file(engine, tmp_path, prefix):
+    # a file where the prefix needs a subfolder failed with a bare FileExistsError
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "taken").write_text("not a folder")
+    nodes = {"load": {"type": "LoadImage", "params": {"path": strip(tmp_path, 4, 4)}},
+             "save": {"type": "SaveImage", "inputs": {"image": "load.image"}, "params": {"prefix": prefix}}}
+    with pytest.raises(NodeFailed, match=r"\(SaveImage\) failed: prefix .* needs the folder .*taken'.* in the way"):
+        engine.run({"format": "nodegraph/1", "nodes": nodes}, out_dir=out, device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["taken"]
