@@ -88,8 +88,10 @@ def _to_float(image) -> np.ndarray:
 def image_and_alpha(image) -> tuple[np.ndarray, np.ndarray | None]:
     """(H, W, 3) RGB and (H, W) alpha (None without transparency), float32 in [0, 1]."""
     if image.mode in _SIXTEEN_BIT or image.mode == "F":
-        grey = _to_float(image)
-        return np.repeat(grey[..., None], 3, axis=-1), None
+        grey = np.repeat(_to_float(image)[..., None], 3, axis=-1)
+        # a 16-bit grey PNG marks its transparent level with a tRNS chunk; Pillow's RGBA conversion reads it
+        alpha = _to_float(image.convert("RGBA"))[..., 3] if image.has_transparency_data else None
+        return grey, alpha
     if image.has_transparency_data:
         rgba = _to_float(image.convert("RGBA"))
         return rgba[..., :3], rgba[..., 3]

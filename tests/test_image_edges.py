@@ -141,3 +141,19 @@ def test_save_image_prefix_through_a_file_names_the_file(engine, tmp_path, prefi
     with pytest.raises(NodeFailed, match=r"\(SaveImage\) failed: prefix .* needs the folder .*taken'.* in the way"):
         engine.run({"format": "nodegraph/1", "nodes": nodes}, out_dir=out, device="cpu")
     assert sorted(p.name for p in out.iterdir()) == ["taken"]
+
+
+def test_sixteen_bit_grey_png_with_a_transparent_level_gives_its_mask(engine, tmp_path):
+    # the tRNS chunk of a 16-bit grey PNG was ignored: an all-0 mask, and LoadMask said "no alpha channel"
+    path = tmp_path / "grey16.png"
+    levels = np.full((8, 8), 30000, np.uint16)
+    levels[2:4, 5:7] = 0
+    Image.fromarray(levels).save(path, transparency=0)
+    transparent = np.zeros((8, 8), np.float32)
+    transparent[2:4, 5:7] = 1
+    loaded = run(engine, tmp_path, {"load": {"type": "LoadImage", "params": {"path": str(path)}}}, "load")
+    assert np.array_equal(loaded["mask"][0, 0].numpy(), transparent)
+    assert torch.allclose(loaded["image"][0, :, 0, 0], torch.full((3,), 30000 / 65535))
+    mask = run(engine, tmp_path, {"load": {"type": "LoadMask", "params": {"path": str(path), "channel": "alpha"}}},
+               "load")["mask"]
+    assert np.array_equal(mask[0, 0].numpy(), transparent)
