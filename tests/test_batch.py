@@ -320,6 +320,31 @@ def test_cli_exit_codes_and_ctrl_c_then_resume(setup, tmp_path):
     assert sorted(r["index"] for r in records(out)) == list(range(40))
 
 
+def test_a_second_batch_into_a_folder_a_running_batch_uses_is_refused(setup, tmp_path):
+    """Two batches in one folder would clear each other's running job folders and run every job twice."""
+    workflow, *_ = setup
+    sweep = write(tmp_path / "many.json", json.dumps({"grid": {"sample.seed": list(range(16))}}))
+    out = tmp_path / "out"
+    first = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1", "--set", "sample.steps=100")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None:
+            if (out / "results.jsonl").exists() and len(records(out)) >= 2:
+                break
+            time.sleep(0.05)
+        second = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1", "--resume",
+                     "--set", "sample.steps=100")
+        _, refused = second.communicate(timeout=300)
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2 and "another batch" in refused and "Traceback" not in refused, refused[-2000:]
+    assert sorted(r["index"] for r in records(out)) == list(range(16))  # each job once, all done
+    assert all(r["status"] == "done" for r in records(out))
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
 def test_usage_errors_exit_2_before_anything_loads(setup, tmp_path, monkeypatch):
     from nodegraph.cli import main
 
