@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -343,6 +344,47 @@ def test_a_second_batch_into_a_folder_a_running_batch_uses_is_refused(setup, tmp
     assert sorted(r["index"] for r in records(out)) == list(range(16))  # each job once, all done
     assert all(r["status"] == "done" for r in records(out))
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc")
+def test_worker_processes_end_with_a_killed_batch(setup, tmp_path):
+    """Left running, they would go on writing into job folders that a resumed batch has made anew."""
+    workflow, *_ = setup
+    sweep = write(tmp_path / "many.json", json.dumps({"grid": {"sample.seed": list(range(12))}}))
+    out = tmp_path / "out"
+    run = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--workers", "2", "--threads", "1",
+              "--set", "sample.steps=200")
+    workers = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and run.poll() is None:
+            if (out / "results.jsonl").exists() and len(records(out)) >= 1:
+                break
+            time.sleep(0.05)
+        workers = [pid for pid in children(run.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        run.kill()
+        run.wait(timeout=60)  # (its pipes stay open while a worker lives)
+        wait = time.time() + 20
+        while time.time() < wait and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.1)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert alive == []
 
 
 def test_usage_errors_exit_2_before_anything_loads(setup, tmp_path, monkeypatch):
