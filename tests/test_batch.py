@@ -73,6 +73,17 @@ def test_bad_sweeps_name_the_file_and_every_problem(tmp_path, name, text, expect
         assert words in problem and name in problem
 
 
+def test_sweeps_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM: the first column must still be sample.seed."""
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfsample.seed,pos.text\r\n1,a dog\r\n2,a cat\r\n")
+    assert read_sweep(tmp_path / "excel.csv")[0] == [{"sample.seed": 1, "pos.text": "a dog"},
+                                                      {"sample.seed": 2, "pos.text": "a cat"}]
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"grid": {"sample.seed": [1, 2]}}')
+    assert read_sweep(tmp_path / "bom.json")[0] == [{"sample.seed": 1}, {"sample.seed": 2}]
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"sample.seed": 3}\n')
+    assert read_sweep(tmp_path / "bom.jsonl")[0] == [{"sample.seed": 3}]
+
+
 def test_image_folders_need_bind_and_images(tmp_path):
     with pytest.raises(SweepInvalid, match="--bind NODE.PARAM"):
         read_sweep(photo_folder(tmp_path / "photos"))
