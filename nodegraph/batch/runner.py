@@ -185,6 +185,8 @@ def _lock(out: Path) -> int:
         os.close(fd)
         raise NodegraphError(f"'{out}' is in use by another batch that is still running; wait for it to end, "
                              "or choose another --out") from None
+    except OSError:  # a filesystem without locks: run unguarded, as before
+        pass
     return fd
 
 
