@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -70,6 +71,17 @@ def test_bad_sweeps_name_the_file_and_every_problem(tmp_path, name, text, expect
     assert len(info.value.problems) == len(expected)
     for problem, words in zip(info.value.problems, expected):
         assert words in problem and name in problem
+
+
+def test_sweeps_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM: the first column must still be sample.seed."""
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfsample.seed,pos.text\r\n1,a dog\r\n2,a cat\r\n")
+    assert read_sweep(tmp_path / "excel.csv")[0] == [{"sample.seed": 1, "pos.text": "a dog"},
+                                                      {"sample.seed": 2, "pos.text": "a cat"}]
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"grid": {"sample.seed": [1, 2]}}')
+    assert read_sweep(tmp_path / "bom.json")[0] == [{"sample.seed": 1}, {"sample.seed": 2}]
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"sample.seed": 3}\n')
+    assert read_sweep(tmp_path / "bom.jsonl")[0] == [{"sample.seed": 3}]
 
 
 def test_image_folders_need_bind_and_images(tmp_path):
@@ -318,6 +330,72 @@ def test_cli_exit_codes_and_ctrl_c_then_resume(setup, tmp_path):
     summary = json.loads(report)
     assert summary["skipped"] == len(done) and summary["done"] == 40 - len(done) and summary["total"] == 40
     assert sorted(r["index"] for r in records(out)) == list(range(40))
+
+
+def test_a_second_batch_into_a_folder_a_running_batch_uses_is_refused(setup, tmp_path):
+    """Two batches in one folder would clear each other's running job folders and run every job twice."""
+    workflow, *_ = setup
+    sweep = write(tmp_path / "many.json", json.dumps({"grid": {"sample.seed": list(range(16))}}))
+    out = tmp_path / "out"
+    first = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1", "--set", "sample.steps=100")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None:
+            if (out / "results.jsonl").exists() and len(records(out)) >= 2:
+                break
+            time.sleep(0.05)
+        second = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1", "--resume",
+                     "--set", "sample.steps=100")
+        _, refused = second.communicate(timeout=300)
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2 and "another batch" in refused and "Traceback" not in refused, refused[-2000:]
+    assert sorted(r["index"] for r in records(out)) == list(range(16))  # each job once, all done
+    assert all(r["status"] == "done" for r in records(out))
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc")
+def test_worker_processes_end_with_a_killed_batch(setup, tmp_path):
+    """Left running, they would go on writing into job folders that a resumed batch has made anew."""
+    workflow, *_ = setup
+    sweep = write(tmp_path / "many.json", json.dumps({"grid": {"sample.seed": list(range(12))}}))
+    out = tmp_path / "out"
+    run = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--workers", "2", "--threads", "1",
+              "--set", "sample.steps=200")
+    workers = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and run.poll() is None:
+            if (out / "results.jsonl").exists() and len(records(out)) >= 1:
+                break
+            time.sleep(0.05)
+        workers = [pid for pid in children(run.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        run.kill()
+        run.wait(timeout=60)  # (its pipes stay open while a worker lives)
+        wait = time.time() + 20
+        while time.time() < wait and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.1)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert alive == []
 
 
 def test_usage_errors_exit_2_before_anything_loads(setup, tmp_path, monkeypatch):

@@ -97,3 +97,24 @@ def test_resume_after_an_interrupt_runs_only_the_missing_jobs(ray_cluster, setup
     got = records(out)
     assert len(got) == 8 and len({r["key"] for r in got}) == 8  # no job ran twice
     assert all(np.array_equal(a, b) for a, b in zip(batch_images(out), setup[3]))
+
+
+def test_more_workers_than_the_cluster_can_hold_is_an_error_not_a_hang(ray_cluster, setup, tmp_path):
+    """Each actor takes one CPU (one GPU where there are GPUs): a third actor on 2 CPUs would wait forever."""
+    import threading
+
+    from nodegraph.errors import NodegraphError
+
+    seen = []
+
+    def make():
+        try:
+            seen.append(RayPool({"cache_dir": False}, workers=3, threads=1))
+        except NodegraphError as exc:
+            seen.append(exc)
+
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+    thread.join(90)
+    assert not thread.is_alive(), "the pool waited for an actor the cluster has no room for"
+    assert isinstance(seen[0], NodegraphError) and "--workers 3" in str(seen[0]) and "2 CPUs" in str(seen[0])

@@ -188,6 +188,32 @@ def test_an_idle_actor_takes_the_prompt_whose_models_it_holds_else_the_queue_s_n
     assert [(w, p.prompt_id) for w, p in q._pick()] == [("ray-0", "p2"), ("ray-1", "p3")]
 
 
+def test_a_prompt_deleted_while_waiting_for_a_retry_leaves_nothing_to_a_later_prompt_of_its_id(tmp_path):
+    """Its actor died and it waited for another; deleted then, a new prompt posted with its id must start afresh:
+    its own client hears it, it starts, its history shows its own workflow and it gets every try."""
+    from nodegraph.context import InterruptFlag
+    from nodegraph.server.prompts import Prompt
+    from nodegraph.server.queue import Execution
+    from nodegraph.server.ray_queue import RayPromptQueue, Run
+
+    q = RayPromptQueue(None, lambda *a: None, tmp_path, tmp_path, 10, 10, FakePool(["ray-0", "ray-1"]))
+    old = Prompt(0, "same", {"old": {}}, {"client_id": "alice"}, None, None, [], False)
+    q.put(old)
+    [(worker, picked)] = q._pick()
+    q.runs["same"], q.tries["same"] = Run(picked, worker, Execution(q, picked, InterruptFlag())), 1
+    assert q._retry(q.runs["same"])  # its actor died: it waits at the front of the queue for the other
+    q.delete(["same"])
+    assert q.listing()["queue_pending"] == []
+
+    new = Prompt(1, "same", {"new": {}}, {"client_id": "bob"}, None, None, [], False)
+    q.put(new)
+    [(_, picked)] = q._pick()
+    assert picked is new
+    # the dispatcher reuses a run kept in `started` (no execution_start, alice hears bob's prompt, the history
+    # shows the old workflow) and counts on from the old tries
+    assert "same" not in q.started and "same" not in q.tries
+
+
 def test_the_command_line_asks_for_the_pool(monkeypatch):
     import nodegraph.server.app as app
     from nodegraph.cli import build_parser

@@ -6,6 +6,8 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -20,6 +22,7 @@ def _start(name: str, engine_options: dict[str, Any], threads: int | None, gpu: 
     """Runs first in each worker process: its GPU, its threads, its Engine."""
     global _ENGINE, _NAME
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the workers
+    threading.Thread(target=_end_with, args=(os.getppid(),), name="nodegraph-parent", daemon=True).start()
     if gpu is not None:  # before torch touches CUDA: this worker's "cuda" is that one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if threads:  # before torch and OpenCV load: their thread pools then match the worker's share of the cores
@@ -34,6 +37,14 @@ def _start(name: str, engine_options: dict[str, Any], threads: int | None, gpu: 
         cv2.setNumThreads(threads)
     _NAME = name
     _ENGINE = make_engine(engine_options)
+
+
+def _end_with(parent: int) -> None:
+    """A batch killed outright (SIGKILL, a crash) cannot stop its workers: each ends by itself when its parent is
+    gone, rather than run on into job folders that a resumed batch has made anew."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def _run(task: Task) -> dict:

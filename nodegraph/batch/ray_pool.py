@@ -60,6 +60,12 @@ class RayPool:
             self._started = True
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or gpus or 1
+        room, unit = (gpus, "GPU") if gpus else (int(ray.cluster_resources().get("CPU", 0)), "CPU")
+        if count > room:  # Ray would keep the extra actors pending, and the pool would wait for them forever
+            if self._started:
+                ray.shutdown()
+            raise NodegraphError(f"--workers {count}: the Ray cluster has {room} {unit}{'s' if room != 1 else ''} "
+                                 f"and each actor takes one {unit}; ask for at most {room} workers")
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         actor = ray.remote(**resources, **actor_options)(actor_class)
         self.workers = [f"ray-{i}" for i in range(count)]

@@ -6,6 +6,8 @@ no job folder ever holds a half-run job's files.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import sys
 import time
@@ -151,7 +153,6 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
     """Plan, then run every job not done yet. ``pool``: a pool to use (else one is made from ``batch`` and
     closed at the end); ``on_outcome``: called after each job is recorded."""
     from ..api import Engine
-    from .dispatch import dispatch
 
     start = time.perf_counter()
     results = Results(batch.out)
@@ -162,6 +163,39 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
     if engine is None:  # in this process it runs the jobs too; else it only checks them
         engine = Engine(**(batch.engine_options if in_process else {**batch.engine_options, "cache_dir": False}))
     jobs = plan(batch, engine)
+    lock = _lock(batch.out)
+    try:
+        return _run(batch, interrupt, pool, on_outcome, engine, jobs, results, in_process, start)
+    finally:
+        os.close(lock)
+
+
+def _lock(out: Path) -> int:
+    """Hold the output folder for this batch alone: two batches in one folder would clear each other's running
+    job folders and run every job twice. The lock is on the folder itself, so nothing is left behind and a
+    killed batch's lock goes with its process."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as exc:
+        raise NodegraphError(f"--out '{out}': cannot use it as the output folder ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise NodegraphError(f"'{out}' is in use by another batch that is still running; wait for it to end, "
+                             "or choose another --out") from None
+    except OSError:  # a filesystem without locks: run unguarded, as before
+        pass
+    return fd
+
+
+def _run(batch, interrupt, pool, on_outcome, engine, jobs, results, in_process, start) -> Summary:
+    from .dispatch import dispatch
+
+    if results.path.exists() and not batch.resume:  # made by a batch that ended while this one was checked
+        raise NodegraphError(f"'{batch.out}' already holds a batch ({results.path.name}); pass --resume to "
+                             "run the jobs not done yet, or choose another --out")
     done = results.done() if batch.resume else {}
     todo = [j for j in jobs if j.key not in done]
     summary = Summary(total=len(jobs), skipped=len(jobs) - len(todo))

@@ -56,7 +56,7 @@ def read_sweep(path: str | Path, bind: str | None = None) -> tuple[list[dict[str
             raise SweepInvalid(problems)
         return [{bind: str(p)} for p in images], {bind}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (as Excel writes one) is not part of the first key
     except OSError as exc:
         raise SweepInvalid([f"sweep '{path}': cannot read it ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError:

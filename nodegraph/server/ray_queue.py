@@ -122,6 +122,29 @@ class RayPromptQueue(PromptQueue):
             pending = [p.item() for _, _, p in sorted(self.pending)]
         return {"queue_running": running, "queue_pending": pending}
 
+    def delete(self, prompt_ids) -> None:
+        """A deleted prompt that was waiting for a retry takes its run so far with it: a later prompt of its id
+        starts afresh (in one go, so the dispatcher cannot pick it in between)."""
+        with self._cond:
+            ids = set(prompt_ids)
+            for _, _, prompt in self.pending:
+                if prompt.prompt_id in ids:
+                    self._forget(prompt.prompt_id)
+            self.pending = [entry for entry in self.pending if entry[2].prompt_id not in ids]
+            heapq.heapify(self.pending)
+        self.status()
+
+    def clear(self) -> None:
+        with self._cond:
+            for _, _, prompt in self.pending:
+                self._forget(prompt.prompt_id)
+            self.pending.clear()
+        self.status()
+
+    def _forget(self, prompt_id: str) -> None:
+        self.started.pop(prompt_id, None)
+        self.tries.pop(prompt_id, None)
+
     def interrupt(self, prompt_id: str | None = None) -> None:
         """Every running prompt (only ``prompt_id``, when given): its actor stops at the next node or step."""
         with self._cond:
