@@ -71,7 +71,12 @@ class InputSpec:
         (unless the param allows them), an integer beyond 64 bits, a value nested too deeply."""
         if self.randomizable and value == "random":
             return value
-        if type(value) not in (str, bool):  # before the bounds, which NaN would fail with a puzzling message
+        if type(value) is str:
+            if not value.isascii():
+                problem = text_problem(value)
+                if problem:
+                    raise ParamProblem(problem)
+        elif type(value) is not bool:  # before the bounds, which NaN would fail with a puzzling message
             problem = number_problem(value, self.allow_nonfinite)
             if problem:
                 raise ParamProblem(problem)
@@ -175,7 +180,10 @@ def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
     while stack:
         item, depth = stack.pop()
         kind = type(item)
-        if kind is float:
+        if kind is str:
+            if not item.isascii() and (problem := text_problem(item)):
+                return problem
+        elif kind is float:
             if not allow_nonfinite and not math.isfinite(item):
                 return "must be a finite number (not NaN or infinity)"
         elif kind is int:
@@ -185,6 +193,17 @@ def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
             if depth >= MAX_PARAM_DEPTH:
                 return f"is nested more than {MAX_PARAM_DEPTH} levels deep"
             stack.extend((v, depth + 1) for v in (item.values() if kind is dict else item))
+    return None
+
+
+def text_problem(text: str) -> str | None:
+    """A lone surrogate ("\\ud800", which JSON and Python allow in a string) is no character: no file name, prompt
+    or JSON reader can take it, and pydantic's own message about it blames the JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate ({text[exc.start]!r}) at character {exc.start}, which is not a character; "
+                "write the text as valid Unicode")
     return None
 
 
@@ -246,6 +265,11 @@ def build_node_def(fn, type_name, version, category, outputs, cacheable, output,
     description = doc.strip().splitlines()[0] if doc.strip() else ""
     if not description:
         raise NodeDefinitionError(f"node type {type_name}: the function needs a docstring (its first line is the description)")
+    if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        # its call would hand on an un-run coroutine or generator as the output, and cache it
+        kind = "an async" if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) else "a generator"
+        raise NodeDefinitionError(f"node type {type_name}: the function is {kind} function; a node must be a plain "
+                                  "function that returns its outputs")
     hints = _param_hints(fn)
     signature = inspect.signature(fn)
     inputs: dict[str, InputSpec] = {}
@@ -310,7 +334,7 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
     except Exception as exc:  # pydantic raises several types for unsupported annotations
         raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {exc}") from exc
     metadata = _all_metadata(annotation)
-    return InputSpec(
+    spec = InputSpec(
         name=name,
         type_name=_scalar_type_name(base),
         is_socket=False,
@@ -323,6 +347,14 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
         allow_nonfinite=any(getattr(m, "allow_inf_nan", None) is True for m in metadata),
         randomizable=any(isinstance(m, Randomizable) for m in metadata),
     )
+    if has_default:  # a workflow that leaves the param out gets the default unchecked, so check it once here
+        try:
+            spec.validate(default)
+        except (ValidationError, ValueError, TypeError) as exc:  # TypeError: a default JSON cannot write
+            reason = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            raise NodeDefinitionError(f"node type {type_name}: param '{name}' has the default {short_repr(default)}, "
+                                      f"which its own type rejects: {reason}") from None
+    return spec
 
 
 def _all_metadata(annotation: Any) -> list:

@@ -104,7 +104,9 @@ def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
                                                  f"{exc.strerror or exc}"))
             continue
         if not is_folder:
-            registry.problems.append(PluginError(f"plugin folder '{folder}' does not exist"))
+            # a plugin file given in place of its folder is there: "does not exist" would send the user looking
+            what = "is a file, not a folder; name the folder that holds it" if folder.exists() else "does not exist"
+            registry.problems.append(PluginError(f"plugin folder '{folder}' {what}"))
             continue
         for path in sorted(folder.iterdir()):
             if path.name.startswith(("_", ".")):

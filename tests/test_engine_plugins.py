@@ -163,3 +163,88 @@ def test_entry_points_are_looked_up_again_only_when_a_folder_on_sys_path_changes
         assert "DemoShout" in plugins.default_registry().types and len(lookups) == 2
     finally:
         sys.modules.pop("nodegraph_demo_plugin", None)
+
+
+BROKEN_DEFINITIONS = {
+    "bad_default.py": '''
+        from typing import Annotated
+        from pydantic import Field
+        from nodegraph import node
+        from nodegraph.sockets import INT
+
+        @node("BadDefault", outputs={"value": INT})
+        def bad_default(times: Annotated[int, Field(ge=1, le=5)] = 0) -> int:
+            """A default outside its own bounds."""
+            return times
+    ''',
+    "async_node.py": '''
+        from nodegraph import node
+        from nodegraph.sockets import ANY
+
+        @node("AsyncNode", outputs={"value": ANY})
+        async def async_node() -> int:
+            """A coroutine function."""
+            return 1
+    ''',
+    "generator_node.py": '''
+        from nodegraph import node
+        from nodegraph.sockets import ANY
+
+        @node("GeneratorNode", outputs={"value": ANY})
+        def generator_node():
+            """A generator function."""
+            yield 1
+    ''',
+}
+
+
+def test_node_definitions_the_engine_cannot_honour_are_reported_when_the_plugin_loads(tmp_path):
+    # A default the bounds reject would reach the node unchecked whenever a workflow leaves the param out;
+    # a coroutine or generator function would hand an un-run coroutine or generator on as its output.
+    folder = write_plugins(tmp_path / "plugins", {**BROKEN_DEFINITIONS, "good.py": GOOD.format(name="StillLoads")})
+    registry = Registry()
+    load_plugin_dirs(registry, [folder])
+    assert "StillLoads" in registry
+    assert not {"BadDefault", "AsyncNode", "GeneratorNode"} & set(registry.types)
+    problems = sorted(str(p) for p in registry.problems)
+    assert len(problems) == 3
+    assert "plugin 'async_node'" in problems[0] and "AsyncNode" in problems[0] and "async" in problems[0]
+    assert ("plugin 'bad_default'" in problems[1] and "param 'times'" in problems[1] and "default 0" in problems[1]
+            and "greater than or equal to 1" in problems[1])
+    assert "plugin 'generator_node'" in problems[2] and "generator" in problems[2]
+
+
+def test_lone_surrogate_in_a_param_is_named_as_such(tmp_path):
+    folder = write_plugins(tmp_path / "plugins", {"choice.py": '''
+        from typing import Literal
+        from nodegraph import node
+        from nodegraph.sockets import STRING
+
+        @node("Choice", outputs={"value": STRING}, output=True)
+        def choice(mode: Literal["a", "b"] = "a", count: int = 1) -> str:
+            """Pick one."""
+            return mode
+    '''})
+    workflow = tmp_path / "wf.json"
+    workflow.write_text('{"format": "nodegraph/1", "nodes": {"c": {"type": "Choice", '
+                        '"params": {"mode": "\\ud800", "count": "\\udfff"}}}}')
+    done = cli("validate", str(workflow), "--plugins", str(folder))
+    assert done.returncode == 2
+    assert "Invalid JSON" not in done.stderr and "hex escape" not in done.stderr
+    for param, surrogate in (("mode", "\\ud800"), ("count", "\\udfff")):
+        assert f"param '{param}' = '{surrogate}': holds a lone surrogate ('{surrogate}')" in done.stderr, done.stderr
+
+
+def test_a_file_given_as_a_folder_is_named_as_a_file(tmp_path):
+    folder = write_plugins(tmp_path / "plugins", {"node.py": GOOD.format(name="FileFlagNode")})
+    workflow = tmp_path / "wf.json"
+    workflow.write_text('{"format": "nodegraph/1", "nodes": {"n": {"type": "FileFlagNode"}}}')
+    plugin_file, model_file = folder / "node.py", tmp_path / "model.safetensors"
+    model_file.write_bytes(b"x")
+    runs = {"run": ["--target", "n", "--no-cache"], "validate": []}
+    for command, extra in runs.items():
+        done = cli(command, str(workflow), *extra, "--plugins", str(plugin_file), "--models", str(model_file),
+                   cwd=tmp_path)
+        assert f"plugin folder '{plugin_file}' is a file, not a folder" in done.stderr, done.stderr
+        assert "does not exist" not in done.stderr
+        assert f"models root {model_file} (--models) is a file, not a folder" in done.stderr, (command, done.stderr)
