@@ -17,6 +17,7 @@ import enum
 import inspect
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ from .sockets import (ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Randomizable,
 
 INT64 = (-(2**63), 2**63 - 1)
 MAX_PARAM_DEPTH = 32
+
+
+class InputChanged(NodeDefinitionError):
+    """A node changed an input tensor in place: it may be a cached result that other nodes receive too."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
 
 
 class ParamProblem(ValueError):
@@ -72,7 +81,7 @@ class InputSpec:
         if self.randomizable and value == "random":
             return value
         if type(value) is str:
-            if not value.isascii():
+            if self.path is None and not value.isascii():  # a path's own check names it as a path (bad_file)
                 problem = text_problem(value)
                 if problem:
                     raise ParamProblem(problem)
@@ -120,9 +129,16 @@ class NodeDef:
 
     def call(self, kwargs: dict[str, Any], ctx: RunContext | None) -> dict[str, Any]:
         """Run the node function, name its results and check them against the declared outputs."""
+        versions = _input_versions(kwargs, self.inputs)
         if self.ctx_arg:
             kwargs = {**kwargs, self.ctx_arg: ctx}
-        outputs = self.name_outputs(self.fn(**kwargs))
+        try:
+            result = self.fn(**kwargs)
+        except Exception as exc:
+            _check_unchanged(versions)
+            raise
+        _check_unchanged(versions)
+        outputs = self.name_outputs(result)
         for name, type_name in self.outputs.items():
             problem = output_problem(type_name, outputs[name])
             if problem:
@@ -172,6 +188,29 @@ class NodeDef:
             },
             "outputs": dict(self.outputs),
         }
+
+
+def _input_versions(kwargs: dict[str, Any], inputs: dict[str, InputSpec]) -> list[tuple[str, Any, int]]:
+    """Each input tensor (a latent's samples too) with its version counter, which any in-place change raises."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    found = []
+    for name, value in kwargs.items():
+        spec = inputs.get(name)
+        latent = spec is not None and spec.type_name == "LATENT"
+        tensor = getattr(value, "samples", None) if latent else value
+        if isinstance(tensor, torch.Tensor) and not tensor.is_inference():  # inference tensors keep no count
+            found.append((name, tensor, tensor._version))
+    return found
+
+
+def _check_unchanged(versions: list[tuple[str, Any, int]]) -> None:
+    changed = [name for name, tensor, version in versions if tensor._version != version]
+    if changed:
+        names = ", ".join(f"'{n}'" for n in changed)
+        raise InputChanged(f"changed its input {names} in place; an input may be a cached result that other nodes "
+                           f"receive too: work on a copy (e.g. {changed[0]}.clone())", changed)
 
 
 def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
@@ -332,7 +371,11 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
     try:
         adapter = TypeAdapter(annotation)
     except Exception as exc:  # pydantic raises several types for unsupported annotations
-        raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {exc}") from exc
+        # pydantic's first sentence names the type; the rest advises on model_config, which a node does not have
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {reason} "
+                                  "(a param is a JSON value; a link-only value of a type of your own is an input "
+                                  "annotated socket(NAME, cls))") from exc
     metadata = _all_metadata(annotation)
     spec = InputSpec(
         name=name,

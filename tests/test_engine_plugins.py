@@ -195,6 +195,18 @@ BROKEN_DEFINITIONS = {
             """A generator function."""
             yield 1
     ''',
+    "unsupported.py": '''
+        from nodegraph import node
+        from nodegraph.sockets import INT
+
+        class Thing:
+            pass
+
+        @node("Unsupported", outputs={"value": INT})
+        def unsupported(thing: Thing) -> int:
+            """A param of a type that is no JSON value."""
+            return 1
+    ''',
 }
 
 
@@ -205,13 +217,16 @@ def test_node_definitions_the_engine_cannot_honour_are_reported_when_the_plugin_
     registry = Registry()
     load_plugin_dirs(registry, [folder])
     assert "StillLoads" in registry
-    assert not {"BadDefault", "AsyncNode", "GeneratorNode"} & set(registry.types)
+    assert not {"BadDefault", "AsyncNode", "GeneratorNode", "Unsupported"} & set(registry.types)
     problems = sorted(str(p) for p in registry.problems)
-    assert len(problems) == 3
+    assert len(problems) == 4
     assert "plugin 'async_node'" in problems[0] and "AsyncNode" in problems[0] and "async" in problems[0]
     assert ("plugin 'bad_default'" in problems[1] and "param 'times'" in problems[1] and "default 0" in problems[1]
             and "greater than or equal to 1" in problems[1])
     assert "plugin 'generator_node'" in problems[2] and "generator" in problems[2]
+    # pydantic's advice on model_config does not apply to a node function: one line that says what to do
+    assert "param 'thing' has an unsupported type" in problems[3] and "socket(NAME, cls)" in problems[3]
+    assert "\n" not in problems[3] and "arbitrary_types_allowed" not in problems[3]
 
 
 def test_lone_surrogate_in_a_param_is_named_as_such(tmp_path):
@@ -248,3 +263,43 @@ def test_a_file_given_as_a_folder_is_named_as_a_file(tmp_path):
         assert f"plugin folder '{plugin_file}' is a file, not a folder" in done.stderr, done.stderr
         assert "does not exist" not in done.stderr
         assert f"models root {model_file} (--models) is a file, not a folder" in done.stderr, (command, done.stderr)
+
+
+def test_a_node_that_changes_its_input_in_place_fails_and_the_cached_value_is_not_served_again(tmp_path):
+    folder = write_plugins(tmp_path / "plugins", {"mutate.py": '''
+        import torch
+        from nodegraph import node
+        from nodegraph.sockets import FLOAT, IMAGE, Image
+
+        @node("HalfGrey", outputs={"image": IMAGE})
+        def half_grey() -> torch.Tensor:
+            """A grey image."""
+            return torch.full((1, 3, 8, 8), 0.5)
+
+        @node("Blackout", outputs={"image": IMAGE})
+        def blackout(image: Image) -> torch.Tensor:
+            """Darkens its input in place, which it must not."""
+            return image.mul_(0)
+
+        @node("Mean", outputs={"value": FLOAT}, output=True)
+        def mean(image: Image) -> float:
+            """The mean value."""
+            return float(image.mean())
+    '''})
+    from nodegraph.api import Engine
+    from nodegraph.errors import NodeFailed
+
+    registry = Registry()
+    registry.load_builtins()
+    load_plugin_dirs(registry, [folder])
+    engine = Engine(registry=registry, cache_dir=False)
+    source = {"grey": {"type": "HalfGrey"}}
+    try:
+        engine.run({"format": "nodegraph/1", "nodes": {**source, "dark": {"type": "Blackout", "inputs": {"image": "grey.image"}},
+                                                       "m": {"type": "Mean", "inputs": {"image": "dark.image"}}}})
+    except NodeFailed as exc:
+        assert "node 'dark' (Blackout)" in str(exc) and "changed its input 'image' in place" in str(exc)
+    else:
+        raise AssertionError("a node that changed its input in place ran without complaint")
+    again = engine.run({"format": "nodegraph/1", "nodes": {**source, "m": {"type": "Mean", "inputs": {"image": "grey.image"}}}})
+    assert again.outputs["m"]["value"] == 0.5
