@@ -12,6 +12,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .definitions import DEFINED
 from .errors import PluginError
 from .registry import Registry
 
@@ -43,6 +44,17 @@ def _failed(origin: str, exc: BaseException) -> PluginError:
     if not isinstance(exc, Exception):
         return PluginError(f"{origin} raised {type(exc).__name__} while loading; fix or remove it", fatal=True)
     return PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}")
+
+
+def _forget(module_name: str) -> None:
+    """Drop the nodes a failed import declared before it raised: Python forgets the module, and a later
+    import of it (once it works) would otherwise find them as a second plugin of the same names."""
+    if module_name in sys.modules:  # it imported; what failed came after (an entry point's hook)
+        return
+    prefix = module_name + "."
+    for defined_in in [m for m in DEFINED if m == module_name or m.startswith(prefix)]:
+        if defined_in not in sys.modules:
+            del DEFINED[defined_in]
 
 
 class PluginInterrupted(KeyboardInterrupt):
@@ -78,8 +90,8 @@ def load_entry_point_plugins(registry: Registry) -> None:
     callable taking the registry."""
     for ep in _group_entry_points():
         origin = f"plugin '{ep.name}' ({ep.value}, distribution {ep.dist.name if ep.dist else '?'})"
+        module_name, _, attr = ep.value.partition(":")
         try:
-            module_name, _, attr = ep.value.partition(":")
             if attr:
                 hook = ep.load()
                 registry.add_module(module_name, origin)
@@ -88,8 +100,10 @@ def load_entry_point_plugins(registry: Registry) -> None:
             else:
                 registry.add_module(module_name, origin)
         except KeyboardInterrupt:
+            _forget(module_name)
             raise PluginInterrupted(f"interrupted while loading {origin}") from None
         except BaseException as exc:  # any import-time failure of third-party code, sys.exit() included
+            _forget(module_name)
             registry.problems.append(_failed(origin, exc))
 
 
@@ -132,9 +146,11 @@ def _load_file_plugin(registry: Registry, name: str, init_file: Path, shown: Pat
         spec.loader.exec_module(module)
     except KeyboardInterrupt:
         sys.modules.pop(module_name, None)
+        _forget(module_name)
         raise PluginInterrupted(f"interrupted while loading {origin}") from None
     except BaseException as exc:  # a broken plugin must not stop the others
         sys.modules.pop(module_name, None)
+        _forget(module_name)
         registry.problems.append(_failed(origin, exc))
         return
     registry.add_module(module_name, origin)

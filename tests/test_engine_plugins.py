@@ -303,3 +303,21 @@ def test_a_node_that_changes_its_input_in_place_fails_and_the_cached_value_is_no
         raise AssertionError("a node that changed its input in place ran without complaint")
     again = engine.run({"format": "nodegraph/1", "nodes": {**source, "m": {"type": "Mean", "inputs": {"image": "grey.image"}}}})
     assert again.outputs["m"]["value"] == 0.5
+
+
+def test_a_plugin_that_failed_to_load_loads_cleanly_once_it_works(tmp_path, monkeypatch):
+    # a missing dependency installed, a setting fixed: the next registry in the same process must not see the
+    # nodes the failed import had declared before it raised as a second plugin of the same names
+    folder = write_plugins(tmp_path / "plugins", {"flaky.py": GOOD.format(name="FlakyNode") + '''
+import os
+if os.environ.get("FLAKY_PLUGIN_FAILS"):
+    raise RuntimeError("not ready")
+'''})
+    monkeypatch.setenv("FLAKY_PLUGIN_FAILS", "1")
+    first = Registry()
+    load_plugin_dirs(first, [folder])
+    assert "FlakyNode" not in first and "not ready" in str(first.problems[0])
+    monkeypatch.delenv("FLAKY_PLUGIN_FAILS")
+    second = Registry()
+    load_plugin_dirs(second, [folder])
+    assert "FlakyNode" in second and not second.problems, [str(p) for p in second.problems]
