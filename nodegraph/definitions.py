@@ -390,7 +390,9 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
         allow_nonfinite=any(getattr(m, "allow_inf_nan", None) is True for m in metadata),
         randomizable=any(isinstance(m, Randomizable) for m in metadata),
     )
-    if has_default:  # a workflow that leaves the param out gets the default unchecked, so check it once here
+    # A workflow that leaves the param out gets the default unchecked, so check it once here (None, the common
+    # "not given" of `x: int = None`, the node handles itself).
+    if has_default and default is not None:
         try:
             spec.validate(default)
         except (ValidationError, ValueError, TypeError) as exc:  # TypeError: a default JSON cannot write
