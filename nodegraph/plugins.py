@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -131,7 +132,17 @@ def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
                 _load_file_plugin(registry, path.name, path / "__init__.py", path)
 
 
+# A plugin file is run here, not by the import system, so nothing else keeps a second thread from taking the
+# module from sys.modules while the first still runs it (and so from missing the nodes it has yet to declare).
+_FILE_PLUGINS = threading.RLock()
+
+
 def _load_file_plugin(registry: Registry, name: str, init_file: Path, shown: Path) -> None:
+    with _FILE_PLUGINS:
+        _load_file_plugin_locked(registry, name, init_file, shown)
+
+
+def _load_file_plugin_locked(registry: Registry, name: str, init_file: Path, shown: Path) -> None:
     origin = f"plugin '{name}' ({shown})"
     # Two folders may both hold a util.py: the module name carries the path's hash.
     module_name = f"nodegraph_plugins.{name}_{hashlib.sha256(str(shown.resolve()).encode()).hexdigest()[:8]}"

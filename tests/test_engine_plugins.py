@@ -321,3 +321,28 @@ if os.environ.get("FLAKY_PLUGIN_FAILS"):
     second = Registry()
     load_plugin_dirs(second, [folder])
     assert "FlakyNode" in second and not second.problems, [str(p) for p in second.problems]
+
+
+def test_registries_built_in_two_threads_at_once_both_get_every_node_of_a_plugin(tmp_path):
+    # Engine() in two threads at once: the second must not take the plugin while the first is still running it
+    import threading
+    import time
+
+    folder = write_plugins(tmp_path / "plugins", {"slow.py": GOOD.format(name="SlowFirst") + '''
+import time
+time.sleep(1.0)
+''' + GOOD.format(name="SlowSecond").replace("def f(", "def g(")})
+    found = {}
+
+    def load(i):
+        registry = Registry()
+        load_plugin_dirs(registry, [folder])
+        found[i] = {t for t in registry.types if t.startswith("Slow")}
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.2)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert found == {0: {"SlowFirst", "SlowSecond"}, 1: {"SlowFirst", "SlowSecond"}}
