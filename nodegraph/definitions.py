@@ -134,7 +134,7 @@ class NodeDef:
             kwargs = {**kwargs, self.ctx_arg: ctx}
         try:
             result = self.fn(**kwargs)
-        except Exception as exc:
+        except Exception:  # a node that changed an input and then failed still changed it
             _check_unchanged(versions)
             raise
         _check_unchanged(versions)
@@ -214,7 +214,8 @@ def _check_unchanged(versions: list[tuple[str, Any, int]]) -> None:
 
 
 def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
-    """Why a validated value cannot be used: a non-finite float, an integer beyond 64 bits, deep nesting."""
+    """Why a validated value cannot be used: a non-finite float, an integer beyond 64 bits, deep nesting, text
+    with a lone surrogate."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()

@@ -143,6 +143,7 @@ def test_an_inner_param_linked_to_a_group_input_and_given_a_literal_is_refused_n
     for link in ("in.step", "in.iteration"):
         add = {"type": "StubAdd", "inputs": {"a": "in.x", "amount": link}, "params": {"amount": 5.0}}
         issues = engine.validate(workflow(group={**GROUP, "nodes": {**GROUP["nodes"], "add": add}}))
-        assert [(i.code, i.node_id, i.field) for i in issues] == [("link_and_literal", "group:grow", "nodes.add.amount")]
+        assert [(i.code, i.node_id, i.field) for i in issues] == [
+            ("link_and_literal", "group:grow", "nodes.add.amount")]
         assert f"'{link}'" in issues[0].message
     assert calls["StubAdd"] == 0

@@ -294,14 +294,16 @@ def test_a_node_that_changes_its_input_in_place_fails_and_the_cached_value_is_no
     load_plugin_dirs(registry, [folder])
     engine = Engine(registry=registry, cache_dir=False)
     source = {"grey": {"type": "HalfGrey"}}
+    darken = {"dark": {"type": "Blackout", "inputs": {"image": "grey.image"}},
+              "m": {"type": "Mean", "inputs": {"image": "dark.image"}}}
     try:
-        engine.run({"format": "nodegraph/1", "nodes": {**source, "dark": {"type": "Blackout", "inputs": {"image": "grey.image"}},
-                                                       "m": {"type": "Mean", "inputs": {"image": "dark.image"}}}})
+        engine.run({"format": "nodegraph/1", "nodes": {**source, **darken}})
     except NodeFailed as exc:
         assert "node 'dark' (Blackout)" in str(exc) and "changed its input 'image' in place" in str(exc)
     else:
         raise AssertionError("a node that changed its input in place ran without complaint")
-    again = engine.run({"format": "nodegraph/1", "nodes": {**source, "m": {"type": "Mean", "inputs": {"image": "grey.image"}}}})
+    mean = {"m": {"type": "Mean", "inputs": {"image": "grey.image"}}}
+    again = engine.run({"format": "nodegraph/1", "nodes": {**source, **mean}})
     assert again.outputs["m"]["value"] == 0.5
 
 
