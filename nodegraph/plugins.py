@@ -111,6 +111,10 @@ def load_entry_point_plugins(registry: Registry) -> None:
 def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
     """Every `*.py` file and package (folder with __init__.py) in each folder is a plugin."""
     for folder in folders:
+        if not str(folder):  # Path("") is ".": every script in the current folder would run as a plugin
+            registry.problems.append(PluginError("an empty plugin folder name was given (a shell variable that is "
+                                                 "not set?); no folder was searched for it"))
+            continue
         folder = Path(folder).expanduser()
         try:
             is_folder = folder.is_dir()

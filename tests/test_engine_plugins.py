@@ -348,3 +348,11 @@ time.sleep(1.0)
     for thread in threads:
         thread.join()
     assert found == {0: {"SlowFirst", "SlowSecond"}, 1: {"SlowFirst", "SlowSecond"}}
+
+
+def test_an_empty_plugin_folder_name_runs_nothing_from_the_current_folder(tmp_path):
+    # `--plugins "$DIR"` with DIR unset: "" must not mean ".", where every script would be run as a plugin
+    (tmp_path / "script.py").write_text("open('ran', 'w').close()\n")
+    done = cli("nodes", "--plugins", "", cwd=tmp_path)
+    assert done.returncode == 0 and not (tmp_path / "ran").exists()
+    assert "plugin folder" in done.stderr and "empty" in done.stderr
