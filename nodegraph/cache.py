@@ -136,6 +136,12 @@ class MemoryCache:
                 evicted, _ = self._items.popitem(last=False)
                 self.used_bytes -= self._sizes.pop(evicted, 0)
 
+    def discard(self, key: str) -> None:
+        """Forget one entry (a value a node changed in place is no longer what its key names)."""
+        with self._lock:
+            if self._items.pop(key, None) is not None:
+                self.used_bytes -= self._sizes.pop(key, 0)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

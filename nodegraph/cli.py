@@ -391,16 +391,19 @@ def _import(args) -> tuple[int, dict | None]:
     return EXIT_OK, {"output": args.output}
 
 
-def _model_roots(args):
+def _model_roots(args, warn: bool = True):
     from .model_folders import ModelRoots
 
+    if warn:  # a --models root that is a file (a model given as the root, say) would otherwise go unnoticed
+        for problem in ModelRoots.gather(args.models, config=False, environ={}).problems():
+            print(f"nodegraph: warning: {problem}", file=sys.stderr)
     return ModelRoots.gather(args.models, args.model_paths)
 
 
 def _models(registry, args) -> tuple[int, dict | None]:
     from .model_folders import FOLDERS
 
-    roots = _model_roots(args)
+    roots = _model_roots(args, warn=False)  # listed below, and in --json
     declared = {s.path.folder for d in registry.types.values() for s in d.inputs.values()
                 if s.path is not None and s.path.folder}
     folders = [*FOLDERS, *sorted(declared - set(FOLDERS))]

@@ -17,6 +17,7 @@ import enum
 import inspect
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ from .sockets import (ANY, BOOLEAN, FLOAT, INT, STRING, InputPath, Randomizable,
 
 INT64 = (-(2**63), 2**63 - 1)
 MAX_PARAM_DEPTH = 32
+
+
+class InputChanged(NodeDefinitionError):
+    """A node changed an input tensor in place: it may be a cached result that other nodes receive too."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
 
 
 class ParamProblem(ValueError):
@@ -71,7 +80,12 @@ class InputSpec:
         (unless the param allows them), an integer beyond 64 bits, a value nested too deeply."""
         if self.randomizable and value == "random":
             return value
-        if type(value) not in (str, bool):  # before the bounds, which NaN would fail with a puzzling message
+        if type(value) is str:
+            if self.path is None and not value.isascii():  # a path's own check names it as a path (bad_file)
+                problem = text_problem(value)
+                if problem:
+                    raise ParamProblem(problem)
+        elif type(value) is not bool:  # before the bounds, which NaN would fail with a puzzling message
             problem = number_problem(value, self.allow_nonfinite)
             if problem:
                 raise ParamProblem(problem)
@@ -115,9 +129,16 @@ class NodeDef:
 
     def call(self, kwargs: dict[str, Any], ctx: RunContext | None) -> dict[str, Any]:
         """Run the node function, name its results and check them against the declared outputs."""
+        versions = _input_versions(kwargs, self.inputs)
         if self.ctx_arg:
             kwargs = {**kwargs, self.ctx_arg: ctx}
-        outputs = self.name_outputs(self.fn(**kwargs))
+        try:
+            result = self.fn(**kwargs)
+        except Exception:  # a node that changed an input and then failed still changed it
+            _check_unchanged(versions)
+            raise
+        _check_unchanged(versions)
+        outputs = self.name_outputs(result)
         for name, type_name in self.outputs.items():
             problem = output_problem(type_name, outputs[name])
             if problem:
@@ -169,13 +190,40 @@ class NodeDef:
         }
 
 
+def _input_versions(kwargs: dict[str, Any], inputs: dict[str, InputSpec]) -> list[tuple[str, Any, int]]:
+    """Each input tensor (a latent's samples too) with its version counter, which any in-place change raises."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    found = []
+    for name, value in kwargs.items():
+        spec = inputs.get(name)
+        latent = spec is not None and spec.type_name == "LATENT"
+        tensor = getattr(value, "samples", None) if latent else value
+        if isinstance(tensor, torch.Tensor) and not tensor.is_inference():  # inference tensors keep no count
+            found.append((name, tensor, tensor._version))
+    return found
+
+
+def _check_unchanged(versions: list[tuple[str, Any, int]]) -> None:
+    changed = [name for name, tensor, version in versions if tensor._version != version]
+    if changed:
+        names = ", ".join(f"'{n}'" for n in changed)
+        raise InputChanged(f"changed its input {names} in place; an input may be a cached result that other nodes "
+                           f"receive too: work on a copy (e.g. {changed[0]}.clone())", changed)
+
+
 def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
-    """Why a validated value cannot be used: a non-finite float, an integer beyond 64 bits, deep nesting."""
+    """Why a validated value cannot be used: a non-finite float, an integer beyond 64 bits, deep nesting, text
+    with a lone surrogate."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         kind = type(item)
-        if kind is float:
+        if kind is str:
+            if not item.isascii() and (problem := text_problem(item)):
+                return problem
+        elif kind is float:
             if not allow_nonfinite and not math.isfinite(item):
                 return "must be a finite number (not NaN or infinity)"
         elif kind is int:
@@ -185,6 +233,17 @@ def number_problem(value: Any, allow_nonfinite: bool = False) -> str | None:
             if depth >= MAX_PARAM_DEPTH:
                 return f"is nested more than {MAX_PARAM_DEPTH} levels deep"
             stack.extend((v, depth + 1) for v in (item.values() if kind is dict else item))
+    return None
+
+
+def text_problem(text: str) -> str | None:
+    """A lone surrogate ("\\ud800", which JSON and Python allow in a string) is no character: no file name, prompt
+    or JSON reader can take it, and pydantic's own message about it blames the JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate ({text[exc.start]!r}) at character {exc.start}, which is not a character; "
+                "write the text as valid Unicode")
     return None
 
 
@@ -246,6 +305,11 @@ def build_node_def(fn, type_name, version, category, outputs, cacheable, output,
     description = doc.strip().splitlines()[0] if doc.strip() else ""
     if not description:
         raise NodeDefinitionError(f"node type {type_name}: the function needs a docstring (its first line is the description)")
+    if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        # its call would hand on an un-run coroutine or generator as the output, and cache it
+        kind = "an async" if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) else "a generator"
+        raise NodeDefinitionError(f"node type {type_name}: the function is {kind} function; a node must be a plain "
+                                  "function that returns its outputs")
     hints = _param_hints(fn)
     signature = inspect.signature(fn)
     inputs: dict[str, InputSpec] = {}
@@ -308,9 +372,13 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
     try:
         adapter = TypeAdapter(annotation)
     except Exception as exc:  # pydantic raises several types for unsupported annotations
-        raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {exc}") from exc
+        # pydantic's first sentence names the type; the rest advises on model_config, which a node does not have
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise NodeDefinitionError(f"node type {type_name}: param '{name}' has an unsupported type: {reason} "
+                                  "(a param is a JSON value; a link-only value of a type of your own is an input "
+                                  "annotated socket(NAME, cls))") from exc
     metadata = _all_metadata(annotation)
-    return InputSpec(
+    spec = InputSpec(
         name=name,
         type_name=_scalar_type_name(base),
         is_socket=False,
@@ -323,6 +391,16 @@ def _input_spec(type_name: str, name: str, annotation: Any, default: Any) -> Inp
         allow_nonfinite=any(getattr(m, "allow_inf_nan", None) is True for m in metadata),
         randomizable=any(isinstance(m, Randomizable) for m in metadata),
     )
+    # A workflow that leaves the param out gets the default unchecked, so check it once here (None, the common
+    # "not given" of `x: int = None`, the node handles itself).
+    if has_default and default is not None:
+        try:
+            spec.validate(default)
+        except (ValidationError, ValueError, TypeError) as exc:  # TypeError: a default JSON cannot write
+            reason = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            raise NodeDefinitionError(f"node type {type_name}: param '{name}' has the default {short_repr(default)}, "
+                                      f"which its own type rejects: {reason}") from None
+    return spec
 
 
 def _all_metadata(annotation: Any) -> list:

@@ -28,7 +28,7 @@ from .groups import param_owner
 from .gcpause import gc_frozen, gc_paused
 from .keys import canonical_params, node_key, output_salt, run_salt
 from .limits import limits_in_force
-from .definitions import ParamProblem
+from .definitions import InputChanged, ParamProblem
 from .validate import Graph, GraphNode
 
 RAN, CACHED, SKIPPED, FAILED, INTERRUPTED = "ran", "cached", "skipped", "failed", "interrupted"
@@ -244,8 +244,15 @@ class _Run:
         else:
             params = plan.params.get(node_id, node.params)
             raised = getattr(self.config.interrupt, "raised", 0)
-            self.values[node_id] = outputs = _run_node(node, params, self.values, self.config, self.record,
-                                                       self.statuses, self.result)
+            try:
+                self.values[node_id] = outputs = _run_node(node, params, self.values, self.config, self.record,
+                                                           self.statuses, self.result)
+            except NodeFailed as exc:
+                if isinstance(exc.__cause__, InputChanged):  # the changed values must not be served again
+                    for name in exc.__cause__.names:
+                        if name in node.links:
+                            self.memory.discard(plan.keys[node.links[name][0]])
+                raise
             if _changed_while_read(node, plan, self.tainted, self.warn):
                 self.tainted.add(node_id)
             own = self.record.recorded.pop(node_id, None)

@@ -155,6 +155,10 @@ def _check_group(name: str, group: GroupSpec) -> list[Issue]:
                 issues.append(Issue("bad_group", f"node '{inner_id}' input '{field}' links to 'in.{port}', which is "
                                     f"not an input of the group (inputs: {', '.join(group.inputs) or 'none'})",
                                     field=f"nodes.{inner_id}.{field}", **where))
+            elif source == GROUP_INPUT and field in spec.params:
+                # expansion puts the group input's value in its place: the literal would be dropped unseen
+                issues.append(Issue("link_and_literal", f"node '{inner_id}' param '{field}' is given both as a link "
+                                    f"('{link}') and a literal; keep one", field=f"nodes.{inner_id}.{field}", **where))
     return issues
 
 

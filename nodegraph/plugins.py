@@ -9,9 +9,11 @@ import hashlib
 import importlib.util
 import os
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .definitions import DEFINED
 from .errors import PluginError
 from .registry import Registry
 
@@ -43,6 +45,17 @@ def _failed(origin: str, exc: BaseException) -> PluginError:
     if not isinstance(exc, Exception):
         return PluginError(f"{origin} raised {type(exc).__name__} while loading; fix or remove it", fatal=True)
     return PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}")
+
+
+def _forget(module_name: str) -> None:
+    """Drop the nodes a failed import declared before it raised: Python forgets the module, and a later
+    import of it (once it works) would otherwise find them as a second plugin of the same names."""
+    if module_name in sys.modules:  # it imported; what failed came after (an entry point's hook)
+        return
+    prefix = module_name + "."
+    for defined_in in [m for m in DEFINED if m == module_name or m.startswith(prefix)]:
+        if defined_in not in sys.modules:
+            del DEFINED[defined_in]
 
 
 class PluginInterrupted(KeyboardInterrupt):
@@ -78,8 +91,8 @@ def load_entry_point_plugins(registry: Registry) -> None:
     callable taking the registry."""
     for ep in _group_entry_points():
         origin = f"plugin '{ep.name}' ({ep.value}, distribution {ep.dist.name if ep.dist else '?'})"
+        module_name, _, attr = ep.value.partition(":")
         try:
-            module_name, _, attr = ep.value.partition(":")
             if attr:
                 hook = ep.load()
                 registry.add_module(module_name, origin)
@@ -88,14 +101,20 @@ def load_entry_point_plugins(registry: Registry) -> None:
             else:
                 registry.add_module(module_name, origin)
         except KeyboardInterrupt:
+            _forget(module_name)
             raise PluginInterrupted(f"interrupted while loading {origin}") from None
         except BaseException as exc:  # any import-time failure of third-party code, sys.exit() included
+            _forget(module_name)
             registry.problems.append(_failed(origin, exc))
 
 
 def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
     """Every `*.py` file and package (folder with __init__.py) in each folder is a plugin."""
     for folder in folders:
+        if not str(folder):  # Path("") is ".": every script in the current folder would run as a plugin
+            registry.problems.append(PluginError("an empty plugin folder name was given (a shell variable that is "
+                                                 "not set?); no folder was searched for it"))
+            continue
         folder = Path(folder).expanduser()
         try:
             is_folder = folder.is_dir()
@@ -104,7 +123,9 @@ def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
                                                  f"{exc.strerror or exc}"))
             continue
         if not is_folder:
-            registry.problems.append(PluginError(f"plugin folder '{folder}' does not exist"))
+            # a plugin file given in place of its folder is there: "does not exist" would send the user looking
+            what = "is a file, not a folder; name the folder that holds it" if folder.exists() else "does not exist"
+            registry.problems.append(PluginError(f"plugin folder '{folder}' {what}"))
             continue
         for path in sorted(folder.iterdir()):
             if path.name.startswith(("_", ".")):
@@ -115,7 +136,17 @@ def load_plugin_dirs(registry: Registry, folders: list[str | Path]) -> None:
                 _load_file_plugin(registry, path.name, path / "__init__.py", path)
 
 
+# A plugin file is run here, not by the import system, so nothing else keeps a second thread from taking the
+# module from sys.modules while the first still runs it (and so from missing the nodes it has yet to declare).
+_FILE_PLUGINS = threading.RLock()
+
+
 def _load_file_plugin(registry: Registry, name: str, init_file: Path, shown: Path) -> None:
+    with _FILE_PLUGINS:
+        _load_file_plugin_locked(registry, name, init_file, shown)
+
+
+def _load_file_plugin_locked(registry: Registry, name: str, init_file: Path, shown: Path) -> None:
     origin = f"plugin '{name}' ({shown})"
     # Two folders may both hold a util.py: the module name carries the path's hash.
     module_name = f"nodegraph_plugins.{name}_{hashlib.sha256(str(shown.resolve()).encode()).hexdigest()[:8]}"
@@ -130,9 +161,11 @@ def _load_file_plugin(registry: Registry, name: str, init_file: Path, shown: Pat
         spec.loader.exec_module(module)
     except KeyboardInterrupt:
         sys.modules.pop(module_name, None)
+        _forget(module_name)
         raise PluginInterrupted(f"interrupted while loading {origin}") from None
     except BaseException as exc:  # a broken plugin must not stop the others
         sys.modules.pop(module_name, None)
+        _forget(module_name)
         registry.problems.append(_failed(origin, exc))
         return
     registry.add_module(module_name, origin)

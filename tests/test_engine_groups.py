@@ -135,3 +135,15 @@ def test_a_group_input_named_iteration_is_refused_not_ignored(stub_registry):
     instance = {"type": "group:grow", "inputs": {"x": "src.x"}, "params": {"step": 1.0, "iteration": 5.0, "repeat": 2}}
     issues = Engine(registry=stub_registry, cache_dir=False).validate(workflow(group=group, instance=instance))
     assert [(i.code, i.node_id, i.field) for i in issues] == [("bad_group", "group:grow", "inputs.iteration")]
+
+
+def test_an_inner_param_linked_to_a_group_input_and_given_a_literal_is_refused_not_overridden(stub_registry, calls):
+    # the instance's literal (or the repetition number) would silently replace the inner literal
+    engine = Engine(registry=stub_registry, cache_dir=False)
+    for link in ("in.step", "in.iteration"):
+        add = {"type": "StubAdd", "inputs": {"a": "in.x", "amount": link}, "params": {"amount": 5.0}}
+        issues = engine.validate(workflow(group={**GROUP, "nodes": {**GROUP["nodes"], "add": add}}))
+        assert [(i.code, i.node_id, i.field) for i in issues] == [
+            ("link_and_literal", "group:grow", "nodes.add.amount")]
+        assert f"'{link}'" in issues[0].message
+    assert calls["StubAdd"] == 0
