@@ -132,6 +132,15 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+def wait_for_records(process, out: Path, count: int, seconds: float = 240) -> None:
+    """Until a running batch has recorded ``count`` jobs (or ended, or the time is up)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        if (out / "results.jsonl").exists() and len(records(out)) >= count:
+            return
+        time.sleep(0.05)
+
+
 def test_in_process_batch_matches_one_by_one_runs_and_records_every_job(setup, tmp_path):
     workflow, sweep, jobs, reference = setup
     with torch_threads(1):
@@ -311,11 +320,7 @@ def test_cli_exit_codes_and_ctrl_c_then_resume(setup, tmp_path):
     sweep = write(tmp_path / "many.json", json.dumps({"grid": {"sample.seed": list(range(40))}}))
     out = tmp_path / "out"
     run = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1")
-    deadline = time.time() + 240
-    while time.time() < deadline and run.poll() is None:
-        if (out / "results.jsonl").exists() and len(records(out)) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_records(run, out, 2)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err[-2000:]
@@ -339,11 +344,7 @@ def test_a_second_batch_into_a_folder_a_running_batch_uses_is_refused(setup, tmp
     out = tmp_path / "out"
     first = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1", "--set", "sample.steps=100")
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and first.poll() is None:
-            if (out / "results.jsonl").exists() and len(records(out)) >= 2:
-                break
-            time.sleep(0.05)
+        wait_for_records(first, out, 2)
         second = cli(workflow, "--sweep", sweep, "--out", out, "--no-cache", "--threads", "1", "--resume",
                      "--set", "sample.steps=100")
         _, refused = second.communicate(timeout=300)
@@ -378,11 +379,7 @@ def test_worker_processes_end_with_a_killed_batch(setup, tmp_path):
               "--set", "sample.steps=200")
     workers = []
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and run.poll() is None:
-            if (out / "results.jsonl").exists() and len(records(out)) >= 1:
-                break
-            time.sleep(0.05)
+        wait_for_records(run, out, 1)
         workers = [pid for pid in children(run.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 2
         run.kill()
