@@ -278,7 +278,11 @@ def vae_decode_node(vae: Vae, latent: Latent, ctx: RunContext = None):
     if samples.shape[1] != vae.latent_channels:
         raise NodeError(f"latent has {samples.shape[1]} channels but this VAE expects {vae.latent_channels}")
     with on_device(ctx, ("vae", vae.compute_module())):
-        return decode_latents(vae, samples)
+        pixels = decode_latents(vae, samples)
+    if not torch.isfinite(pixels).all():  # saved as it is, NaN would be a black image and no word of why
+        raise NodeError("the VAE decoded to NaN or infinite values (a float16 overflow, or damaged weights); run in "
+                        "float32 (--dtype float32) or use a VAE made for float16")
+    return pixels
 
 
 @node("InpaintModelConditioning", version=1, space=SpaceRule(("vae", "latent")), category="latent", outputs={"latent": LATENT},

@@ -312,3 +312,18 @@ def test_single_files_load_tensor_by_tensor_to_diffusers_weights(tiny, tmp_path,
         a, b = ours.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys() and all(a[k].dtype == loaded for k in a if a[k].is_floating_point())
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vae_decode_refuses_to_give_nan_as_an_image(sd):
+    """A VAE that overflows (float16) or has damaged weights decodes to NaN, which a saved PNG shows as black."""
+    import copy
+
+    from nodegraph.errors import NodeError
+    from nodegraph.nodes.latent import vae_decode_node
+
+    vae = copy.deepcopy(sd[2])
+    with torch.no_grad():
+        vae.vae.decoder.conv_out.bias[0] = float("nan")  # damaged weights
+    with pytest.raises(NodeError, match="NaN or infinite"):
+        vae_decode_node(vae, empty_latent(64, 64))
+    assert torch.isfinite(vae_decode_node(sd[2], empty_latent(64, 64))).all()
