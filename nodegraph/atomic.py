@@ -51,7 +51,7 @@ def _check_replaceable(path: Path) -> None:
     """The rename at the end replaces whatever has the name: only a regular file (or a link to one) may be
     replaced, never a device, a FIFO, a folder or a link such as /dev/stdout (a save to /dev/null run as
     root would otherwise swap the system's null device for a file)."""
-    from .files import ORDINARY_UNDER_SPECIAL, SPECIAL_ROOTS
+    from .files import special_file_system
 
     try:
         info = os.lstat(path)
@@ -59,10 +59,7 @@ def _check_replaceable(path: Path) -> None:
         return
     if stat.S_ISLNK(info.st_mode):
         target = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), os.readlink(path)))
-        def within(roots: tuple) -> bool:
-            return any(target == root or target.startswith(root + "/") for root in roots)
-
-        if within(SPECIAL_ROOTS) and not within(ORDINARY_UNDER_SPECIAL):
+        if special_file_system(path, target):
             raise OSError(errno.EEXIST, f"is a link to '{target}', not a regular file; name a regular file", str(path))
         try:
             info = os.stat(path)

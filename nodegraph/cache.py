@@ -126,8 +126,7 @@ class MemoryCache:
         if size > self.budget_bytes:
             return
         with self._lock:
-            if self._items.pop(key, None) is not None:
-                self.used_bytes -= self._sizes.pop(key, 0)
+            self._forget(key)
             self._items[key] = outputs
             if size:
                 self._sizes[key] = size
@@ -139,8 +138,11 @@ class MemoryCache:
     def discard(self, key: str) -> None:
         """Forget one entry (a value a node changed in place is no longer what its key names)."""
         with self._lock:
-            if self._items.pop(key, None) is not None:
-                self.used_bytes -= self._sizes.pop(key, 0)
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:  # with the lock held
+        if self._items.pop(key, None) is not None:
+            self.used_bytes -= self._sizes.pop(key, 0)
 
     def clear(self) -> None:
         with self._lock:

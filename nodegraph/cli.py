@@ -365,7 +365,6 @@ def _import(args) -> tuple[int, dict | None]:
         if not args.json:
             sys.stdout.write(text)
         return EXIT_OK, {"workflow": json.loads(text)}
-    import os
     import stat
 
     target = Path(args.output)

@@ -58,7 +58,7 @@ def _stat_problem(path: Path, exc: OSError, kind: str = "any") -> FileProblem:
     return FileProblem("bad_file", f"'{path}' cannot be read: {exc.strerror or exc}")
 
 
-def _special(path: Path, real: str | None = None) -> str | None:
+def special_file_system(path: Path, real: str | None = None) -> str | None:
     """Whether ``path`` (whose resolved path is ``real``, found when not given) is on a special file system."""
     real = real or os.path.realpath(path)
     if any(real == root or real.startswith(root + "/") for root in ORDINARY_UNDER_SPECIAL):
@@ -87,7 +87,7 @@ def check_path(path: str | Path, kind: str = "file") -> FileProblem | None:
         info = os.stat(path)
     except OSError as exc:
         return _stat_problem(path, exc, kind)
-    special = _special(path)
+    special = special_file_system(path)
     if special:
         return FileProblem("bad_file", special)
     problem = _mode_problem(path, info.st_mode, kind)
@@ -123,7 +123,7 @@ def folder_files(folder: Path) -> list[Path]:
                 except OSError as exc:
                     raise UnsafeFile(_stat_problem(child, exc).message) from None
                 real = os.path.realpath(child) if entry.is_symlink() else os.path.join(current_real, entry.name)
-                special = _special(child, real)
+                special = special_file_system(child, real)
                 if special:
                     raise UnsafeFile(special)
                 if stat.S_ISDIR(mode):
