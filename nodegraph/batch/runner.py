@@ -156,9 +156,7 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
 
     start = time.perf_counter()
     results = Results(batch.out)
-    if results.path.exists() and not batch.resume:
-        raise NodegraphError(f"'{batch.out}' already holds a batch ({results.path.name}); pass --resume to "
-                             "run the jobs not done yet, or choose another --out")
+    _refuse_an_earlier_batch(batch, results)  # before planning, which takes a while; again under the lock
     in_process = pool is None and not batch.ray and worker_count(batch) == 1
     if engine is None:  # in this process it runs the jobs too; else it only checks them
         engine = Engine(**(batch.engine_options if in_process else {**batch.engine_options, "cache_dir": False}))
@@ -168,6 +166,12 @@ def run_batch(batch: Batch, interrupt=None, pool=None, on_outcome: Callable[[Job
         return _run(batch, interrupt, pool, on_outcome, engine, jobs, results, in_process, start)
     finally:
         os.close(lock)
+
+
+def _refuse_an_earlier_batch(batch: Batch, results: Results) -> None:
+    if results.path.exists() and not batch.resume:
+        raise NodegraphError(f"'{batch.out}' already holds a batch ({results.path.name}); pass --resume to "
+                             "run the jobs not done yet, or choose another --out")
 
 
 def _lock(out: Path) -> int:
@@ -193,9 +197,7 @@ def _lock(out: Path) -> int:
 def _run(batch, interrupt, pool, on_outcome, engine, jobs, results, in_process, start) -> Summary:
     from .dispatch import dispatch
 
-    if results.path.exists() and not batch.resume:  # made by a batch that ended while this one was checked
-        raise NodegraphError(f"'{batch.out}' already holds a batch ({results.path.name}); pass --resume to "
-                             "run the jobs not done yet, or choose another --out")
+    _refuse_an_earlier_batch(batch, results)  # one may have ended while this one was checked
     done = results.done() if batch.resume else {}
     todo = [j for j in jobs if j.key not in done]
     summary = Summary(total=len(jobs), skipped=len(jobs) - len(todo))
